@@ -1,0 +1,197 @@
+"""Shared measurement and reporting helpers for the sdepth_ext benchmarks.
+
+Every result file written through :func:`write_results` carries the same stamp (device, versions,
+date, exact command), so a number in the README can always be traced back to the run that made it.
+Timing is never asserted anywhere: benchmarks print ratios measured side by side in one run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def best_device() -> torch.device:
+    """The device a benchmark should run on: the first CUDA GPU if present, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:  # the model name is far more useful than "x86_64"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """A folder-safe name for results, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def _command_line() -> str:
+    """The command as the user typed it: ``python -m benchmarks.x ...`` rather than a file path."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """Device, versions, date and the exact command: the stamp on every result file."""
+    device = device or best_device()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        triton_version = None
+    try:
+        import torchvision
+
+        torchvision_version = torchvision.__version__
+    except Exception:  # noqa: BLE001
+        torchvision_version = None
+    try:
+        import sdepth_ext
+
+        compiled = sdepth_ext.has_compiled_scheduler()
+    except Exception:  # noqa: BLE001
+        compiled = None
+    env = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "torchvision": torchvision_version,
+        "python": platform.python_version(),
+        "compiled_scheduler": compiled,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command_line(),
+        "host": platform.node(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return env
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeat: int = 20,
+            min_time_s: float = 0.0) -> list[float]:
+    """Per-call wall times in seconds of ``fn`` after ``warmup`` calls.
+
+    On CUDA each sample is bracketed by events (device time of the launches in between); on CPU by
+    ``perf_counter``. Returns every sample so callers can keep them all in the result files.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    while len(samples) < repeat or time.perf_counter() - start_all < min_time_s:
+        if device.type == "cuda":
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                     repeat: int = 20) -> dict[str, list[float]]:
+    """Time several variants round-robin, so drifts in clock or load hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            samples[name].extend(time_fn(fn, device, warmup=0, repeat=1))
+    return samples
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | None = None,
+                  out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (stamp + rows + raw samples) and ``<name>.csv`` (stamp on every row).
+
+    Files go to ``benchmarks/results/<device-slug>/`` unless ``out_dir`` is given.
+    """
+    if out_dir is None:
+        slug = "cpu" if env.get("device_type") != "cuda" else re.sub(
+            r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+        out_dir = RESULTS_DIR / slug
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    csv_path = out_dir / f"{name}.csv"
+    with open(json_path, "w") as f:
+        json.dump({"environment": env, "rows": rows, "samples": samples or {}}, f, indent=1)
+    stamp = {k: env[k] for k in ("device", "torch", "triton", "torchvision", "date", "command")}
+    fields: list[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*fields, *stamp])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **stamp})
+    return json_path, csv_path
+
+
+def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """A plain fixed-width table of ``columns`` (floats get 4 significant digits)."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line, sep, *("  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body)])
+
+
+def print_environment(env: dict) -> None:
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))

@@ -273,3 +273,21 @@ def test_scheduler_deepcopy_and_pickle_keep_stream(backend):
     assert b.backend == c.backend == backend
     pa = a.sample(8)
     assert plans_equal(pa, b.sample(8)) and plans_equal(pa, c.sample(8))
+
+
+def test_fallback_warns_once_and_says_how_to_build(monkeypatch):
+    import sdepth_ext.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "_C", None)
+    monkeypatch.setattr(scheduler_module, "_warned_fallback", False)
+    assert not scheduler_module.has_compiled_scheduler()
+    with pytest.warns(RuntimeWarning, match="pip install --no-build-isolation -e ."):
+        sched = sd.Scheduler([0.5], seed=0)
+    assert sched.backend == "python"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second scheduler must not warn again
+        sd.Scheduler([0.5], seed=0)
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
+        sd.Scheduler([0.5], backend="cpp")

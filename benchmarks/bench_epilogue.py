@@ -1,0 +1,226 @@
+"""Fused epilogue ``relu(shortcut + scale * residual)``: sdepth_ext vs eager, torchvision and torch.compile.
+
+For ResNet-50 (batch 256) and CIFAR ResNet-110 (batch 128) feature-map shapes, fp32 and bf16, times forward,
+backward and forward+backward of:
+
+* ``sdepth``      -- ``sdepth_ext.gated_residual_relu`` (Triton on CUDA; the torch path on CPU),
+* ``eager``       -- ``torch.relu(shortcut + scale * residual)``,
+* ``torchvision`` -- ``torch.relu(shortcut + torchvision.ops.stochastic_depth(residual, p, "row", True))``,
+  the mask-multiply stochastic depth most code uses (it skips no work),
+* ``compiled``    -- ``torch.compile`` of the eager expression (inductor fuses it too).
+
+Bandwidth is the bytes the op must move, whatever an implementation actually moves: forward reads shortcut and
+residual and writes out (3 tensors), backward reads grad and out and writes both gradients (4 tensors). It is
+also shown as a percentage of the copy bandwidth (``dst.copy_(src)``) measured in the same run. Inputs rotate
+over enough buffer sets that the working set exceeds the L2 cache. Timing is printed, never asserted.
+
+Run: ``python -m benchmarks.bench_epilogue [--smoke | --full]``. On CPU the batch is reduced (the torch path
+runs there) so the default finishes in about a minute; ``--smoke`` takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import warnings
+
+import torch
+
+import sdepth_ext
+
+from .common import (
+    best_device,
+    environment,
+    format_table,
+    median,
+    print_environment,
+    time_interleaved,
+    write_results,
+)
+
+SCALE = 0.5  # inverted scaling 1 / p_l at p_l = 2/3 would do as well: one multiply either way
+DROP_P = 0.5  # torchvision's p is the drop probability (1 - p_L at the paper's p_L = 0.5)
+
+# (network, batch, (C, H, W)): stage outputs of torchvision's ResNet-50 and of the paper's CIFAR ResNet-110.
+RESNET50 = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+RESNET110 = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+VARIANTS = ["sdepth", "eager", "torchvision", "compiled"]
+PASSES = ["fwd", "bwd", "fwd+bwd"]
+TENSORS_MOVED = {"fwd": 3, "bwd": 4, "fwd+bwd": 7}
+
+
+def _shapes(device: torch.device, smoke: bool) -> list[tuple[str, tuple[int, ...]]]:
+    if device.type == "cuda":
+        b50, b110 = (32, 32) if smoke else (256, 128)
+    else:  # the CPU runs the torch path; small batches keep the default run near a minute
+        b50, b110 = (1, 4) if smoke else (2, 16)
+    r50 = RESNET50[:1] if smoke else RESNET50
+    r110 = RESNET110[:1] if smoke else RESNET110
+    return ([("resnet50", (b50, *chw)) for chw in r50] + [("resnet110", (b110, *chw)) for chw in r110])
+
+
+def _cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 50 * 2**20))
+    return 32 * 2**20  # a typical server last-level cache share; only sets the rotation count
+
+
+def _copy_bandwidth(device: torch.device, smoke: bool) -> float:
+    """Bytes/s of ``dst.copy_(src)`` (read + write) on a buffer far larger than the cache."""
+    if device.type == "cuda":
+        numel = 2**26 if smoke else 2**28  # 256 MiB / 1 GiB of fp32
+    else:
+        numel = 2**22 if smoke else 2**24
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    samples = time_interleaved({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=5 if smoke else 20)
+    return 2 * src.numel() * src.element_size() / median(samples["copy"])
+
+
+def _no_donated_buffers():
+    """The backward-only timing replays one graph (retain_graph=True), which a compiled backward with donated
+    buffers refuses; donation only saves memory, not time."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if config is not None and hasattr(config, "donated_buffer"):
+        return config.patch(donated_buffer=False)
+    return contextlib.nullcontext()
+
+
+def _eager(sc, res):
+    return torch.relu(sc + SCALE * res)
+
+
+def _torchvision(sc, res):
+    from torchvision.ops import stochastic_depth
+
+    return torch.relu(sc + stochastic_depth(res, DROP_P, "row", training=True))
+
+
+def _sdepth(sc, res):
+    return sdepth_ext.gated_residual_relu(sc, res, SCALE)
+
+
+def _bench_shape(shape, dtype, device, compiled_fn, repeat: int, cache: int, variants) -> dict:
+    """Median seconds per (variant, pass), rotating over buffer sets; returns {(variant, pass): samples}."""
+    numel = math.prod(shape)
+    set_bytes = 3 * numel * torch.tensor([], dtype=dtype).element_size()
+    n_sets = max(1, min(8, math.ceil(4 * cache / set_bytes)))
+    gen = torch.Generator(device=device).manual_seed(0)  # generated where used: ResNet-50 tensors are ~1 GB
+
+    def randn():
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    sets = [(randn(), randn(), randn()) for _ in range(n_sets)]  # shortcut, residual, grad: never zeros
+    fns = {"sdepth": _sdepth, "eager": _eager, "torchvision": _torchvision, "compiled": compiled_fn}
+    fns = {k: v for k, v in fns.items() if k in variants}
+    counter = [0]
+
+    def next_set():
+        counter[0] = (counter[0] + 1) % n_sets
+        return counter[0]
+
+    samples = {}
+    # forward: no autograd graph, pure kernel time
+    fwd = {}
+    for name, fn in fns.items():
+        def run_fwd(fn=fn):
+            sc, res, _ = sets[next_set()]
+            with torch.no_grad():
+                return fn(sc, res)
+        fwd[name] = run_fwd
+    for name, ts in time_interleaved(fwd, device, warmup=2, repeat=repeat).items():
+        samples[(name, "fwd")] = ts
+
+    # backward: one retained graph per buffer set, replayed with autograd.grad
+    leaves = [(sc.requires_grad_(), res.requires_grad_(), g) for sc, res, g in sets]
+    bwd = {}
+    for name, fn in fns.items():
+        outs = [fn(sc, res) for sc, res, _ in leaves]
+
+        def run_bwd(outs=outs):
+            i = next_set()
+            sc, res, g = leaves[i]
+            return torch.autograd.grad(outs[i], (sc, res), g, retain_graph=True)
+        bwd[name] = run_bwd
+    for name, ts in time_interleaved(bwd, device, warmup=2, repeat=repeat).items():
+        samples[(name, "bwd")] = ts
+    del bwd
+
+    both = {}
+    for name, fn in fns.items():
+        def run_both(fn=fn):
+            sc, res, g = leaves[next_set()]
+            return torch.autograd.grad(fn(sc, res), (sc, res), g)
+        both[name] = run_both
+    for name, ts in time_interleaved(both, device, warmup=2, repeat=repeat).items():
+        samples[(name, "fwd+bwd")] = ts
+    return samples
+
+
+def run(quick: bool = True, smoke: bool = False, samples: dict | None = None) -> list[dict]:
+    """One row per (shape, dtype, pass) with times, GB/s and ratios; raw samples go into ``samples``."""
+    device = best_device()
+    dtypes = [torch.float32] if smoke else [torch.float32, torch.bfloat16]
+    variants = [v for v in VARIANTS if not (smoke and v == "compiled")]  # compiling takes longer than smoke
+    repeat = 3 if smoke else (10 if quick or device.type != "cuda" else 50)
+    cache = _cache_bytes(device)
+    copy_bw = _copy_bandwidth(device, smoke)
+    backend = "triton" if device.type == "cuda" and sdepth_ext.kernels.triton_available() else "torch"
+    print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s; sdepth backend: {backend}", flush=True)
+    rows = []
+    for dtype in dtypes:
+        torch._dynamo.reset()
+        compiled_fn = torch.compile(_eager) if "compiled" in variants else None
+        for net, shape in _shapes(device, smoke):
+            with warnings.catch_warnings(), _no_donated_buffers():
+                warnings.simplefilter("ignore")  # dynamo recompilation notices
+                res = _bench_shape(shape, dtype, device, compiled_fn, repeat, cache, variants)
+            numel = math.prod(shape)
+            esize = torch.tensor([], dtype=dtype).element_size()
+            for pas in PASSES:
+                moved = TENSORS_MOVED[pas] * numel * esize
+                row = {"bench": "epilogue", "net": net, "shape": "x".join(map(str, shape)),
+                       "dtype": str(dtype).replace("torch.", ""), "pass": pas, "sdepth_backend": backend,
+                       "bytes": moved}
+                for v in variants:
+                    t = median(res[(v, pas)])
+                    row[f"{v}_ms"] = t * 1e3
+                    row[f"{v}_GBps"] = moved / t / 1e9
+                    if samples is not None:
+                        samples[f"{net}/{row['shape']}/{row['dtype']}/{pas}/{v}"] = res[(v, pas)]
+                row["sdepth_pct_copy"] = 100 * row["sdepth_GBps"] * 1e9 / copy_bw
+                row["copy_GBps"] = copy_bw / 1e9
+                for v in variants[1:]:
+                    row[f"x_vs_{v}"] = row[f"{v}_ms"] / row["sdepth_ms"]  # > 1: sdepth is faster
+                rows.append(row)
+            print(format_table(rows[-len(PASSES):], _columns(variants)) + "\n", flush=True)
+    return rows
+
+
+def _columns(variants) -> list[str]:
+    return ["net", "shape", "dtype", "pass", *(f"{v}_ms" for v in variants), "sdepth_GBps",
+            "sdepth_pct_copy", *(f"x_vs_{v}" for v in variants[1:])]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="seconds-long CI run: 2 shapes, fp32, no compile")
+    size.add_argument("--full", action="store_true", help="more repeats")
+    args = parser.parse_args(argv)
+    env = environment()
+    print_environment(env)
+    samples: dict = {}
+    rows = run(quick=not args.full, smoke=args.smoke, samples=samples)
+    variants = [v for v in VARIANTS if f"{v}_ms" in rows[0]] if rows else VARIANTS
+    print()
+    print(format_table(rows, _columns(variants)))
+    paths = write_results("epilogue_smoke" if args.smoke else "epilogue", rows, env, samples=samples)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""End-to-end train-step time of stochastic-depth ResNets: sdepth_ext vs mask-multiply peers.
+
+One train step = forward + backward + SGD step, with the plan drawn inside the step (the converted model's
+forward pre-hook). Variants, timed round-robin in one run (so load drifts hit all alike), per model:
+
+* ``plain``: the unconverted network (the 1.0 of every ratio);
+* ``sdepth batch`` / ``sdepth row`` at p_last 0.5 and 0.2 (linear decay): dropped work is never launched;
+* ``torchvision stochastic_depth``: ``torchvision.ops.stochastic_depth(f(x), 1 - p_l, "row")`` on the
+  residual, linear-decay probabilities at p_last 0.5;
+* ``timm-style DropPath``: per-sample Bernoulli mask multiply (``f(x) * mask / p_l``), written inline.
+
+Printed: median step time, ratio to plain, and the ideal ratio, the expected active FLOP fraction
+``(F_total - sum_l (1 - p_l) F_l) / F_total`` with ``F_l`` the conv MACs of block l's residual branch,
+counted by :mod:`sdepth_ext.flops` (the mask-multiply peers run every block: ideal 1.0).
+
+    python -m benchmarks.bench_resnet            # GPU: cifar_resnet(110) b128@32, resnet50 b64@224
+    python -m benchmarks.bench_resnet --full     # more timed steps
+    python -m benchmarks.bench_resnet --smoke    # seconds: tiny sizes, checks that everything runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+import sdepth_ext as sd
+from sdepth_ext.blocks import residual_branch, shortcut_branch
+from sdepth_ext.flops import compute_fraction, residual_macs
+
+from .common import (
+    best_device,
+    environment,
+    format_table,
+    median,
+    print_environment,
+    time_interleaved,
+    write_results,
+)
+
+P_LASTS = (0.5, 0.2)
+PEER_P_LAST = 0.5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Peers: mask-multiply stochastic depth (every block always runs)
+# ------------------------------------------------------------------------------------------------------------
+def _torchvision_sd_forward(block: nn.Module, x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    out = torchvision.ops.stochastic_depth(residual_branch(block, x), drop_prob, "row", block.training)
+    return torch.relu(out + shortcut_branch(block, x))
+
+
+def _drop_path_forward(block: nn.Module, x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    # timm's drop_path: a per-sample Bernoulli(keep) mask, scaled by 1 / keep, multiplied in.
+    out = residual_branch(block, x)
+    if block.training and drop_prob > 0.0:
+        keep = 1.0 - drop_prob
+        mask = out.new_empty((out.shape[0],) + (1,) * (out.dim() - 1)).bernoulli_(keep)
+        out = out * mask.div_(keep)
+    return torch.relu(out + shortcut_branch(block, x))
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+def with_peer(model: nn.Module, kind: str, p_last: float) -> nn.Module:
+    """``model`` with each block's forward replaced by a mask-multiply peer (instance attribute)."""
+    blocks = _blocks(model)
+    forward = _torchvision_sd_forward if kind == "torchvision" else _drop_path_forward
+    for block, p in zip(blocks, sd.linear_decay(len(blocks), p_last)):
+        block.forward = functools.partial(forward, block, drop_prob=1.0 - p)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Benchmark
+# ------------------------------------------------------------------------------------------------------------
+def _configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict], int, int]:
+    """(model configs, warmup steps, timed steps per variant)."""
+    if smoke:
+        return ([{"name": "cifar_resnet20", "make": lambda: sd.cifar_resnet(20), "batch": 4, "size": 32},
+                 {"name": "resnet50", "make": lambda: torchvision.models.resnet50(num_classes=10),
+                  "batch": 2, "size": 64}], 1, 2)
+    if device.type == "cuda":
+        configs = [
+            {"name": "cifar_resnet110", "make": lambda: sd.cifar_resnet(110), "batch": 128, "size": 32},
+            {"name": "resnet50", "make": lambda: torchvision.models.resnet50(), "batch": 64, "size": 224}]
+        return configs, 5, (10 if quick else 40)
+    # CPU: sizes for a few minutes on 2 cores (a cifar_resnet(110) b32 step is ~0.5 s there).
+    configs = [{"name": "cifar_resnet110", "make": lambda: sd.cifar_resnet(110), "batch": 32, "size": 32},
+               {"name": "resnet50", "make": lambda: torchvision.models.resnet50(num_classes=100),
+                "batch": 8, "size": 112}]
+    return configs, 2, (5 if quick else 15)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+def bench_model(config: dict, device: torch.device, warmup: int, repeat: int) -> tuple[list[dict], dict]:
+    torch.manual_seed(0)
+    base = config["make"]().to(device)
+    batch, size = config["batch"], config["size"]
+    x = torch.randn(batch, 3, size, size, device=device)
+    num_classes = base.fc.out_features
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    per_block, total = residual_macs(base, x[:1])
+    L = len(per_block)
+
+    # name -> (model, mode, p_last, ideal ratio)
+    variants: dict[str, tuple[nn.Module, str, float | None, float]] = {
+        "plain": (copy.deepcopy(base), "-", None, 1.0)}
+    for p_last in P_LASTS:
+        for mode in ("batch", "row"):
+            model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0)
+            ideal = compute_fraction(per_block, total, sd.linear_decay(L, p_last))
+            variants[f"sdepth {mode} p{p_last}"] = (model, mode, p_last, ideal)
+    variants[f"torchvision stochastic_depth p{PEER_P_LAST}"] = (
+        with_peer(copy.deepcopy(base), "torchvision", PEER_P_LAST), "row", PEER_P_LAST, 1.0)
+    variants[f"timm-style DropPath p{PEER_P_LAST}"] = (
+        with_peer(copy.deepcopy(base), "droppath", PEER_P_LAST), "row", PEER_P_LAST, 1.0)
+
+    steps = {}
+    for name, (model, _, _, _) in variants.items():
+        model.train()
+        steps[name] = _train_step(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y)
+    samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
+
+    plain_ms = median(samples["plain"]) * 1e3
+    rows = []
+    for name, (_, mode, p_last, ideal) in variants.items():
+        ms = median(samples[name]) * 1e3
+        rows.append({"model": config["name"], "batch": batch, "size": size, "variant": name, "mode": mode,
+                     "p_last": p_last, "median_ms": ms, "ratio": ms / plain_ms, "ideal_ratio": ideal,
+                     "steps": len(samples[name])})
+    return rows, {f"{config['name']}/{k}": v for k, v in samples.items()}
+
+
+def run(quick: bool = False, smoke: bool = False) -> list[dict]:
+    """Run the benchmark on the best device; print the table, write the results; return the rows."""
+    device = best_device()
+    env = environment(device)
+    print_environment(env)
+    configs, warmup, repeat = _configs(device, quick, smoke)
+    rows: list[dict] = []
+    all_samples: dict = {}
+    for config in configs:
+        model_rows, samples = bench_model(config, device, warmup, repeat)
+        print(format_table(model_rows, ["model", "batch", "size", "variant", "median_ms", "ratio",
+                                        "ideal_ratio"]))
+        print()
+        rows.extend(model_rows)
+        all_samples.update(samples)
+    name = "bench_resnet" + ("_smoke" if smoke else "_quick" if quick else "")
+    json_path, _ = write_results(name, rows, env, samples=all_samples)
+    print(f"results: {json_path}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps: checks that it runs")
+    size.add_argument("--full", action="store_true", help="more timed steps")
+    args = parser.parse_args(argv)
+    return run(quick=not args.full, smoke=args.smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ import sdepth_ext
 
 from .common import (
     best_device,
+    copy_bandwidth,
     environment,
     format_table,
     median,
@@ -65,18 +66,6 @@ def _cache_bytes(device: torch.device) -> int:
         props = torch.cuda.get_device_properties(device)
         return int(getattr(props, "L2_cache_size", 50 * 2**20))
     return 32 * 2**20  # a typical server last-level cache share; only sets the rotation count
-
-
-def _copy_bandwidth(device: torch.device, smoke: bool) -> float:
-    """Bytes/s of ``dst.copy_(src)`` (read + write) on a buffer far larger than the cache."""
-    if device.type == "cuda":
-        numel = 2**26 if smoke else 2**28  # 256 MiB / 1 GiB of fp32
-    else:
-        numel = 2**22 if smoke else 2**24
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    samples = time_interleaved({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=5 if smoke else 20)
-    return 2 * src.numel() * src.element_size() / median(samples["copy"])
 
 
 def _no_donated_buffers():
@@ -166,7 +155,7 @@ def run(quick: bool = True, smoke: bool = False, samples: dict | None = None) ->
     variants = [v for v in VARIANTS if not (smoke and v == "compiled")]  # compiling takes longer than smoke
     repeat = 3 if smoke else (10 if quick or device.type != "cuda" else 50)
     cache = _cache_bytes(device)
-    copy_bw = _copy_bandwidth(device, smoke)
+    copy_bw = copy_bandwidth(device, smoke)
     backend = "triton" if device.type == "cuda" and sdepth_ext.kernels.triton_available() else "torch"
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s; sdepth backend: {backend}", flush=True)
     rows = []
@@ -217,7 +206,8 @@ def main(argv=None) -> list[dict]:
     variants = [v for v in VARIANTS if f"{v}_ms" in rows[0]] if rows else VARIANTS
     print()
     print(format_table(rows, _columns(variants)))
-    paths = write_results("epilogue_smoke" if args.smoke else "epilogue", rows, env, samples=samples)
+    name = "epilogue" + ("_smoke" if args.smoke else "_full" if args.full else "")
+    paths = write_results(name, rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

@@ -4,9 +4,10 @@ One train step = forward + backward + SGD step, with the plan drawn inside the s
 forward pre-hook). Variants, timed round-robin in one run (so load drifts hit all alike), per model:
 
 * ``plain``: the unconverted network (the 1.0 of every ratio);
-* ``sdepth batch`` / ``sdepth row`` at p_last 0.5 and 0.2 (linear decay): dropped work is never launched;
+* ``sdepth batch`` / ``sdepth row`` at p_last 0.2, 0.5 and 1.0 (``--full``: 6 values; linear decay): dropped
+  work is never launched;
 * ``torchvision stochastic_depth``: ``torchvision.ops.stochastic_depth(f(x), 1 - p_l, "row")`` on the
-  residual, linear-decay probabilities at p_last 0.5;
+  residual, linear-decay probabilities at p_last 0.2 and 0.5;
 * ``timm-style DropPath``: per-sample Bernoulli mask multiply (``f(x) * mask / p_l``), written inline.
 
 Printed: median step time, ratio to plain, and the ideal ratio, the expected active FLOP fraction
@@ -44,8 +45,10 @@ from .common import (
     write_results,
 )
 
-P_LASTS = (0.5, 0.2)
-PEER_P_LAST = 0.5
+# p_last values swept (the ratio-vs-p_last plot of `make bench`); 1.0 measures pure overhead (ideal 1.0).
+P_LASTS = {"smoke": (0.5,), "quick": (0.2, 0.5, 1.0), "full": (0.2, 0.35, 0.5, 0.65, 0.8, 1.0)}
+# Mask-multiply peers run every block whatever p_last is; two points show the flat line.
+PEER_P_LASTS = {"smoke": (0.5,), "quick": (0.2, 0.5), "full": (0.2, 0.5, 0.8)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -108,7 +111,8 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return step
 
 
-def bench_model(config: dict, device: torch.device, warmup: int, repeat: int) -> tuple[list[dict], dict]:
+def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, quick: bool = True,
+                smoke: bool = False) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     base = config["make"]().to(device)
     batch, size = config["batch"], config["size"]
@@ -119,17 +123,19 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int) ->
     L = len(per_block)
 
     # name -> (model, mode, p_last, ideal ratio)
+    size_key = "smoke" if smoke else ("quick" if quick else "full")
     variants: dict[str, tuple[nn.Module, str, float | None, float]] = {
         "plain": (copy.deepcopy(base), "-", None, 1.0)}
-    for p_last in P_LASTS:
+    for p_last in P_LASTS[size_key]:
+        ideal = compute_fraction(per_block, total, sd.linear_decay(L, p_last))
         for mode in ("batch", "row"):
             model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0)
-            ideal = compute_fraction(per_block, total, sd.linear_decay(L, p_last))
             variants[f"sdepth {mode} p{p_last}"] = (model, mode, p_last, ideal)
-    variants[f"torchvision stochastic_depth p{PEER_P_LAST}"] = (
-        with_peer(copy.deepcopy(base), "torchvision", PEER_P_LAST), "row", PEER_P_LAST, 1.0)
-    variants[f"timm-style DropPath p{PEER_P_LAST}"] = (
-        with_peer(copy.deepcopy(base), "droppath", PEER_P_LAST), "row", PEER_P_LAST, 1.0)
+    for p_last in PEER_P_LASTS[size_key]:
+        variants[f"torchvision stochastic_depth p{p_last}"] = (
+            with_peer(copy.deepcopy(base), "torchvision", p_last), "torchvision", p_last, 1.0)
+        variants[f"timm-style DropPath p{p_last}"] = (
+            with_peer(copy.deepcopy(base), "droppath", p_last), "droppath", p_last, 1.0)
 
     steps = {}
     for name, (model, _, _, _) in variants.items():
@@ -156,13 +162,13 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
     rows: list[dict] = []
     all_samples: dict = {}
     for config in configs:
-        model_rows, samples = bench_model(config, device, warmup, repeat)
+        model_rows, samples = bench_model(config, device, warmup, repeat, quick, smoke)
         print(format_table(model_rows, ["model", "batch", "size", "variant", "median_ms", "ratio",
                                         "ideal_ratio"]))
         print()
         rows.extend(model_rows)
         all_samples.update(samples)
-    name = "bench_resnet" + ("_smoke" if smoke else "_quick" if quick else "")
+    name = "resnet" + ("_smoke" if smoke else "" if quick else "_full")
     json_path, _ = write_results(name, rows, env, samples=all_samples)
     print(f"results: {json_path}")
     return rows

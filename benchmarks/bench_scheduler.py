@@ -62,7 +62,8 @@ def main(argv=None) -> list[dict]:
     rows, samples = run(quick=not args.full, smoke=args.smoke)
     print(format_table(rows, ["mode", "num_blocks", "batch_size", "cpp_us", "python_us",
                               "speedup_cpp_vs_python"]))
-    paths = write_results("scheduler", rows, env, samples=samples)
+    name = "scheduler" + ("_smoke" if args.smoke else "_full" if args.full else "")
+    paths = write_results(name, rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

@@ -147,6 +147,19 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     return samples
 
 
+def copy_bandwidth(device: torch.device, smoke: bool = False) -> float:
+    """Bytes/s of ``dst.copy_(src)`` (read + write) on a buffer far larger than the cache: the practical
+    ceiling for any memory-bound kernel on this device, measured rather than taken from a spec sheet."""
+    if device.type == "cuda":
+        numel = 2**26 if smoke else 2**28  # 256 MiB / 1 GiB of fp32
+    else:
+        numel = 2**22 if smoke else 2**24
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    samples = time_interleaved({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=5 if smoke else 20)
+    return 2 * src.numel() * src.element_size() / median(samples["copy"])
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

@@ -83,7 +83,7 @@ def _summary(results: dict[str, list[dict]]) -> list[dict]:
                  and p["mode"] in ("torchvision", "droppath")]
         what = f"{r['model']} b{r['batch']}@{r['size']} train step, {r['mode']} p_last={r['p_last']}"
         out.append({"what": what,
-                    "sdepth_ext": f"{r['median_ms']:.0f} ms",
+                    "sdepth_ext": f"{r['mean_ms']:.0f} ms",
                     "peers": ", ".join(f"{p['mode']} x{p['ratio']:.2f}" for p in peers),
                     "ratio": f"x{r['ratio']:.3f} of plain", "ideal/limit": f"x{r['ideal_ratio']:.3f}"})
     return out

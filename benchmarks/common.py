@@ -8,96 +8,21 @@ Timing is never asserted anywhere: benchmarks print ratios measured side by side
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import json
-import os
-import platform
-import re
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from sdepth_ext.environment import best_device, device_name, device_slug, environment
+
+__all__ = ["RESULTS_DIR", "best_device", "device_name", "device_slug", "environment", "synchronize",
+           "time_fn", "time_interleaved", "copy_bandwidth", "median", "write_results", "format_table",
+           "print_environment"]
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def best_device() -> torch.device:
-    """The device a benchmark should run on: the first CUDA GPU if present, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:  # the model name is far more useful than "x86_64"
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    """A folder-safe name for results, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu``."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def _command_line() -> str:
-    """The command as the user typed it: ``python -m benchmarks.x ...`` rather than a file path."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
-    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
-
-
-def environment(device: torch.device | None = None) -> dict:
-    """Device, versions, date and the exact command: the stamp on every result file."""
-    device = device or best_device()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        triton_version = None
-    try:
-        import torchvision
-
-        torchvision_version = torchvision.__version__
-    except Exception:  # noqa: BLE001
-        torchvision_version = None
-    try:
-        import sdepth_ext
-
-        compiled = sdepth_ext.has_compiled_scheduler()
-    except Exception:  # noqa: BLE001
-        compiled = None
-    env = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "torchvision": torchvision_version,
-        "python": platform.python_version(),
-        "compiled_scheduler": compiled,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": _command_line(),
-        "host": platform.node(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["device_memory_gib"] = round(props.total_memory / 2**30, 1)
-    return env
 
 
 def synchronize(device: torch.device) -> None:
@@ -171,9 +96,7 @@ def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | Non
     Files go to ``benchmarks/results/<device-slug>/`` unless ``out_dir`` is given.
     """
     if out_dir is None:
-        slug = "cpu" if env.get("device_type") != "cuda" else re.sub(
-            r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-        out_dir = RESULTS_DIR / slug
+        out_dir = RESULTS_DIR / env["device_slug"]
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
     csv_path = out_dir / f"{name}.csv"

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .convert import cifar_resnet, convert, survival_probs
 from .data import DATASETS, Dataset, augment, load_dataset
+from .environment import environment
 from .flops import expected_compute_fraction
 
 __all__ = ["TrainConfig", "train_run", "lesion_study", "main"]
@@ -378,7 +379,7 @@ def main(argv=None) -> dict:
         print(f"{name}: test error {100 * last['test_error']:.2f}% after {int(last['epoch'])} epochs, "
               f"{sum(r['epoch_time_s'] for r in logs[name]):.1f} s of training")
 
-    summary: dict = {"config": asdict(cfg), "runs": {}}
+    summary: dict = {"environment": environment(torch.device(cfg.device)), "config": asdict(cfg), "runs": {}}
     for name, log in logs.items():
         summary["runs"][name] = {
             "final_test_error": log[-1]["test_error"], "best_test_error": min(r["test_error"] for r in log),

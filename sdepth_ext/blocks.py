@@ -22,12 +22,33 @@ What a block does in training mode, with ``l = self.sd_index``:
 ``scale`` is 1 ("paper" scaling) or ``1 / p_l`` ("inverted"). In eval mode every block runs: "paper" fuses
 ``relu(shortcut + p_l * f(x))`` into one epilogue call; "inverted" calls the original block's forward, so the
 network is bit-identical to the unconverted one.
+
+Options set on the shared state by the helpers of :mod:`sdepth_ext.distributed` and :mod:`sdepth_ext.compiled`
+(all off by default; see docs/usage.md):
+
+* ``dropped_grads="zero"`` (``sd.ddp_ready`` / ``sd.set_dropped_grads``): a dropped block's residual
+  parameters get exact zero gradients through autograd (:class:`_ZeroGradTouch`, no activation work), so
+  DDP's default ``find_unused_parameters=False`` sees every parameter each step. BatchNorm layers of the
+  dropped branch still do not run: running statistics and ``num_batches_tracked`` are untouched.
+* ``shard=(rank, world_size)`` (row mode, ``sd.ddp_ready``): every rank draws the plan of the *global*
+  batch (``world_size * N`` samples, same stream on every rank) and keeps its slice (:func:`shard_plan`).
+* ``row_multiple=k`` (row mode, ``sd.compile_blocks``): survivor counts are rounded up to a multiple of k by
+  promoting dropped samples to survivors (:func:`round_plan_rows`), so compiled regions see few shapes.
+* ``checkpoint`` (``sd.checkpoint_blocks``): each surviving block runs under ``torch.utils.checkpoint`` with
+  the plan bound at forward time, so recomputation uses the same gates even if another forward drew a new plan
+  in between; BatchNorm running statistics are not updated a second time by the recomputation.
+* compiled regions (``sd.compile_blocks``): ``f`` and the projection shortcut run through ``torch.compile``d
+  functions; the gate decisions, the row gather and the epilogue stay in eager Python.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -46,6 +67,8 @@ __all__ = [
     "check_convertible",
     "residual_branch",
     "dropped_block_output",
+    "shard_plan",
+    "round_plan_rows",
 ]
 
 RESIDUAL_BLOCK_TYPES = (BasicBlock, Bottleneck)
@@ -73,10 +96,28 @@ class StochasticDepthState:
         self.plan: Plan | None = None
         self.host_plan: Plan | None = None
         self.hook_handles: list = []
+        # Options (module docstring); the defaults reproduce the plain converted model.
+        self.dropped_grads = "none"  # "none" | "zero"
+        self.shard: tuple[int, int] | None = None  # (rank, world_size), row mode only
+        self.row_multiple = 1
+        self.checkpoint: dict | None = None  # kwargs of torch.utils.checkpoint.checkpoint, or None
+        self.global_plan: Plan | None = None  # row mode with shard: the plan of the global batch
 
     def sample(self, batch_size: int, device: torch.device) -> Plan:
         """Draw the plan of one step and move it to ``device`` (one copy of the packed row indices)."""
-        host_plan = self.scheduler.sample(batch_size)
+        if self.shard is not None and self.mode == "row":
+            rank, world_size = self.shard
+            self.global_plan = self.scheduler.sample(batch_size * world_size)
+            host_plan = shard_plan(self.global_plan, rank, world_size)
+        else:
+            # Batch mode draws one uniform per block whatever the batch size, so every rank with the same
+            # stream draws the same gates even without sharding.
+            self.global_plan = None
+            host_plan = self.scheduler.sample(batch_size)
+        if self.row_multiple > 1 and self.mode == "row":
+            # The salt is the stream's state after the draw: deterministic (resumes exactly), and the same on
+            # every rank, but different each step, so the promoted samples rotate.
+            host_plan = round_plan_rows(host_plan, self.row_multiple, self.scheduler.get_rng_state())
         self.host_plan = host_plan
         self.plan = host_plan.to(device)
         return self.plan
@@ -155,9 +196,12 @@ class StochasticDepthMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: StochasticDepthState = self._sdepth_state
         if not self.training:
-            if state.scaling == "inverted":
+            if state.scaling == "inverted" and not self._sd_is_compiled():
                 return self._sd_base.forward(self, x)
-            return gated_residual_relu(shortcut_branch(self, x), residual_branch(self, x), self.sd_survival)
+            scale = 1.0 if state.scaling == "inverted" else self.sd_survival
+            shortcut = self._sd_shortcut(x)
+            residual = self._sd_residual(x)
+            return gated_residual_relu(_like(shortcut, residual), residual, scale)
 
         plan = state.plan
         if plan is None:
@@ -165,26 +209,80 @@ class StochasticDepthMixin:
                 "stochastic-depth block called in training mode before any plan was drawn: call the "
                 "converted root model (its forward pre-hook draws one plan per step), not a block directly")
         l = self.sd_index
+        if plan.counts[l] == 0:
+            out = self._sd_shortcut(x) if self.downsample is not None else x
+            if self.downsample is not None:
+                out = torch.relu(out)
+            if state.dropped_grads == "zero":
+                out = self._sd_touch_residual_params(out)
+            return out
+        host_plan = state.host_plan if state.host_plan is not None else plan
+        if state.checkpoint is not None and torch.is_grad_enabled():
+            return self._sd_checkpointed(x, plan, host_plan, state)
+        return self._sd_active(x, plan, host_plan, state)
+
+    def _sd_active(self, x: torch.Tensor, plan: Plan, host_plan: Plan,
+                   state: StochasticDepthState) -> torch.Tensor:
+        """A block with at least one survivor under ``plan`` (an argument: recomputation passes the same)."""
+        l = self.sd_index
         count = plan.counts[l]
-        if count == 0:
-            return dropped_block_output(self, x)
         scale = state.train_scale(l)
         if count == plan.batch_size:
             # Batch mode's survivors, or row mode with every sample kept: no gather, no scatter.
-            return gated_residual_relu(shortcut_branch(self, x), residual_branch(self, x), scale)
+            shortcut = self._sd_shortcut(x)
+            residual = self._sd_residual(x)
+            return gated_residual_relu(_like(shortcut, residual), residual, scale)
 
         if x.shape[0] != plan.batch_size:
             raise RuntimeError(
                 f"row-mode plan was drawn for a batch of {plan.batch_size} samples but block {l} got "
                 f"{x.shape[0]}: the root model's first tensor argument must carry the batch in dimension 0")
         rows = plan.rows(l)
-        shortcut = shortcut_branch(self, x)
+        shortcut = self._sd_shortcut(x)
         if count == 1 and self._bn_needs_two_samples(x):
-            residual = self._single_survivor_residual(x, state, l)
+            residual = self._single_survivor_residual(x, host_plan, l)
         else:
-            residual = residual_branch(self, x.index_select(0, rows))
+            residual = self._sd_residual(x.index_select(0, rows))
         # Scheduler rows are sorted, unique and in range by construction: skip the checking device sync.
-        return gated_residual_relu(shortcut, residual, scale, rows=rows, _trusted_rows=True)
+        return gated_residual_relu(_like(shortcut, residual), residual, scale, rows=rows, _trusted_rows=True)
+
+    # -- compiled regions (sdepth_ext.compile_blocks) ------------------------------------------------------
+    def _sd_is_compiled(self) -> bool:
+        return self.__dict__.get("_sd_compiled_residual") is not None
+
+    def _sd_residual(self, x: torch.Tensor) -> torch.Tensor:
+        compiled = self.__dict__.get("_sd_compiled_residual")
+        return residual_branch(self, x) if compiled is None else compiled(x)
+
+    def _sd_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is None:
+            return x
+        compiled = self.__dict__.get("_sd_compiled_shortcut")
+        return self.downsample(x) if compiled is None else compiled(x)
+
+    # -- dropped blocks under DDP / zero-gradient semantics -------------------------------------------------
+    def _sd_touch_residual_params(self, out: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return out
+        params = [p for name, p in self.named_parameters()
+                  if p.requires_grad and not name.startswith("downsample.")]
+        return _ZeroGradTouch.apply(out, *params) if params else out
+
+    # -- activation checkpointing (sdepth_ext.checkpoint_blocks) -------------------------------------------
+    def _sd_checkpointed(self, x: torch.Tensor, plan: Plan, host_plan: Plan,
+                         state: StochasticDepthState) -> torch.Tensor:
+        calls = [0]
+
+        def run(inp: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == 1:
+                return self._sd_active(inp, plan, host_plan, state)
+            # Recomputation: same plan (bound above); BatchNorm must not update its running statistics a
+            # second time (plain torch.utils.checkpoint would apply the momentum twice per step).
+            with _frozen_batchnorm_stats(self):
+                return self._sd_active(inp, plan, host_plan, state)
+
+        return torch.utils.checkpoint.checkpoint(run, x, **state.checkpoint)
 
     # -- the one-survivor BatchNorm case ----------------------------------------------------------------
     def _bn_needs_two_samples(self, x: torch.Tensor) -> bool:
@@ -205,7 +303,7 @@ class StochasticDepthMixin:
                 return True
         return False
 
-    def _single_survivor_residual(self, x: torch.Tensor, state: StochasticDepthState, l: int) -> torch.Tensor:
+    def _single_survivor_residual(self, x: torch.Tensor, host_plan: Plan, l: int) -> torch.Tensor:
         """``f`` of the single survivor, computed on a 2-sample sub-batch: the survivor and a dropped sample.
 
         BatchNorm cannot normalise one value per channel. Rather than change the gate (treating the block as
@@ -214,13 +312,155 @@ class StochasticDepthMixin:
         survivor's residual reaches the output; the extra sample's residual feeds the BatchNorm statistics
         alone (so, as in batch mode, its input gets gradient only through those statistics).
         """
-        host_plan = state.host_plan if state.host_plan is not None else state.plan
         survivor = int(host_plan.rows(l)[0])
         extra = 1 if survivor == 0 else 0
         pair = sorted((survivor, extra))
         pair_rows = torch.tensor(pair, dtype=torch.int64).to(x.device, non_blocking=True)
-        residual_pair = residual_branch(self, x.index_select(0, pair_rows))
+        residual_pair = self._sd_residual(x.index_select(0, pair_rows))
         return residual_pair.narrow(0, pair.index(survivor), 1)
+
+
+def _like(shortcut: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The shortcut in the residual's dtype, as torchvision's ``out += identity`` (in place on the residual).
+
+    Under autocast the two can differ (e.g. an fp32 identity with a bf16 residual); the fused epilogue needs
+    one dtype. torchvision adds in fp32 and rounds once; casting the shortcut first rounds it once more, so
+    the result can differ from torchvision's by one unit in the last place of the residual's dtype (tested).
+    """
+    return shortcut if shortcut.dtype == residual.dtype else shortcut.to(residual.dtype)
+
+
+class _ZeroGradTouch(torch.autograd.Function):
+    """``out`` unchanged in forward; in backward, exact zero gradients for ``params`` (a dropped block's).
+
+    The parameters thereby take part in autograd, so DDP's per-parameter hooks fire with
+    ``find_unused_parameters=False``, at the cost of one parameter-sized zero fill each in backward and no
+    activation work. ``out.detach()`` (not ``out`` itself) is returned so that autograd treats the result as a
+    fresh tensor: an input returned as-is becomes a view that may not be modified in place. It still shares
+    memory and version counter with ``out``, exactly like the un-touched dropped block returning its input.
+    """
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        zeros = (torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.param_meta)
+        return (grad, *zeros)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module):
+    """Inside, BatchNorm layers of ``module`` update stand-in copies of their buffers; originals untouched.
+
+    Swapping in clones (rather than restoring values with ``copy_`` afterwards) leaves the originals' version
+    counters alone: the recomputed graph saves the running statistics for BatchNorm's backward, and an
+    in-place restore would make autograd reject that graph.
+    """
+    swapped = []
+    for m in module.modules():
+        if isinstance(m, _BatchNorm):
+            for name, buf in list(m._buffers.items()):
+                if buf is not None:
+                    swapped.append((m, name, buf))
+                    m._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        for m, name, buf in swapped:
+            m._buffers[name] = buf
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plan transforms: sharding across DDP ranks (row mode) and rounding of survivor counts
+# ------------------------------------------------------------------------------------------------------------
+def _stored(counts: list[int], batch_size: int) -> list[int]:
+    """Rows stored per block in a Plan's packed indices: none for all-or-nothing blocks."""
+    return [c if c < batch_size else 0 for c in counts]
+
+
+def shard_plan(plan: Plan, rank: int, world_size: int) -> Plan:
+    """Rank ``rank``'s slice of a row-mode ``plan`` drawn for the global batch of ``world_size`` equal shards.
+
+    Sample ``i`` of rank ``r`` is global sample ``r * N + i`` (N = plan.batch_size // world_size), the
+    order of a concatenation of the ranks' batches. Vectorised on the host (a few small tensor ops per step,
+    whatever the number of blocks). Batch-mode plans are returned as they are drawn for one shard.
+    """
+    if plan.mode != "row":
+        raise ValueError(f"plan: shard_plan needs a row-mode plan, got mode={plan.mode!r}")
+    if plan.batch_size % world_size != 0:
+        raise ValueError(f"world_size: {world_size} does not divide the plan's batch of {plan.batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    n = plan.batch_size // world_size
+    lo = rank * n
+    counts_global = plan.counts
+    num_blocks = len(counts_global)
+    indices = plan.indices.cpu()
+    stored = _stored(counts_global, plan.batch_size)
+    segment = torch.repeat_interleave(torch.arange(num_blocks), torch.tensor(stored, dtype=torch.int64))
+    inside = (indices >= lo) & (indices < lo + n)
+    local_stored = torch.bincount(segment[inside], minlength=num_blocks).tolist()
+    counts = [n if c == plan.batch_size else (0 if c == 0 else local_stored[l])
+              for l, c in enumerate(counts_global)]
+    keep_block = torch.tensor([c < n for c in counts], dtype=torch.bool)
+    local = indices[inside & keep_block[segment]] - lo
+    offsets = [0, *_cumsum(_stored(counts, n))]
+    active = [l for l, c in enumerate(counts) if c > 0]
+    return Plan("row", n, active, counts, offsets[:num_blocks + 1], local.contiguous())
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def round_plan_rows(plan: Plan, multiple: int, salt: int) -> Plan:
+    """``plan`` with each survivor count K (0 < K < N) raised to ``min(N, k * ceil(K / k))`` (k = multiple).
+
+    The extra rows are dropped samples promoted to survivors: they get their residual like any survivor.
+    Which dropped samples: the first ones in cyclic index order from a per-block offset derived from ``salt``
+    (the same on every rank, different each step), so no sample index is favoured over many steps. Blocks with
+    K = 0 stay dropped. Hence the effective survival rate of block l is
+    ``E[min(N, k ceil(K/k))] / N`` with ``K ~ Binomial(N, p_l)`` (:func:`sdepth_ext.effective_survival`).
+    """
+    if plan.mode != "row" or multiple <= 1:
+        return plan
+    n = plan.batch_size
+    counts, chunks = [], []
+    indices = plan.indices.cpu()
+    offsets_in = plan._offsets
+    for l, count in enumerate(plan.counts):
+        if count == 0 or count == n:
+            counts.append(count)
+            continue
+        target = min(n, multiple * math.ceil(count / multiple))
+        counts.append(target)
+        if target == n:
+            continue
+        survivors = indices[offsets_in[l]:offsets_in[l] + count]
+        if target > count:
+            dropped_mask = torch.ones(n, dtype=torch.bool)
+            dropped_mask[survivors] = False
+            dropped = dropped_mask.nonzero().flatten()
+            # SplitMix64-style mixing of (salt, l): a well-spread start offset per block and step.
+            z = (salt + (l + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+            z ^= z >> 31
+            start = z % dropped.numel()
+            promoted = torch.roll(dropped, -start)[:target - count]
+            survivors = torch.sort(torch.cat([survivors, promoted])).values
+        chunks.append(survivors)
+    local = torch.cat(chunks) if chunks else indices.new_empty(0)
+    offsets = [0, *_cumsum(_stored(counts, n))]
+    active = [l for l, c in enumerate(counts) if c > 0]
+    return Plan("row", n, active, counts, offsets, local)
 
 
 def _is_inside(module: nn.Module, container: nn.Module | None) -> bool:

@@ -81,6 +81,12 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state = module.__dict__.get(_ROOT_ATTR)
     if state is None or not module.training:
@@ -89,6 +95,10 @@ def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if x is None or x.dim() == 0:
         raise RuntimeError("stochastic depth: the converted model's forward needs a tensor argument whose "
                            "dimension 0 is the batch, to draw the step's plan")
+    if _in_backward() and state.plan is not None and state.plan.batch_size == int(x.shape[0]):
+        # The whole root runs inside torch.utils.checkpoint and is being recomputed during backward: the
+        # recomputation must see the step's plan, not draw a new one (gradients would be wrong).
+        return None
     state.sample(int(x.shape[0]), x.device)
     return None
 
@@ -205,7 +215,9 @@ def revert(model: nn.Module) -> nn.Module:
     state = get_state(model)
     for block in state.blocks:
         block.__class__ = type(block)._sd_base
-        for attr in ("sd_index", "sd_survival", "_sdepth_state"):
+        # The last two are set by sdepth_ext.compile_blocks.
+        for attr in ("sd_index", "sd_survival", "_sdepth_state", "_sd_compiled_residual",
+                     "_sd_compiled_shortcut"):
             block.__dict__.pop(attr, None)
     for handle in state.hook_handles:
         handle.remove()

@@ -1,0 +1,142 @@
+"""DDP train-step time: ``sd.ddp_ready`` (default flags) vs ``find_unused_parameters=True``, side by side.
+
+Two gloo processes on this machine (CPU; the same code runs on GPUs with gloo). Every variant is a
+converted CIFAR ResNet with the same weights and the same gate stream, so all variants drop the same blocks in
+the same step; steps run round-robin over the variants (a barrier before each) so load drifts hit all alike.
+
+* ``ddp_ready``:   ``sd.ddp_ready(model)``; ``DistributedDataParallel(model)`` (find_unused_parameters=False)
+* ``find_unused``: ``DistributedDataParallel(model, find_unused_parameters=True)`` (an autograd-graph
+  traversal after every forward to find the parameters that got no gradient)
+* ``all_blocks``:  p_last = 1 (nothing dropped), default flags: the cost of the full network, for scale
+
+Run: ``python -m benchmarks.bench_ddp [--smoke | --full]``. Prints median step times and ratios; writes
+JSON + CSV through ``benchmarks.common.write_results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import sdepth_ext as sd
+
+from .common import environment, format_table, print_environment, write_results
+
+WORLD = 2
+VARIANTS = ("ddp_ready", "find_unused", "all_blocks")
+CONFIGS = {  # depth, batch per rank, image size, timed steps, warm-up steps
+    "smoke": (8, 4, 16, 3, 1),
+    "default": (20, 32, 32, 15, 3),
+    "full": (56, 64, 32, 30, 5),
+}
+
+
+def _make(variant: str, mode: str, depth: int):
+    torch.manual_seed(0)
+    model = sd.cifar_resnet(depth)
+    sd.convert(model, p_last=1.0 if variant == "all_blocks" else 0.5, mode=mode, seed=1234).train()
+    sd.ddp_ready(model)  # the broadcast is a no-op here: every rank already has seed 1234
+    if variant == "find_unused":
+        # Same plans as ddp_ready (row mode: each rank's slice of the global plan), but dropped blocks get
+        # no gradient and DDP searches the graph for them.
+        sd.set_dropped_grads(model, "none")
+        return DistributedDataParallel(model, find_unused_parameters=True)
+    return DistributedDataParallel(model)
+
+
+def _worker(rank: int, port: int, config: tuple, out_path: str) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    depth, batch, size, steps, warmup = config
+    try:
+        samples: dict[str, list[float]] = {}
+        for mode in ("batch", "row"):
+            models = {v: _make(v, mode, depth) for v in VARIANTS}
+            opts = {v: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for v, m in models.items()}
+            g = torch.Generator().manual_seed(rank)
+            for step in range(warmup + steps):
+                x = torch.randn(batch, 3, size, size, generator=g)
+                y = torch.randint(0, 10, (batch,), generator=g)
+                for v, model in models.items():
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    opts[v].zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), y).backward()
+                    opts[v].step()
+                    elapsed = time.perf_counter() - t0
+                    if step >= warmup:
+                        samples.setdefault(f"{mode}/{v}", []).append(elapsed)
+        if rank == 0:
+            torch.save(samples, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(size: str = "default", timeout_s: float = 1800.0) -> tuple[list[dict], dict]:
+    config = CONFIGS[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "samples.pt")
+        context = mp.start_processes(_worker, args=(_free_port(), config, out_path), nprocs=WORLD, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"bench_ddp workers did not finish within {timeout_s} s")
+        finally:
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+        samples = torch.load(out_path)
+    depth, batch, image, steps, _ = config
+    rows = []
+    for mode in ("batch", "row"):
+        ref = statistics.median(samples[f"{mode}/find_unused"])
+        for v in VARIANTS:
+            ms = statistics.median(samples[f"{mode}/{v}"])
+            rows.append({"bench": "ddp", "mode": mode, "variant": v, "depth": depth, "batch_per_rank": batch,
+                         "image": image, "world_size": WORLD, "steps": steps, "step_ms": ms * 1e3,
+                         "ratio_vs_find_unused": ms / ref})
+    return rows, samples
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--smoke", action="store_true", help="seconds-long run, for CI")
+    group.add_argument("--full", action="store_true", help="ResNet-56, batch 64 per rank, more steps")
+    args = parser.parse_args(argv)
+    size = "smoke" if args.smoke else "full" if args.full else "default"
+    env = environment(torch.device("cpu"))
+    env["backend"] = "gloo"
+    env["world_size"] = WORLD
+    print_environment(env)
+    rows, samples = run(size)
+    columns = ["mode", "variant", "depth", "batch_per_rank", "step_ms", "ratio_vs_find_unused"]
+    print(format_table(rows, columns))
+    name = "ddp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "")
+    paths = write_results(name, rows, env, samples=samples)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

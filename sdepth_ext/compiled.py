@@ -1,0 +1,139 @@
+"""torch.compile for converted models, region by region: ``compile_blocks``.
+
+Compiling the converted root with ``torch.compile(model)`` does not work well: the plan draw (a C++ call in a
+forward pre-hook) breaks the graph, and the per-block Python branches on the plan's gates become guards, so
+Dynamo recompiles for every new drop pattern and falls back to eager after ``recompile_limit`` (8) of them.
+
+``compile_blocks`` compiles what costs FLOPs -- each block's residual branch ``f`` (convs, BatchNorms, ReLUs)
+and its projection shortcut -- and keeps the gate decisions, the row gather and the fused epilogue in eager
+Python. The graphs then never depend on the plan: a dropped block calls no compiled code, a surviving one
+calls the same graph whatever the other gates are. Identical blocks share one compiled graph (they run the
+same code; parameters are graph inputs), so compile time grows with the number of distinct block shapes,
+not with depth.
+
+Recompiles, per distinct block shape:
+
+* batch mode: one graph for training (plus one for eval): ``f`` always sees the whole batch;
+* row mode: the sub-batch size varies. Unless ``dynamic=False``, the batch dimension of the region's input is
+  marked dynamic (``torch._dynamo.maybe_mark_dynamic``), so one graph serves every sub-batch size >= 2 and
+  one more the size 1 (Dynamo always specialises sizes 0 and 1): at most 2 training graphs per shape, the
+  first whatever size comes first (without the mark Dynamo would compile the first size statically and
+  recompile at the second). With ``dynamic=False`` every distinct size is a graph; pass ``row_multiple=k`` to
+  round survivor counts up to multiples of k (:func:`set_row_multiple`), leaving ``ceil(N / k)`` sizes.
+
+All regions share one Dynamo cache (torch.compile wraps each ``functools.partial`` in the same function), and
+Dynamo caps the graphs per cache (``recompile_limit``, 8 by default; ``cache_size_limit`` before torch 2.7):
+``compile_blocks`` raises that limit to cover all shapes and buckets, rather than silently run eager.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from .blocks import residual_branch, shortcut_branch
+from .distributed import _state
+
+__all__ = ["compile_blocks", "set_row_multiple", "effective_survival"]
+
+# Graphs per distinct block shape: train (dynamic) batch, train size 1, eval, and one spare.
+_GRAPHS_PER_SHAPE = 4
+
+
+def set_row_multiple(model: nn.Module, multiple: int) -> nn.Module:
+    """Row mode: round survivor counts K (0 < K < N) up to ``min(N, k * ceil(K / k))``, k = ``multiple``.
+
+    The extra samples are dropped samples promoted to survivors (their residual is added like any
+    survivor's), so block l runs on a fraction ``effective_survival(p_l, N, k) >= p_l`` of the samples
+    instead of ``p_l``; blocks without survivors stay dropped. ``multiple=1`` switches rounding off. No effect
+    in batch mode (counts are 0 or N already). Works eagerly too; its point is few shapes for compiled code.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    _state(model).row_multiple = multiple
+    return model
+
+
+def effective_survival(p: float, batch_size: int, multiple: int) -> float:
+    """Expected fraction of samples a row-mode block runs on under ``row_multiple=multiple``.
+
+    ``E[min(N, k ceil(K/k))] / N`` with ``K ~ Binomial(N, p)``, ``N = batch_size``, ``k = multiple``
+    (``p`` itself for ``multiple=1``). E.g. p = 0.5, N = 128, k = 8: 0.5273 (+0.027).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+    n, k, p = batch_size, multiple, float(p)
+    total = 0.0
+    for K in range(1, n + 1):
+        prob = math.comb(n, K) * p**K * (1.0 - p) ** (n - K)
+        total += prob * min(n, k * math.ceil(K / k))
+    return total / n
+
+
+def _shape_key(module: nn.Module | None) -> tuple:
+    if module is None:
+        return ()
+    return tuple((type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False)),
+                  getattr(m, "stride", None)) for m in module.modules())
+
+
+def _maybe_mark_dynamic(x: torch.Tensor) -> None:
+    mark = getattr(torch._dynamo, "maybe_mark_dynamic", None)
+    if mark is not None:
+        mark(x, 0)
+
+
+def _region(compiled, dynamic_batch: bool):
+    """The block's compiled region; row mode marks the (sub-)batch dimension dynamic before each call."""
+    if not dynamic_batch:
+        return compiled
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        _maybe_mark_dynamic(x)
+        return compiled(x)
+
+    return run
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < needed:
+        setattr(config, name, needed)
+
+
+def compile_blocks(model: nn.Module, *, row_multiple: int | None = None, **compile_kwargs) -> nn.Module:
+    """Compile each block's residual branch and projection shortcut with ``torch.compile(**compile_kwargs)``.
+
+    Gate decisions, plan draws, row gathers and the epilogue stay eager (module docstring). Returns ``model``
+    (not a wrapper: state_dict keys, hooks and DDP wrapping are unchanged). ``row_multiple``: see
+    :func:`set_row_multiple`. ``sdepth_ext.revert`` drops the compiled regions; deep-copy a model before
+    compiling it, not after. Call on the converted root (or its DDP wrapper).
+
+    >>> sd.compile_blocks(model, backend="inductor", dynamic=False, row_multiple=8)
+    """
+    state = _state(model)
+    if row_multiple is not None:
+        set_row_multiple(model, row_multiple)
+    shapes = set()
+    dynamic_batch = state.mode == "row" and compile_kwargs.get("dynamic") is not False
+    for block in state.blocks:
+        # Instance attributes stored in __dict__ directly: compiled wrappers are not registered as submodules,
+        # so state_dict keys and .modules() stay those of the plain model.
+        block.__dict__["_sd_compiled_residual"] = _region(torch.compile(
+            functools.partial(residual_branch, block), **compile_kwargs), dynamic_batch)
+        block.__dict__["_sd_compiled_shortcut"] = None if block.downsample is None else torch.compile(
+            functools.partial(shortcut_branch, block), **compile_kwargs)
+        shapes.add(_shape_key(block))
+    buckets = _GRAPHS_PER_SHAPE
+    if compile_kwargs.get("dynamic") is False and state.mode == "row":
+        buckets = 64  # every sub-batch size is a graph; with row_multiple that is ceil(N / k) sizes
+    _raise_recompile_limit(max(8, buckets * len(shapes)))
+    return model

@@ -1,0 +1,139 @@
+"""Stochastic depth under ``torch.nn.parallel.DistributedDataParallel``, and the gradient of dropped blocks.
+
+How ranks agree on the plan of a step
+    Every rank owns a Scheduler; a Scheduler's stream is fully determined by its 64-bit state, and each
+    training-mode forward consumes the same amount of it on every rank (DDP runs ranks in lockstep).
+    :func:`sync_scheduler` (called by :func:`ddp_ready`) broadcasts the state of rank ``src`` once, so a
+    ``seed=None`` conversion (a per-rank seed from torch's generator) is fine too. Then
+
+    * batch mode: one uniform per block and step, whatever the batch size: all ranks draw the same gates;
+    * row mode: every rank draws the plan of the *global* batch (``world_size * N`` samples, in rank order)
+      and keeps its own slice (:func:`sdepth_ext.blocks.shard_plan`), so gates of different ranks' samples are
+      independent and the run equals a single-process run over the concatenated batch (up to BatchNorm,
+      whose statistics stay per rank, as with any DDP model without SyncBatchNorm). This needs equal
+      per-rank batch sizes (``DistributedSampler`` pads to them): a row-mode draw consumes ``L * batch``
+      uniforms, so unequal batches would desynchronise the streams.
+
+Why dropped blocks need help
+    DDP with the default ``find_unused_parameters=False`` expects a gradient for every parameter each step
+    and fails at the *next* forward when a block was dropped. :func:`ddp_ready` sets ``dropped_grads="zero"``:
+    a dropped block's residual parameters get exact zero gradients through a no-op autograd node (no
+    activation work, one parameter-sized zero fill in backward; its BatchNorm layers do not run, so running
+    statistics and ``num_batches_tracked`` are untouched). ``find_unused_parameters=True`` also works but
+    traverses the autograd graph every step (see ``benchmarks/bench_ddp.py``).
+
+Optimizer semantics
+    By default a dropped block's residual parameters get no gradient (``grad is None`` after
+    ``zero_grad(set_to_none=True)``): optimizers skip them, so no weight decay and no momentum step that
+    iteration. ``set_dropped_grads(model, "zero")`` (what DDP needs) gives them zero gradients instead, so
+    weight decay and momentum do apply. :func:`clear_dropped_grads`, called after ``backward()``, restores the
+    "no gradient" semantics under DDP by setting those gradients back to ``None`` (for blocks dropped on every
+    rank: always in batch mode, in row mode the blocks without survivors in the global batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .blocks import StochasticDepthState
+from .convert import get_state
+
+__all__ = ["ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks"]
+
+DROPPED_GRADS = ("none", "zero")
+_U64 = 1 << 64
+
+
+def _state(model: nn.Module) -> StochasticDepthState:
+    """The state of a converted model, also through a DDP (``.module``) or torch.compile (``._orig_mod``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while not model.__dict__.get("_sdepth_controller"):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return get_state(model)
+
+
+def set_dropped_grads(model: nn.Module, policy: str) -> nn.Module:
+    """What a dropped block's residual parameters get: ``"none"`` (no gradient, default) or ``"zero"``."""
+    if not isinstance(policy, str) or policy not in DROPPED_GRADS:
+        raise ValueError(f"policy must be one of {DROPPED_GRADS}, got {policy!r}")
+    _state(model).dropped_grads = policy
+    return model
+
+
+def dropped_blocks(model: nn.Module) -> list[int]:
+    """Blocks (0-based) without a survivor in the last step, on every rank (the global plan in row-DDP)."""
+    state = _state(model)
+    plan = state.global_plan if state.global_plan is not None else state.host_plan
+    if plan is None:
+        return []
+    return [l for l, c in enumerate(plan.counts) if c == 0]
+
+
+def clear_dropped_grads(model: nn.Module) -> int:
+    """Set ``.grad = None`` on the residual parameters of the blocks dropped in the last step.
+
+    Call it after ``backward()`` (after DDP's all-reduce) and before ``optimizer.step()`` to get the
+    single-process "no gradient" semantics with ``ddp_ready``. Returns how many parameters were cleared.
+    Projection shortcuts always run, so their parameters keep their gradients.
+    """
+    state = _state(model)
+    cleared = 0
+    for l in dropped_blocks(model):
+        for name, p in state.blocks[l].named_parameters():
+            if not name.startswith("downsample.") and p.grad is not None:
+                p.grad = None
+                cleared += 1
+    return cleared
+
+
+def _collective_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sync_scheduler(model: nn.Module, src: int = 0, process_group=None) -> None:
+    """Give every rank the scheduler state (seed and RNG state) of rank ``src``: a collective, call on all.
+
+    Call it after conversion and after loading a checkpoint (``ddp_ready`` calls it once).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("sync_scheduler needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    scheduler = _state(model).scheduler
+    # Unsigned 64-bit words travel as int64 bit patterns.
+    words = [scheduler.seed, scheduler.get_rng_state()]
+    signed = [w - _U64 if w >= 1 << 63 else w for w in words]
+    buf = torch.tensor(signed, dtype=torch.int64, device=_collective_device(process_group))
+    dist.broadcast(buf, src=src, group=process_group)
+    seed, rng = [int(v) % _U64 for v in buf.cpu().tolist()]
+    scheduler.set_rng_state(rng)
+    scheduler.seed = seed
+
+
+def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool = True) -> nn.Module:
+    """Prepare a converted model for ``DistributedDataParallel`` with its default flags; returns ``model``.
+
+    Call on every rank, after :func:`sdepth_ext.convert` and before wrapping in DDP (or on the DDP wrapper).
+
+    * dropped blocks' residual parameters get exact zero gradients (``set_dropped_grads(model, "zero")``);
+    * with an initialised process group: the scheduler state of rank ``src`` is broadcast (``sync=True``),
+      and in row mode each rank draws the global batch's plan and keeps its slice of rows.
+
+    Without a process group only the first point applies (single-process runs with zero-gradient semantics).
+    """
+    state = _state(model)
+    set_dropped_grads(model, "zero")
+    if dist.is_available() and dist.is_initialized():
+        if sync:
+            sync_scheduler(model, src=src, process_group=process_group)
+        world_size = dist.get_world_size(process_group)
+        rank = dist.get_rank(process_group)
+        state.shard = (rank, world_size) if state.mode == "row" and world_size > 1 else None
+    return model

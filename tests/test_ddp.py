@@ -1,0 +1,361 @@
+"""DDP: two gloo processes on CPU train a converted model with DDP's default flags, equal to one process.
+
+The workers run in spawned processes (``torch.multiprocessing``) with a bounded process-group timeout and a
+bounded join, so a hang fails the test instead of blocking CI. One spawn runs every scenario (module-scoped
+fixture); the tests below check its results against single-process references computed here.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.models.resnet import BasicBlock
+
+import sdepth_ext as sd
+from sdepth_ext.convert import get_state
+
+WORLD = 2
+LOCAL_BATCH = 4
+STEPS = 4  # >= 3, and drops must happen before the last step: DDP fails at the step *after* a drop
+SEED = 100  # rank r converts with SEED + r; ddp_ready broadcasts rank 0's stream, so SEED is the reference's
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-3
+TIMEOUT_S = 240  # the whole spawn; the process group itself times out after 60 s
+
+
+# ============================================================================================================
+# Models, data, one training run (shared by the workers and the single-process references)
+# ============================================================================================================
+def _gn(channels):
+    return nn.GroupNorm(2, channels)
+
+
+def gn_model():
+    """ResNet blocks with GroupNorm: per-sample normalisation, so a DDP step over 2 ranks is exactly one
+    step over the concatenated batch (BatchNorm's per-rank statistics would differ from full-batch ones)."""
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), _gn(16))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), _gn(8), nn.ReLU(),
+        BasicBlock(8, 8, norm_layer=_gn), BasicBlock(8, 8, norm_layer=_gn),
+        BasicBlock(8, 16, stride=2, downsample=down, norm_layer=_gn), BasicBlock(16, 16, norm_layer=_gn),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return sd.cifar_resnet(8, num_classes=5)  # 3 BasicBlocks with BatchNorm, two projection shortcuts
+
+
+MODELS = {"gn": gn_model, "bn": bn_model}
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(WORLD * LOCAL_BATCH, 3, 16, 16, generator=g)
+    y = torch.randint(0, 5, (WORLD * LOCAL_BATCH,), generator=g)
+    return x, y
+
+
+def snapshot(model):
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()}}
+
+
+def global_counts(model):
+    state = get_state(model)
+    plan = state.global_plan if state.global_plan is not None else state.host_plan
+    return list(plan.counts)
+
+
+# ============================================================================================================
+# The worker (one per rank)
+# ============================================================================================================
+def ddp_train(kind, mode, rank, ready=True, clear=False):
+    model = sd.convert(MODELS[kind](), p_last=0.5, rule="uniform", mode=mode, seed=SEED + rank).train()
+    if ready:
+        sd.ddp_ready(model)
+    ddp = DistributedDataParallel(model)  # default flags: find_unused_parameters=False
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    counts, local_counts = [], []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        lo = rank * LOCAL_BATCH
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(ddp(x[lo:lo + LOCAL_BATCH]), y[lo:lo + LOCAL_BATCH]).backward()
+        if clear:
+            sd.clear_dropped_grads(ddp)
+        opt.step()
+        counts.append(global_counts(model))
+        local_counts.append(list(get_state(model).host_plan.counts))
+    return {**snapshot(model), "counts": counts, "local_counts": local_counts}
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {
+            # batch mode, BatchNorm, "no gradient" semantics restored after the all-reduce
+            "batch_bn": ddp_train("bn", "batch", rank, clear=True),
+            # row mode, GroupNorm: equal to one process over the concatenated batch
+            "row_gn": ddp_train("gn", "row", rank),
+            # row mode, BatchNorm: trains without errors (statistics are per rank, so no exact reference)
+            "row_bn": ddp_train("bn", "row", rank),
+        }
+        # Negative control: the same batch-mode run without ddp_ready fails at the step after a drop.
+        try:
+            ddp_train("bn", "batch", rank, ready=False)
+            results["unready_error"] = None
+        except RuntimeError as err:
+            results["unready_error"] = str(err)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("ddp"))
+    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+# ============================================================================================================
+# Single-process references
+# ============================================================================================================
+def reference_batch_bn():
+    """What DDP computes for a BatchNorm model in batch mode, in one process.
+
+    Each rank normalises with its own batch statistics: run the two halves separately, with the plan of the
+    step (batch-mode gates do not depend on the batch size: rewind the stream for the second half) and add
+    the gradients / 2 (DDP averages). DDP broadcasts rank 0's buffers before every forward, so the running
+    statistics are rank 0's: run rank 1's half first and restore the buffers after it. Default "no gradient"
+    semantics for dropped blocks (the DDP run restores them with clear_dropped_grads).
+    """
+    model = sd.convert(bn_model(), p_last=0.5, rule="uniform", mode="batch", seed=SEED).train()
+    scheduler = get_state(model).scheduler
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        opt.zero_grad(set_to_none=True)
+        rng = scheduler.get_rng_state()
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        F.cross_entropy(model(x[LOCAL_BATCH:]), y[LOCAL_BATCH:]).backward()
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        scheduler.set_rng_state(rng)
+        F.cross_entropy(model(x[:LOCAL_BATCH]), y[:LOCAL_BATCH]).backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(WORLD)
+        opt.step()
+    return snapshot(model)
+
+
+def reference_row_gn():
+    """One process over the concatenated batch; zero gradients for blocks without any survivor (as DDP)."""
+    model = sd.convert(gn_model(), p_last=0.5, rule="uniform", mode="row", seed=SEED).train()
+    sd.set_dropped_grads(model, "zero")
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    counts = []
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        counts.append(list(get_state(model).host_plan.counts))
+    return {**snapshot(model), "counts": counts}
+
+
+# gloo's all-reduce may sum in another order than the reference: a few float32 ulps after 4 SGD steps.
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def assert_same(a, b, tol=None):
+    assert a.keys() == b.keys()
+    for name in a:
+        if tol is None:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], **tol, msg=name)
+
+
+# ============================================================================================================
+# Tests
+# ============================================================================================================
+@pytest.mark.parametrize("scenario", ["batch_bn", "row_gn", "row_bn"])
+def test_ranks_agree_and_drop_before_the_last_step(ranks, scenario):
+    r0, r1 = ranks[0][scenario], ranks[1][scenario]
+    assert r0["counts"] == r1["counts"]  # the same (global) plan on both ranks, seeds SEED and SEED + 1
+    # Some block ran on no sample of some rank before the last step (what breaks default DDP).
+    assert any(0 in counts for r in (r0, r1) for counts in r["local_counts"][:-1]), r0["local_counts"]
+    if scenario.startswith("row"):  # the ranks' slices differ: independent gates per sample
+        assert r0["local_counts"] != r1["local_counts"]
+    assert_same(r0["params"], r1["params"])
+    for p in r0["params"].values():
+        assert torch.isfinite(p).all()
+
+
+def test_batch_mode_with_batchnorm_equals_single_process(ranks):
+    expected = reference_batch_bn()
+    assert_same(ranks[0]["batch_bn"]["params"], expected["params"], TOL)
+    # Running statistics and num_batches_tracked: those of rank 0 (DDP broadcasts them), undisturbed by the
+    # dropped blocks that ddp_ready made take part in autograd.
+    assert_same(ranks[0]["batch_bn"]["buffers"], expected["buffers"], TOL)
+
+
+def test_row_mode_equals_single_process_over_concatenated_batch(ranks):
+    expected = reference_row_gn()
+    got = ranks[0]["row_gn"]
+    assert got["counts"] == expected["counts"]
+    # Some block has survivors on one rank only (else sharding would be untested).
+    assert any(0 < c < WORLD * LOCAL_BATCH for counts in got["counts"] for c in counts)
+    assert_same(got["params"], expected["params"], TOL)
+
+
+def test_without_ddp_ready_default_ddp_fails(ranks):
+    """The pitfall the helper fixes (proves the scenario really drops blocks under DDP)."""
+    for r in ranks:
+        assert r["unready_error"] is not None and "reduction" in r["unready_error"]
+
+
+# ============================================================================================================
+# Single process: what ddp_ready does to gradients and BatchNorm; optimizer semantics
+# ============================================================================================================
+def _dropped_step(policy, seed=3):
+    """One training step of cifar_resnet(8) where some block is dropped; returns (model, dropped, before)."""
+    torch.manual_seed(0)
+    model = sd.convert(sd.cifar_resnet(8), p_last=0.3, rule="uniform", mode="batch", seed=seed).train()
+    if policy == "ddp_ready":
+        sd.ddp_ready(model)  # no process group: only the zero-gradient part
+    elif policy is not None:
+        sd.set_dropped_grads(model, policy)
+    before = copy.deepcopy(model.state_dict())
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    F.cross_entropy(model(x), y).backward()
+    dropped = sd.dropped_blocks(model)
+    assert dropped and len(dropped) < 3  # seed 3 drops some blocks and keeps others
+    return model, dropped, before
+
+
+def residual_params(block):
+    return [(n, p) for n, p in block.named_parameters() if not n.startswith("downsample.")]
+
+
+@pytest.mark.parametrize("policy", [None, "none", "zero", "ddp_ready"])
+def test_dropped_block_gradients_and_batchnorm_buffers(policy):
+    model, dropped, before = _dropped_step(policy)
+    blocks = get_state(model).blocks
+    zero = policy in ("zero", "ddp_ready")
+    for l in dropped:
+        for name, p in residual_params(blocks[l]):
+            if zero:
+                assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+            else:
+                assert p.grad is None, name
+        # Its BatchNorm layers never ran: running stats and num_batches_tracked are those before the step.
+        prefix = next(n for n, m in model.named_modules() if m is blocks[l])
+        for name, buf in blocks[l].named_buffers():
+            if not name.startswith("downsample."):
+                assert torch.equal(buf, before[f"{prefix}.{name}"]), name
+    kept = [l for l in range(len(blocks)) if l not in dropped]
+    for l in kept:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in residual_params(blocks[l]))
+
+
+@pytest.mark.parametrize("policy", ["none", "zero", "zero+clear"])
+def test_optimizer_semantics_of_dropped_blocks(policy):
+    """"none": no gradient, so SGD with momentum and weight decay leaves a dropped block's weights as they
+    were; "zero": weight decay (and momentum) still move them; clear_dropped_grads restores "none"."""
+    model, dropped, _ = _dropped_step("zero" if policy.startswith("zero") else "none")
+    if policy == "zero+clear":
+        assert sd.clear_dropped_grads(model) > 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    blocks = get_state(model).blocks
+    before = {id(p): p.detach().clone() for l in dropped for _, p in residual_params(blocks[l])}
+    opt.step()
+    for l in dropped:
+        for name, p in residual_params(blocks[l]):
+            if policy == "zero":
+                # p <- p - lr * wd * p for a zero gradient (momentum buffer starts at wd * p)
+                torch.testing.assert_close(p.detach(), before[id(p)] * (1 - 0.1 * 0.1), msg=name)
+                assert p in opt.state and "momentum_buffer" in opt.state[p]
+            else:
+                assert torch.equal(p.detach(), before[id(p)]), name
+                assert p not in opt.state or not opt.state[p], name
+
+
+def test_dropped_grads_arguments():
+    model = sd.convert(sd.cifar_resnet(8), seed=0)
+    with pytest.raises(ValueError, match="policy.*none.*zero"):
+        sd.set_dropped_grads(model, "skip")
+    with pytest.raises(ValueError, match="model"):
+        sd.ddp_ready(sd.cifar_resnet(8))  # not converted
+    with pytest.raises(TypeError, match="model"):
+        sd.clear_dropped_grads("model")
+    with pytest.raises(RuntimeError, match="process group"):
+        sd.sync_scheduler(model)
+
+
+def test_dropped_identity_block_output_may_be_modified_in_place():
+    """The zero-gradient node returns a fresh autograd tensor, not a view (autograd forbids in-place ops on a
+    custom Function's view output): an in-place ReLU after a dropped block works as without the node. (The
+    block input is a conv output, which no backward needs, so modifying it in place is legal.)"""
+    model = sd.convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4, 4), nn.ReLU(inplace=True)),
+                       p_last=0.0, rule="uniform", seed=0).train()
+    sd.set_dropped_grads(model, "zero")
+    torch.manual_seed(0)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert sd.dropped_blocks(model) == [0]
+    assert torch.equal(model[1].conv1.weight.grad, torch.zeros_like(model[1].conv1.weight))
+    assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_shard_plan_slices_the_global_plan():
+    from sdepth_ext.blocks import shard_plan
+
+    scheduler = sd.Scheduler(sd.uniform(6, 0.5), mode="row", seed=5)
+    for _ in range(20):
+        plan = scheduler.sample(8)
+        rows = [list(range(8)) if plan.rows(l) is None else plan.rows(l).tolist() for l in range(6)]
+        for rank in range(2):
+            local = shard_plan(plan, rank, 2)
+            assert local.batch_size == 4
+            for l in range(6):
+                expected = [r - 4 * rank for r in rows[l] if 4 * rank <= r < 4 * rank + 4]
+                got = list(range(4)) if local.rows(l) is None else local.rows(l).tolist()
+                assert got == expected and local.counts[l] == len(expected)
+            assert local.active == [l for l in range(6) if local.counts[l]]
+    with pytest.raises(ValueError, match="world_size"):
+        shard_plan(scheduler.sample(7), 0, 2)
+

@@ -2,7 +2,7 @@
 
 from .checkpointing import checkpoint_blocks
 from .compiled import compile_blocks, effective_survival, set_row_multiple
-from .convert import cifar_resnet, convert, lesion, revert, survival_probs
+from .convert import cifar_resnet, convert, get_scheduler, lesion, revert, survival_probs
 from .distributed import clear_dropped_grads, ddp_ready, dropped_blocks, set_dropped_grads, sync_scheduler
 from .functional import gated_residual_relu
 from .rules import linear_decay, uniform
@@ -11,7 +11,7 @@ from .scheduler import Plan, Scheduler, has_compiled_scheduler
 __version__ = "0.1.0"
 
 __all__ = ["gated_residual_relu", "linear_decay", "uniform", "Plan", "Scheduler", "has_compiled_scheduler",
-           "convert", "revert", "survival_probs", "lesion", "cifar_resnet",
+           "convert", "revert", "survival_probs", "lesion", "cifar_resnet", "get_scheduler",
            # issue 5: DDP, torch.compile, activation checkpointing, optimizer semantics
            "ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks",
            "compile_blocks", "set_row_multiple", "effective_survival", "checkpoint_blocks"]

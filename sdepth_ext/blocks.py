@@ -24,7 +24,7 @@ What a block does in training mode, with ``l = self.sd_index``:
 network is bit-identical to the unconverted one.
 
 Options set on the shared state by the helpers of :mod:`sdepth_ext.distributed` and :mod:`sdepth_ext.compiled`
-(all off by default; see docs/usage.md):
+(all off by default; see the README section "Running where users run"):
 
 * ``dropped_grads="zero"`` (``sd.ddp_ready`` / ``sd.set_dropped_grads``): a dropped block's residual
   parameters get exact zero gradients through autograd (:class:`_ZeroGradTouch`, no activation work), so

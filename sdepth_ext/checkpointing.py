@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .distributed import _state
+from .convert import get_state
 
 __all__ = ["checkpoint_blocks"]
 
@@ -33,5 +33,5 @@ def checkpoint_blocks(model: nn.Module, enabled: bool = True, *, use_reentrant: 
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     if not isinstance(use_reentrant, bool):
         raise TypeError(f"use_reentrant must be a bool, got {type(use_reentrant).__name__}")
-    _state(model).checkpoint = {"use_reentrant": use_reentrant, **checkpoint_kwargs} if enabled else None
+    get_state(model).checkpoint = {"use_reentrant": use_reentrant, **checkpoint_kwargs} if enabled else None
     return model

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .blocks import residual_branch, shortcut_branch
-from .distributed import _state
+from .convert import get_state
 
 __all__ = ["compile_blocks", "set_row_multiple", "effective_survival"]
 
@@ -53,7 +53,7 @@ def set_row_multiple(model: nn.Module, multiple: int) -> nn.Module:
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
-    _state(model).row_multiple = multiple
+    get_state(model).row_multiple = multiple
     return model
 
 
@@ -119,7 +119,7 @@ def compile_blocks(model: nn.Module, *, row_multiple: int | None = None, **compi
 
     >>> sd.compile_blocks(model, backend="inductor", dynamic=False, row_multiple=8)
     """
-    state = _state(model)
+    state = get_state(model)
     if row_multiple is not None:
         set_row_multiple(model, row_multiple)
     shapes = set()

@@ -16,7 +16,7 @@ Design, in short:
   a converted model restores its scheduler from it when present and keeps its own stream when absent. The
   metadata survives ``torch.save``/``torch.load`` (also ``weights_only=True``) but not a conversion of the
   state_dict to a plain ``dict`` or to safetensors; pass such checkpoints the scheduler state separately
-  (``get_state(model).scheduler.state_dict()`` / ``.load_state_dict()``).
+  (``sd.get_scheduler(model).state_dict()`` / ``.load_state_dict()``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .rules import check_probability, linear_decay, uniform
 from .scheduler import Scheduler
 
 __all__ = ["convert", "revert", "survival_probs", "lesion", "cifar_resnet", "CifarResNet", "get_state",
-           "find_residual_blocks"]
+           "get_scheduler", "find_residual_blocks"]
 
 RULES = ("linear", "uniform")
 MODES = ("batch", "row")
@@ -58,13 +58,28 @@ def find_residual_blocks(model: nn.Module) -> list[nn.Module]:
 def get_state(model: nn.Module) -> StochasticDepthState:
     """The shared state of a converted model (scheduler, mode, scaling, the current ``plan``).
 
-    Raises ``ValueError`` if ``model`` was not converted by :func:`convert` (pass the root given to it).
+    ``model`` is the root given to :func:`convert`, or a wrapper of it: DDP (``.module``) or ``torch.compile``
+    (``._orig_mod``). Raises ``TypeError`` for a non-module, ``ValueError`` if it was not converted.
     """
-    state = model.__dict__.get(_ROOT_ATTR) if isinstance(model, nn.Module) else None
-    if state is None:
-        raise ValueError(f"model: {type(model).__name__} is not converted by sdepth_ext.convert "
-                         "(pass the module convert() was called on)")
-    return state
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    root = model
+    while _ROOT_ATTR not in root.__dict__:
+        inner = getattr(root, "module", None) or getattr(root, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            raise ValueError(f"model: {type(model).__name__} is not converted by sdepth_ext.convert "
+                             "(pass the module convert() was called on, or its DDP / torch.compile wrapper)")
+        root = inner
+    return root.__dict__[_ROOT_ATTR]
+
+
+def get_scheduler(model: nn.Module) -> Scheduler:
+    """The :class:`~sdepth_ext.Scheduler` of a converted model (or of its DDP / torch.compile wrapper).
+
+    Its ``state_dict()`` is the RNG state that ``model.state_dict()`` carries in its metadata; save it beside
+    checkpoints that lose that metadata (a plain ``dict`` copy, safetensors).
+    """
+    return get_state(model).scheduler
 
 
 def _is_converted_root(model: nn.Module) -> bool:

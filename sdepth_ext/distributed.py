@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .blocks import StochasticDepthState
 from .convert import get_state
 
 __all__ = ["ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks"]
@@ -46,29 +45,17 @@ DROPPED_GRADS = ("none", "zero")
 _U64 = 1 << 64
 
 
-def _state(model: nn.Module) -> StochasticDepthState:
-    """The state of a converted model, also through a DDP (``.module``) or torch.compile (``._orig_mod``)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    while not model.__dict__.get("_sdepth_controller"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return get_state(model)
-
-
 def set_dropped_grads(model: nn.Module, policy: str) -> nn.Module:
     """What a dropped block's residual parameters get: ``"none"`` (no gradient, default) or ``"zero"``."""
     if not isinstance(policy, str) or policy not in DROPPED_GRADS:
         raise ValueError(f"policy must be one of {DROPPED_GRADS}, got {policy!r}")
-    _state(model).dropped_grads = policy
+    get_state(model).dropped_grads = policy
     return model
 
 
 def dropped_blocks(model: nn.Module) -> list[int]:
     """Blocks (0-based) without a survivor in the last step, on every rank (the global plan in row-DDP)."""
-    state = _state(model)
+    state = get_state(model)
     plan = state.global_plan if state.global_plan is not None else state.host_plan
     if plan is None:
         return []
@@ -82,7 +69,7 @@ def clear_dropped_grads(model: nn.Module) -> int:
     single-process "no gradient" semantics with ``ddp_ready``. Returns how many parameters were cleared.
     Projection shortcuts always run, so their parameters keep their gradients.
     """
-    state = _state(model)
+    state = get_state(model)
     cleared = 0
     for l in dropped_blocks(model):
         for name, p in state.blocks[l].named_parameters():
@@ -106,7 +93,7 @@ def sync_scheduler(model: nn.Module, src: int = 0, process_group=None) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("sync_scheduler needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")
-    scheduler = _state(model).scheduler
+    scheduler = get_state(model).scheduler
     # Unsigned 64-bit words travel as int64 bit patterns.
     words = [scheduler.seed, scheduler.get_rng_state()]
     signed = [w - _U64 if w >= 1 << 63 else w for w in words]
@@ -128,7 +115,7 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
 
     Without a process group only the first point applies (single-process runs with zero-gradient semantics).
     """
-    state = _state(model)
+    state = get_state(model)
     set_dropped_grads(model, "zero")
     if dist.is_available() and dist.is_initialized():
         if sync:

@@ -567,6 +567,31 @@ def test_resume_draws_the_same_gates(mode):
     assert draw_plans(keeps, 4, x) == after_save
 
 
+def test_scheduler_state_saved_beside_a_plain_dict_checkpoint_resumes():
+    # A checkpoint copied into a plain dict loses the state_dict metadata; get_scheduler's state rides beside.
+    x = make_input("cifar_resnet20", batch=4)[:, :, :8, :8]
+    model = sd.convert(fresh_model("cifar_resnet20"), mode="row", seed=5).train()
+    draw_plans(model, 2, x)
+    weights, sched = dict(model.state_dict()), sd.get_scheduler(model).state_dict()
+    after_save = draw_plans(model, 3, x)
+
+    resumed = sd.convert(fresh_model("cifar_resnet20"), mode="row", seed=999).train()
+    resumed.load_state_dict(weights, strict=True)
+    sd.get_scheduler(resumed).load_state_dict(sched)
+    assert draw_plans(resumed, 3, x) == after_save
+
+
+def test_get_scheduler_through_wrappers_and_errors():
+    model = sd.convert(fresh_model("cifar_resnet20"), seed=3)
+    wrapper = nn.Module()
+    wrapper.module = model  # what DistributedDataParallel looks like from outside
+    assert sd.get_scheduler(wrapper) is sd.get_scheduler(model) is get_state(model).scheduler
+    with pytest.raises(ValueError, match="model: .* not converted"):
+        sd.get_scheduler(fresh_model("cifar_resnet20"))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        sd.get_scheduler("resnet")
+
+
 def test_mismatched_scheduler_state_warns_and_loads_weights():
     x = make_input("cifar_resnet20", batch=2)[:, :, :8, :8]
     source = sd.convert(fresh_model("cifar_resnet20"), p_last=0.5, seed=1)

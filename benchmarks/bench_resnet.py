@@ -11,9 +11,16 @@ forward pre-hook). Variants, timed round-robin in one run (so load drifts hit al
 * ``timm-style DropPath``: per-sample Bernoulli mask multiply (``f(x) * mask / p_l``), written inline.
 
 Printed: mean step time, ratio of mean step times to plain (total time, as the paper compares), the ratio
-of medians, and the ideal ratio, the expected active FLOP fraction
-``(F_total - sum_l (1 - p_l) F_l) / F_total`` with ``F_l`` the conv MACs of block l's residual branch,
-counted by :mod:`sdepth_ext.flops` (the mask-multiply peers run every block: ideal 1.0).
+of medians, and two ideal ratios (the mask-multiply peers run every block: both 1.0):
+
+* ``ideal_ratio``: the expected active FLOP fraction ``(F_total - sum_l (1 - p_l) F_l) / F_total`` with
+  ``F_l`` the conv MACs of block l's residual branch, counted by :mod:`sdepth_ext.flops`;
+* ``time_ideal_ratio``: the same with each block's *measured* time, ``1 - sum_l (1 - p_l) t_l / T_plain``,
+  ``t_l`` the forward+backward time of block l's residual branch and epilogue alone in the plain model, and
+  ``T_plain`` the plain step time, both measured in this run. It differs from the FLOP ideal where the
+  device runs some blocks' FLOPs faster than others': on a CPU the 16-channel blocks of a CIFAR ResNet take
+  ~2x the time per FLOP of the 64-channel ones, and linear decay drops mostly the cheap late blocks. The gap
+  between ``ratio`` and ``time_ideal_ratio`` is sdepth_ext's own overhead.
 
     python -m benchmarks.bench_resnet            # GPU: cifar_resnet(110) b128@32, resnet50 b64@224
     python -m benchmarks.bench_resnet --full     # more timed steps
@@ -43,6 +50,7 @@ from .common import (
     format_table,
     median,
     print_environment,
+    time_fn,
     time_interleaved,
     write_results,
 )
@@ -105,6 +113,47 @@ def _configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict]
     return configs, 2, (10 if quick else 30)
 
 
+def _block_signature(block: nn.Module, x: torch.Tensor) -> tuple:
+    return (type(block).__name__, tuple(x.shape), block.downsample is not None,
+            tuple(p.shape for p in block.parameters()))
+
+
+def residual_times(model: nn.Module, x: torch.Tensor, device: torch.device, warmup: int,
+                   repeat: int) -> list[float]:
+    """Seconds per forward+backward of each block's residual branch and epilogue, on its input in ``model``.
+
+    What a dropped block saves. Blocks of the same signature (type, input shape, parameter shapes) are timed
+    once: a ResNet has a handful of distinct ones. Train mode, input requiring grad (as inside the network).
+    """
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    blocks = _blocks(model)
+    handles = [b.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0].detach()))
+               for b in blocks]
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    by_signature: dict[tuple, float] = {}
+    times = []
+    for block in blocks:
+        inp = inputs[block]
+        key = _block_signature(block, inp)
+        if key not in by_signature:
+            state = copy.deepcopy(block.state_dict())  # BatchNorm running stats move while timing
+            leaf = inp.clone().requires_grad_(True)
+            shortcut = shortcut_branch(block, inp).detach()
+
+            def fwd_bwd(block=block, leaf=leaf, shortcut=shortcut) -> None:
+                torch.relu(shortcut + residual_branch(block, leaf)).sum().backward()
+
+            by_signature[key] = median(time_fn(fwd_bwd, device, warmup=warmup, repeat=repeat))
+            block.load_state_dict(state)
+            block.zero_grad(set_to_none=True)
+        times.append(by_signature[key])
+    return times
+
+
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -144,6 +193,7 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
         model.train()
         steps[name] = _train_step(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y)
     samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
+    block_times = residual_times(base, x, device, warmup=1, repeat=max(3, repeat // 2))
 
     # The ideal is an expectation over random plans, and the paper compares total training time: so the
     # ratio is of mean step times (total time over the same number of steps). Medians ride along.
@@ -151,9 +201,14 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
     rows = []
     for name, (_, mode, p_last, ideal) in variants.items():
         mean, med = statistics.fmean(samples[name]), median(samples[name])
+        time_ideal = 1.0
+        if mode in ("batch", "row"):
+            saved = sum((1.0 - p) * t for p, t in zip(sd.linear_decay(L, p_last), block_times))
+            time_ideal = 1.0 - saved / plain_mean
         rows.append({"model": config["name"], "batch": batch, "size": size, "variant": name, "mode": mode,
                      "p_last": p_last, "mean_ms": mean * 1e3, "median_ms": med * 1e3,
                      "ratio": mean / plain_mean, "median_ratio": med / plain_median, "ideal_ratio": ideal,
+                     "time_ideal_ratio": time_ideal,
                      "steps": len(samples[name])})
     return rows, {f"{config['name']}/{k}": v for k, v in samples.items()}
 
@@ -169,7 +224,7 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
     for config in configs:
         model_rows, samples = bench_model(config, device, warmup, repeat, quick, smoke)
         print(format_table(model_rows, ["model", "batch", "size", "variant", "mean_ms", "ratio",
-                                        "median_ratio", "ideal_ratio"]))
+                                        "median_ratio", "ideal_ratio", "time_ideal_ratio"]))
         print()
         rows.extend(model_rows)
         all_samples.update(samples)

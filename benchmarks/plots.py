@@ -83,6 +83,11 @@ def plot_resnet(rows: list[dict], path: Path, title: str) -> Path | None:
             p0, f0 = ideal[0]
             slope = (1.0 - f0) / (1.0 - p0) if p0 < 1.0 else 0.0
             ax.plot([0.0, 1.0], [1.0 - slope, 1.0], "k--", lw=1, label="ideal: expected FLOP fraction")
+        measured = sorted({(r["p_last"], r["time_ideal_ratio"]) for r in sel
+                           if r["mode"] in ("batch", "row") and "time_ideal_ratio" in r})
+        if measured:
+            ax.plot(*zip(*measured), ls=":", color="gray", marker="x",
+                    label="ideal: measured block times (this device)")
         ax.plot(*PAPER_POINT, "k*", ms=11, label="paper, CIFAR-10 110-layer (Table 2)")
         ax.axhline(1.0, color="gray", lw=0.8)
         batch, size = (sel[0]["batch"], sel[0]["size"]) if sel else ("?", "?")

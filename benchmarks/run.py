@@ -85,7 +85,8 @@ def _summary(results: dict[str, list[dict]]) -> list[dict]:
         out.append({"what": what,
                     "sdepth_ext": f"{r['mean_ms']:.0f} ms",
                     "peers": ", ".join(f"{p['mode']} x{p['ratio']:.2f}" for p in peers),
-                    "ratio": f"x{r['ratio']:.3f} of plain", "ideal/limit": f"x{r['ideal_ratio']:.3f}"})
+                    "ratio": f"x{r['ratio']:.3f} of plain",
+                    "ideal/limit": f"x{r['ideal_ratio']:.3f} FLOPs, x{r['time_ideal_ratio']:.3f} blk time"})
     return out
 
 
@@ -128,9 +129,9 @@ def main(argv=None) -> dict[str, list[dict]]:
             bar.update(1)
     if bar is not None:
         bar.close()
-    (out_dir / ("bench_smoke.log" if args.smoke else "bench.log")).write_text(log.getvalue())
+    suffix = "_smoke" if args.smoke else ("_full" if args.full else "")
+    (out_dir / f"bench{suffix}.log").write_text(log.getvalue())
 
-    suffix = "_smoke" if args.smoke else ""
     title = f"{env['device']} | torch {env['torch']}, triton {env['triton']} | {env['date']}"
     plots = [
         plot_epilogue(results.get("epilogue", []), out_dir / f"epilogue_bandwidth{suffix}.png", title),

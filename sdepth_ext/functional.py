@@ -64,11 +64,13 @@ def _gated_residual_relu_torch(shortcut: torch.Tensor, residual: torch.Tensor, s
     (``alpha`` is not used, as ``add(.., alpha=)`` may fuse the multiply-add and round once instead of twice).
     """
     scaled = residual if scale == 1.0 else scale * residual
+    # The in-place relu_ acts on a fresh tensor (the sum, the clone): no extra allocation and pass, and
+    # autograd saves the output for ReluBackward, as it would for an out-of-place relu.
     if rows is None:
-        return torch.relu(shortcut + scaled)
+        return (shortcut + scaled).relu_()
     # clone + in-place index_add_ rather than out-of-place index_add, which returns a contiguous tensor for
     # an empty ``rows`` and would turn a channels_last batch into NCHW.
-    return torch.relu(shortcut.clone(memory_format=torch.preserve_format).index_add_(0, rows, scaled))
+    return shortcut.clone(memory_format=torch.preserve_format).index_add_(0, rows, scaled).relu_()
 
 
 # --------------------------------------------------------------------------------------------------

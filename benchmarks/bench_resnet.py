@@ -11,7 +11,7 @@ forward pre-hook). Variants, timed round-robin in one run (so load drifts hit al
 * ``timm-style DropPath``: per-sample Bernoulli mask multiply (``f(x) * mask / p_l``), written inline.
 
 Printed: mean step time, ratio of mean step times to plain (total time, as the paper compares), the ratio
-of medians, and two ideal ratios (the mask-multiply peers run every block: both 1.0):
+of medians, and ideal ratios (the mask-multiply peers run every block: all 1.0):
 
 * ``ideal_ratio``: the expected active FLOP fraction ``(F_total - sum_l (1 - p_l) F_l) / F_total`` with
   ``F_l`` the conv MACs of block l's residual branch, counted by :mod:`sdepth_ext.flops`;
@@ -19,8 +19,11 @@ of medians, and two ideal ratios (the mask-multiply peers run every block: both 
   ``t_l`` the forward+backward time of block l's residual branch and epilogue alone in the plain model, and
   ``T_plain`` the plain step time, both measured in this run. It differs from the FLOP ideal where the
   device runs some blocks' FLOPs faster than others': on a CPU the 16-channel blocks of a CIFAR ResNet take
-  ~2x the time per FLOP of the 64-channel ones, and linear decay drops mostly the cheap late blocks. The gap
-  between ``ratio`` and ``time_ideal_ratio`` is sdepth_ext's own overhead.
+  ~2x the time per FLOP of the 64-channel ones, and linear decay drops mostly the cheap late blocks;
+* ``drawn_ideal_ratio`` / ``drawn_time_ideal_ratio``: both ideals of the plans actually drawn in the timed
+  steps (``p_l`` replaced by block l's realised survivor fraction). A few dozen steps of a 16-block network
+  are a small sample of random plans (the expected ideal is ±0.03 away at p_last=0.5); against the plans
+  drawn, ``ratio - drawn_time_ideal_ratio`` is sdepth_ext's own overhead (plan draw, gathers, epilogue).
 
     python -m benchmarks.bench_resnet            # GPU: cifar_resnet(110) b128@32, resnet50 b64@224
     python -m benchmarks.bench_resnet --full     # more timed steps
@@ -42,6 +45,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import sdepth_ext as sd
 from sdepth_ext.blocks import residual_branch, shortcut_branch
+from sdepth_ext.convert import get_state
 from sdepth_ext.flops import compute_fraction, residual_macs
 
 from .common import (
@@ -154,11 +158,18 @@ def residual_times(model: nn.Module, x: torch.Tensor, device: torch.device, warm
     return times
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                drawn: list | None = None):
+    """One train step; for a converted model, each step's per-block survivor fractions go to ``drawn``."""
+    state = get_state(model) if drawn is not None else None
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
+        if state is not None:  # after the step: bookkeeping outside the timed work would be the same
+            plan = state.host_plan
+            drawn.append([c / plan.batch_size for c in plan.counts])
     return step
 
 
@@ -188,12 +199,17 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
         variants[f"timm-style DropPath p{p_last}"] = (
             with_peer(copy.deepcopy(base), "droppath", p_last), "droppath", p_last, 1.0)
 
-    steps = {}
-    for name, (model, _, _, _) in variants.items():
+    steps, drawn = {}, {}
+    for name, (model, mode, _, _) in variants.items():
         model.train()
-        steps[name] = _train_step(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), x, y)
+        drawn[name] = [] if mode in ("batch", "row") else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        steps[name] = _train_step(model, optimizer, x, y, drawn[name])
     samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
     block_times = residual_times(base, x, device, warmup=1, repeat=max(3, repeat // 2))
+
+    def time_ideal(survival: list[float]) -> float:
+        return 1.0 - sum((1.0 - p) * t for p, t in zip(survival, block_times)) / plain_mean
 
     # The ideal is an expectation over random plans, and the paper compares total training time: so the
     # ratio is of mean step times (total time over the same number of steps). Medians ride along.
@@ -201,14 +217,18 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
     rows = []
     for name, (_, mode, p_last, ideal) in variants.items():
         mean, med = statistics.fmean(samples[name]), median(samples[name])
-        time_ideal = 1.0
+        expected_time, drawn_flops, drawn_time = 1.0, 1.0, 1.0
         if mode in ("batch", "row"):
-            saved = sum((1.0 - p) * t for p, t in zip(sd.linear_decay(L, p_last), block_times))
-            time_ideal = 1.0 - saved / plain_mean
+            expected_time = time_ideal(sd.linear_decay(L, p_last))
+            timed = drawn[name][-len(samples[name]):]  # the warm-up steps drew plans too
+            realised = [statistics.fmean(col) for col in zip(*timed)]
+            drawn_flops = compute_fraction(per_block, total, realised)
+            drawn_time = time_ideal(realised)
         rows.append({"model": config["name"], "batch": batch, "size": size, "variant": name, "mode": mode,
                      "p_last": p_last, "mean_ms": mean * 1e3, "median_ms": med * 1e3,
                      "ratio": mean / plain_mean, "median_ratio": med / plain_median, "ideal_ratio": ideal,
-                     "time_ideal_ratio": time_ideal,
+                     "time_ideal_ratio": expected_time, "drawn_ideal_ratio": drawn_flops,
+                     "drawn_time_ideal_ratio": drawn_time,
                      "steps": len(samples[name])})
     return rows, {f"{config['name']}/{k}": v for k, v in samples.items()}
 
@@ -224,7 +244,8 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
     for config in configs:
         model_rows, samples = bench_model(config, device, warmup, repeat, quick, smoke)
         print(format_table(model_rows, ["model", "batch", "size", "variant", "mean_ms", "ratio",
-                                        "median_ratio", "ideal_ratio", "time_ideal_ratio"]))
+                                        "median_ratio", "ideal_ratio", "time_ideal_ratio",
+                                        "drawn_ideal_ratio", "drawn_time_ideal_ratio"]))
         print()
         rows.extend(model_rows)
         all_samples.update(samples)

@@ -32,7 +32,7 @@ def _time_calls(fn, calls: int, repeats: int) -> list[float]:
 def run(quick: bool = True, smoke: bool = False) -> list[dict]:
     survival = sd.linear_decay(NUM_BLOCKS, 0.5)
     backends = ["cpp", "python"] if sd.has_compiled_scheduler() else ["python"]
-    repeats = 3 if smoke else (7 if quick else 21)
+    repeats = 3 if smoke else (15 if quick else 41)
     rows, samples = [], {}
     for mode in ("row", "batch"):
         times = {}

@@ -86,7 +86,9 @@ def _summary(results: dict[str, list[dict]]) -> list[dict]:
                     "sdepth_ext": f"{r['mean_ms']:.0f} ms",
                     "peers": ", ".join(f"{p['mode']} x{p['ratio']:.2f}" for p in peers),
                     "ratio": f"x{r['ratio']:.3f} of plain",
-                    "ideal/limit": f"x{r['ideal_ratio']:.3f} FLOPs, x{r['time_ideal_ratio']:.3f} blk time"})
+                    "ideal/limit": (f"x{r['ideal_ratio']:.3f} FLOPs (drawn plans "
+                                    f"x{r['drawn_ideal_ratio']:.3f}; their block times "
+                                    f"x{r['drawn_time_ideal_ratio']:.3f})")})
     return out
 
 

@@ -18,7 +18,7 @@ py::tuple sample(sdepth::GateSampler& sampler, int64_t batch_size, bool pin_memo
     py::gil_scoped_release no_gil;  // pure C++ from here: other Python threads (data loaders) may run
     sampler.sample(batch_size, draw);
   }
-  const auto n = static_cast<int64_t>(draw.indices.size());
+  const int64_t n = draw.num_indices;
   at::Tensor indices = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(pin_memory));
   if (n > 0) {
     std::memcpy(indices.data_ptr<int64_t>(), draw.indices.data(), n * sizeof(int64_t));

@@ -17,9 +17,15 @@ inline uint64_t splitmix64_next(uint64_t& state) {
 }
 
 // Yields the 32-bit uniforms of one sample() call: low half of each word first.
+//
+// The stream works on its own copy of the state and the caller writes it back once (state()): a reference
+// to the sampler's member would alias the int64 row indices written in the compaction loop (signed and
+// unsigned variants of a type may alias), forcing a store and reload of the state per sample; the copy
+// stays in a register and halves the time of a row-mode step (~13 -> ~6 µs for 54 blocks x 128 samples).
 class Uniform32Stream {
  public:
-  explicit Uniform32Stream(uint64_t& state) : state_(state) {}
+  explicit Uniform32Stream(uint64_t state) : state_(state) {}
+  uint64_t state() const { return state_; }
   inline uint64_t next() {
     if (have_high_) {
       have_high_ = false;
@@ -31,7 +37,7 @@ class Uniform32Stream {
   }
 
  private:
-  uint64_t& state_;
+  uint64_t state_;
   uint64_t word_ = 0;
   bool have_high_ = false;  // a half word left over at the end of a call is discarded
 };
@@ -63,7 +69,7 @@ void GateSampler::sample(int64_t batch_size, StepDraw& out) {
   out.counts.resize(L);
   out.active.clear();
   out.offsets.resize(L + 1);
-  out.indices.clear();
+  out.num_indices = 0;
   Uniform32Stream uniforms(state_);
 
   if (!row_mode_) {
@@ -74,10 +80,13 @@ void GateSampler::sample(int64_t batch_size, StepDraw& out) {
       if (keep) out.active.push_back(l);
     }
     out.offsets[L] = 0;
+    state_ = uniforms.state();
     return;
   }
 
-  out.indices.resize(static_cast<size_t>(L * batch_size));  // upper bound; trimmed below
+  if (out.indices.size() < static_cast<size_t>(L * batch_size)) {
+    out.indices.resize(static_cast<size_t>(L * batch_size));  // upper bound on the rows stored
+  }
   int64_t* idx = out.indices.data();
   int64_t n = 0;
   for (int64_t l = 0; l < L; ++l) {
@@ -96,7 +105,8 @@ void GateSampler::sample(int64_t batch_size, StepDraw& out) {
     if (count == batch_size) n = start;  // everyone survived: no rows stored, no gather needed
   }
   out.offsets[L] = n;
-  out.indices.resize(static_cast<size_t>(n));
+  out.num_indices = n;
+  state_ = uniforms.state();
 }
 
 }  // namespace sdepth

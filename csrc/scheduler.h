@@ -28,7 +28,10 @@ struct StepDraw {
   // offsets[l]..offsets[l+1]: the slice of `indices` holding block l's rows. Only partially surviving
   // blocks store rows; a block whose samples all survive stores none (rows(l) is None: no gather).
   std::vector<int64_t> offsets;
+  // indices[0..num_indices): the packed rows. The vector is scratch space of at least L * batch_size
+  // elements that only grows: shrinking and regrowing it would zero-fill 54 x 128 x 8 B = 55 KB per step.
   std::vector<int64_t> indices;
+  int64_t num_indices = 0;
 };
 
 class GateSampler {

@@ -206,7 +206,7 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         steps[name] = _train_step(model, optimizer, x, y, drawn[name])
     samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
-    block_times = residual_times(base, x, device, warmup=1, repeat=max(3, repeat // 2))
+    block_times = residual_times(base, x, device, warmup=1, repeat=max(3, repeat))
 
     def time_ideal(survival: list[float]) -> float:
         return 1.0 - sum((1.0 - p) * t for p, t in zip(survival, block_times)) / plain_mean

@@ -44,6 +44,7 @@ Options set on the shared state by the helpers of :mod:`sdepth_ext.distributed` 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import torch
@@ -66,7 +67,6 @@ __all__ = [
     "is_stochastic_depth_block",
     "check_convertible",
     "residual_branch",
-    "dropped_block_output",
     "shard_plan",
     "round_plan_rows",
 ]
@@ -157,18 +157,6 @@ def shortcut_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if block.downsample is None else block.downsample(x)
 
 
-def dropped_block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A dropped block: ``relu(shortcut)``; the input itself (no kernel) when the shortcut is the identity.
-
-    ``relu(x) == x`` holds because every block input of a ResNet is a ReLU output (stem ReLU/max-pool, or the
-    previous block's epilogue). A user model feeding a block a possibly negative tensor would see ``x``, not
-    ``relu(x)``, from a dropped identity block.
-    """
-    if block.downsample is None:
-        return x
-    return torch.relu(block.downsample(x))
-
-
 def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
     if isinstance(conv.padding, str):  # "same" keeps the size (stride 1 only), "valid" pads nothing
         if conv.padding == "same":
@@ -210,9 +198,11 @@ class StochasticDepthMixin:
                 "converted root model (its forward pre-hook draws one plan per step), not a block directly")
         l = self.sd_index
         if plan.counts[l] == 0:
-            out = self._sd_shortcut(x) if self.downsample is not None else x
-            if self.downsample is not None:
-                out = torch.relu(out)
+            # A dropped block is relu(shortcut): the input itself (no kernel) when the shortcut is the
+            # identity, as every block input of a ResNet is a ReLU output (stem ReLU/max-pool, or the previous
+            # block's epilogue). A user model feeding a block a possibly negative tensor would see x, not
+            # relu(x), from a dropped identity block (README).
+            out = x if self.downsample is None else torch.relu(self._sd_shortcut(x))
             if state.dropped_grads == "zero":
                 out = self._sd_touch_residual_params(out)
             return out
@@ -408,17 +398,9 @@ def shard_plan(plan: Plan, rank: int, world_size: int) -> Plan:
               for l, c in enumerate(counts_global)]
     keep_block = torch.tensor([c < n for c in counts], dtype=torch.bool)
     local = indices[inside & keep_block[segment]] - lo
-    offsets = [0, *_cumsum(_stored(counts, n))]
+    offsets = [0, *itertools.accumulate(_stored(counts, n))]
     active = [l for l, c in enumerate(counts) if c > 0]
     return Plan("row", n, active, counts, offsets[:num_blocks + 1], local.contiguous())
-
-
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 def round_plan_rows(plan: Plan, multiple: int, salt: int) -> Plan:
@@ -458,7 +440,7 @@ def round_plan_rows(plan: Plan, multiple: int, salt: int) -> Plan:
             survivors = torch.sort(torch.cat([survivors, promoted])).values
         chunks.append(survivors)
     local = torch.cat(chunks) if chunks else indices.new_empty(0)
-    offsets = [0, *_cumsum(_stored(counts, n))]
+    offsets = [0, *itertools.accumulate(_stored(counts, n))]
     active = [l for l, c in enumerate(counts) if c > 0]
     return Plan("row", n, active, counts, offsets, local)
 

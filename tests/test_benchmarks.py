@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks import common
+from benchmarks import common, report
 from benchmarks import run as bench_run
 
 STAMP = ("device", "torch", "triton", "torchvision", "date", "command")
@@ -41,6 +41,10 @@ def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
     printed = capsys.readouterr().out
     assert "device:" in printed and "ideal/limit" in printed  # environment report and the summary table
 
+    markdown = report.main([str(out_dir), "--suffix", "_smoke"])
+    assert summary["environment"]["device"] in markdown and summary["environment"]["date"] in markdown
+    assert markdown.count("| what |") == 1 and markdown.count("| model |") == 1
+
 
 def test_resnet_rows_carry_ratio_and_ideal(results_dir):
     rows = bench_run.main(["--smoke", "--only", "resnet"])["resnet"]
@@ -48,4 +52,7 @@ def test_resnet_rows_carry_ratio_and_ideal(results_dir):
     assert plain and all(r["ratio"] == 1.0 for r in plain)
     sdepth = [r for r in rows if r["mode"] in ("batch", "row")]
     assert sdepth and all(0.0 < r["ideal_ratio"] < 1.0 for r in sdepth)  # p_last 0.5 skips work
+    # Ideals of the plans actually drawn: fractions of the plain step (block times are measured, so only
+    # bounded above by 1; a tiny smoke run may skip nothing).
+    assert all(0.0 < r["drawn_ideal_ratio"] <= 1.0 and r["drawn_time_ideal_ratio"] <= 1.0 for r in sdepth)
     assert all(r["ideal_ratio"] == 1.0 for r in rows if r["mode"] in ("torchvision", "droppath"))

@@ -60,15 +60,21 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
                      repeat: int = 20) -> dict[str, list[float]]:
-    """Time several variants round-robin, so drifts in clock or load hit all of them alike."""
+    """Time several variants round-robin, so drifts in clock or load hit all of them alike.
+
+    The order rotates by one variant per round, so each variant runs equally often right after each other
+    one (a variant that leaves caches or the allocator in a bad state does not always hit the same next one).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            samples[name].extend(time_fn(fn, device, warmup=0, repeat=1))
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeat):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].extend(time_fn(fns[name], device, warmup=0, repeat=1))
     return samples
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -62,8 +63,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
                      repeat: int = 20) -> dict[str, list[float]]:
     """Time several variants round-robin, so drifts in clock or load hit all of them alike.
 
-    The order rotates by one variant per round, so each variant runs equally often right after each other
-    one (a variant that leaves caches or the allocator in a bad state does not always hit the same next one).
+    Each round runs the variants in a new (seeded) random order, so no variant always runs first or always
+    right after the same other one (whose leftover cache or allocator state would then bias only it).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -71,9 +72,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     synchronize(device)
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeat):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(repeat):
+        order.shuffle(names)
+        for name in names:
             samples[name].extend(time_fn(fns[name], device, warmup=0, repeat=1))
     return samples
 

@@ -32,6 +32,8 @@ def plot_epilogue(rows: list[dict], path: Path, title: str) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
+    import matplotlib.ticker  # after _pyplot() chose the Agg backend
+
     passes = [p for p in ("fwd", "bwd", "fwd+bwd") if any(r["pass"] == p for r in rows)]
     fig, axes = plt.subplots(1, len(passes), figsize=(5 * len(passes), 4), squeeze=False)
     variants = [v for v in ("sdepth", "eager", "torchvision", "compiled") if f"{v}_GBps" in rows[0]]
@@ -50,6 +52,11 @@ def plot_epilogue(rows: list[dict], path: Path, title: str) -> Path | None:
         if copy_gbps:
             ax.axhline(copy_gbps, color="black", ls=":", label=f"copy bandwidth {copy_gbps:.0f} GB/s")
         ax.set_xscale("log")
+        # Ticks at 1-2-5 per decade, labelled as plain numbers; matplotlib's own minor-tick labels (shown
+        # when a range spans < 2 decades) overlap at this width.
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("MB per tensor")
         ax.set_ylabel("GB/s (bytes the op must move / time)")
         ax.set_title(f"{pas}")

@@ -754,3 +754,27 @@ def test_convert_rejects_models_without_blocks_and_custom_forwards():
         sd.convert(nn.Sequential(OwnForward(4, 4)))
     with pytest.raises(TypeError, match="model"):
         sd.convert("resnet18")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_cuda_train_step_never_waits_for_the_device(mode):
+    # The design's point: the plan is drawn on the host, so every sub-batch size is known without reading
+    # anything back from the GPU. A synchronising call (.item(), nonzero, a blocking device->host copy)
+    # inside the converted forward/backward raises under sync debug mode "error".
+    model = sd.convert(sd.cifar_resnet(20), p_last=0.5, mode=mode, seed=0).cuda().train()
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    F.cross_entropy(model(x), y).backward()  # warm-up: cuDNN/Triton autotuning and allocator growth
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    assert any(p.grad is not None for p in model.parameters())

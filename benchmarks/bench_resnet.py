@@ -18,12 +18,15 @@ of medians, and ideal ratios (the mask-multiply peers run every block: all 1.0):
 * ``time_ideal_ratio``: the same with each block's *measured* time, ``1 - sum_l (1 - p_l) t_l / T_plain``,
   ``t_l`` the forward+backward time of block l's residual branch and epilogue alone in the plain model, and
   ``T_plain`` the plain step time, both measured in this run. It differs from the FLOP ideal where the
-  device runs some blocks' FLOPs faster than others': on a CPU the 16-channel blocks of a CIFAR ResNet take
-  ~2x the time per FLOP of the 64-channel ones, and linear decay drops mostly the cheap late blocks;
-* ``drawn_ideal_ratio`` / ``drawn_time_ideal_ratio``: both ideals of the plans actually drawn in the timed
-  steps (``p_l`` replaced by block l's realised survivor fraction). A few dozen steps of a 16-block network
-  are a small sample of random plans (the expected ideal is ±0.03 away at p_last=0.5); against the plans
-  drawn, ``ratio - drawn_time_ideal_ratio`` is sdepth_ext's own overhead (plan draw, gathers, epilogue).
+  device runs some blocks' FLOPs faster than others': on a CPU the 16-channel blocks of a CIFAR ResNet
+  cost more per FLOP than the 64-channel ones, and linear decay drops mostly the cheap late blocks;
+* ``drawn_ideal_ratio``: the FLOP ideal of the plans actually drawn in the timed steps (``p_l`` replaced by
+  block l's realised survivor fraction). A few dozen steps of a 16-block network are a small sample of
+  random plans (the expected ideal is ±0.03 away at p_last=0.5);
+* ``drawn_time_ideal_ratio``: the time ideal of the plans drawn, each block priced at the sub-batch size it
+  ran (:func:`residual_times` times each block at several sizes; a device's convolutions are not linear in
+  the batch). ``ratio - drawn_time_ideal_ratio`` is sdepth_ext's own overhead (plan draw, gathers, scatter
+  epilogue); the rest of the distance to the FLOP ideal is the device's.
 
     python -m benchmarks.bench_resnet            # GPU: cifar_resnet(110) b128@32, resnet50 b64@224
     python -m benchmarks.bench_resnet --full     # more timed steps
@@ -123,11 +126,14 @@ def _block_signature(block: nn.Module, x: torch.Tensor) -> tuple:
 
 
 def residual_times(model: nn.Module, x: torch.Tensor, device: torch.device, warmup: int,
-                   repeat: int) -> list[float]:
-    """Seconds per forward+backward of each block's residual branch and epilogue, on its input in ``model``.
+                   repeat: int) -> list[dict[int, float]]:
+    """Per block: {sub-batch size k: seconds per forward+backward of its residual branch and epilogue}.
 
-    What a dropped block saves. Blocks of the same signature (type, input shape, parameter shapes) are timed
-    once: a ResNet has a handful of distinct ones. Train mode, input requiring grad (as inside the network).
+    What a block costs when k of the N samples survive (batch mode: k = N or 0; row mode: any k), timed on
+    the first k samples of its input in ``model``, at k = N, 3N/4, N/2 and N/4: a device's convolutions are
+    not linear in the batch (on a 2-core CPU a 64-channel 8x8 CIFAR block at batch 16 takes ~70% of its
+    batch-32 time), so row mode's ideal is priced at the sizes it runs. Blocks of the same signature (type,
+    input shape, parameter shapes) are timed once: a ResNet has a handful. Train mode, input requiring grad.
     """
     inputs: dict[nn.Module, torch.Tensor] = {}
     blocks = _blocks(model)
@@ -138,24 +144,40 @@ def residual_times(model: nn.Module, x: torch.Tensor, device: torch.device, warm
         model(x)
     for h in handles:
         h.remove()
-    by_signature: dict[tuple, float] = {}
+    n = x.shape[0]
+    sizes = sorted({max(1, round(n * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+    by_signature: dict[tuple, dict[int, float]] = {}
     times = []
     for block in blocks:
         inp = inputs[block]
         key = _block_signature(block, inp)
         if key not in by_signature:
             state = copy.deepcopy(block.state_dict())  # BatchNorm running stats move while timing
-            leaf = inp.clone().requires_grad_(True)
-            shortcut = shortcut_branch(block, inp).detach()
+            by_signature[key] = {}
+            for k in sizes:
+                if k == 1 and any(isinstance(m, nn.BatchNorm2d) for m in block.modules()) \
+                        and inp.shape[-1] * inp.shape[-2] == 1:
+                    continue  # BatchNorm cannot train on one value per channel
+                leaf = inp[:k].clone().requires_grad_(True)
+                shortcut = shortcut_branch(block, inp[:k]).detach()
 
-            def fwd_bwd(block=block, leaf=leaf, shortcut=shortcut) -> None:
-                torch.relu(shortcut + residual_branch(block, leaf)).sum().backward()
+                def fwd_bwd(block=block, leaf=leaf, shortcut=shortcut) -> None:
+                    torch.relu(shortcut + residual_branch(block, leaf)).sum().backward()
 
-            by_signature[key] = median(time_fn(fwd_bwd, device, warmup=warmup, repeat=repeat))
+                by_signature[key][k] = median(time_fn(fwd_bwd, device, warmup=warmup, repeat=repeat))
             block.load_state_dict(state)
             block.zero_grad(set_to_none=True)
         times.append(by_signature[key])
     return times
+
+
+def block_cost(times: dict[int, float], k: float) -> float:
+    """Seconds of a block run on k samples: linear between the measured sizes, through (0, 0)."""
+    points = [(0, 0.0), *sorted(times.items())]
+    for (k0, t0), (k1, t1) in zip(points, points[1:]):
+        if k <= k1:
+            return t0 + (t1 - t0) * (k - k0) / (k1 - k0)
+    return points[-1][1]
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -208,8 +230,17 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
     samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
     block_times = residual_times(base, x, device, warmup=1, repeat=max(3, repeat))
 
+    full = [t[batch] for t in block_times]
+
     def time_ideal(survival: list[float]) -> float:
-        return 1.0 - sum((1.0 - p) * t for p, t in zip(survival, block_times)) / plain_mean
+        """Expected: block l saves (1 - p_l) of its full-batch time."""
+        return 1.0 - sum((1.0 - p) * t for p, t in zip(survival, full)) / plain_mean
+
+    def drawn_time_ideal(steps: list[list[float]]) -> float:
+        """The drawn plans, each block priced at the sub-batch size it ran."""
+        saved = [sum(f - block_cost(t, frac * batch) for f, t, frac in zip(full, block_times, step))
+                 for step in steps]
+        return 1.0 - statistics.fmean(saved) / plain_mean
 
     # The ideal is an expectation over random plans, and the paper compares total training time: so the
     # ratio is of mean step times (total time over the same number of steps). Medians ride along.
@@ -223,7 +254,7 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
             timed = drawn[name][-len(samples[name]):]  # the warm-up steps drew plans too
             realised = [statistics.fmean(col) for col in zip(*timed)]
             drawn_flops = compute_fraction(per_block, total, realised)
-            drawn_time = time_ideal(realised)
+            drawn_time = drawn_time_ideal(timed)
         rows.append({"model": config["name"], "batch": batch, "size": size, "variant": name, "mode": mode,
                      "p_last": p_last, "mean_ms": mean * 1e3, "median_ms": med * 1e3,
                      "ratio": mean / plain_mean, "median_ratio": med / plain_median, "ideal_ratio": ideal,

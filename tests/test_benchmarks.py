@@ -56,3 +56,14 @@ def test_resnet_rows_carry_ratio_and_ideal(results_dir):
     # bounded above by 1; a tiny smoke run may skip nothing).
     assert all(0.0 < r["drawn_ideal_ratio"] <= 1.0 and r["drawn_time_ideal_ratio"] <= 1.0 for r in sdepth)
     assert all(r["ideal_ratio"] == 1.0 for r in rows if r["mode"] in ("torchvision", "droppath"))
+
+
+def test_block_cost_interpolates_measured_sizes_through_zero():
+    from benchmarks.bench_resnet import block_cost
+
+    times = {8: 2.0, 16: 3.0, 32: 7.0}
+    assert block_cost(times, 0) == 0.0
+    assert block_cost(times, 4) == pytest.approx(1.0)  # between (0, 0) and (8, 2)
+    assert block_cost(times, 12) == pytest.approx(2.5)
+    assert block_cost(times, 24) == pytest.approx(5.0)
+    assert block_cost(times, 32) == pytest.approx(7.0)

@@ -95,7 +95,8 @@ def plot_resnet(rows: list[dict], path: Path, title: str) -> Path | None:
         if measured:
             ax.plot(*zip(*measured), ls=":", color="gray", marker="x",
                     label="ideal: measured block times (this device)")
-        ax.plot(*PAPER_POINT, "k*", ms=11, label="paper, CIFAR-10 110-layer (Table 2)")
+        if model.startswith("cifar_resnet"):  # the paper's point is a CIFAR ResNet-110 measurement
+            ax.plot(*PAPER_POINT, "k*", ms=11, label="paper, CIFAR-10 110-layer (Table 2)")
         ax.axhline(1.0, color="gray", lw=0.8)
         batch, size = (sel[0]["batch"], sel[0]["size"]) if sel else ("?", "?")
         ax.set_title(f"{model}, batch {batch} at {size}x{size}")

@@ -155,16 +155,17 @@ def residual_times(model: nn.Module, x: torch.Tensor, device: torch.device, warm
             state = copy.deepcopy(block.state_dict())  # BatchNorm running stats move while timing
             by_signature[key] = {}
             for k in sizes:
-                if k == 1 and any(isinstance(m, nn.BatchNorm2d) for m in block.modules()) \
-                        and inp.shape[-1] * inp.shape[-2] == 1:
-                    continue  # BatchNorm cannot train on one value per channel
                 leaf = inp[:k].clone().requires_grad_(True)
-                shortcut = shortcut_branch(block, inp[:k]).detach()
+                try:
+                    # Outside the timed call: a dropped block still runs its projection shortcut.
+                    shortcut = shortcut_branch(block, inp[:k]).detach()
 
-                def fwd_bwd(block=block, leaf=leaf, shortcut=shortcut) -> None:
-                    torch.relu(shortcut + residual_branch(block, leaf)).sum().backward()
+                    def fwd_bwd(block=block, leaf=leaf, shortcut=shortcut) -> None:
+                        torch.relu(shortcut + residual_branch(block, leaf)).sum().backward()
 
-                by_signature[key][k] = median(time_fn(fwd_bwd, device, warmup=warmup, repeat=repeat))
+                    by_signature[key][k] = median(time_fn(fwd_bwd, device, warmup=warmup, repeat=repeat))
+                except ValueError:  # BatchNorm cannot train on one value per channel (k = 1 at 1x1)
+                    continue
             block.load_state_dict(state)
             block.zero_grad(set_to_none=True)
         times.append(by_signature[key])

@@ -9,7 +9,9 @@ and its projection shortcut -- and keeps the gate decisions, the row gather and 
 Python. The graphs then never depend on the plan: a dropped block calls no compiled code, a surviving one
 calls the same graph whatever the other gates are. Identical blocks share one compiled graph (they run the
 same code; parameters are graph inputs), so compile time grows with the number of distinct block shapes,
-not with depth.
+not with depth. That needs Dynamo to inline nn.Modules (``inline_inbuilt_nn_modules``, the default from
+torch 2.5); torch 2.4 specialises each graph on its module instance: one graph per block, still no
+recompiles per plan.
 
 Recompiles, per distinct block shape:
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -102,6 +105,13 @@ def _region(compiled, dynamic_batch: bool):
     return run
 
 
+def _inlines_nn_modules() -> bool:
+    """Whether Dynamo shares one graph among modules of the same code (torch >= 2.5 by default)."""
+    with warnings.catch_warnings():  # the flag is deprecated (always on) in newer torch
+        warnings.simplefilter("ignore", FutureWarning)
+        return bool(getattr(torch._dynamo.config, "inline_inbuilt_nn_modules", True))
+
+
 def _raise_recompile_limit(needed: int) -> None:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
@@ -135,5 +145,6 @@ def compile_blocks(model: nn.Module, *, row_multiple: int | None = None, **compi
     buckets = _GRAPHS_PER_SHAPE
     if compile_kwargs.get("dynamic") is False and state.mode == "row":
         buckets = 64  # every sub-batch size is a graph; with row_multiple that is ceil(N / k) sizes
-    _raise_recompile_limit(max(8, buckets * len(shapes)))
+    distinct = len(shapes) if _inlines_nn_modules() else len(state.blocks)
+    _raise_recompile_limit(max(8, buckets * distinct))
     return model

@@ -215,8 +215,12 @@ def test_fp32_shortcut_with_bf16_residual_matches_torchvision():
 # The Triton path (interpreter on CPU) keeps channels_last without layout copies
 # ============================================================================================================
 class OpLog(TorchDispatchMode):
-    """ATen ops issued by the launcher before the kernel runs (the interpreter's own buffer handling, which
-    starts with ``set_`` on a storage, is not the launcher's and is cut off)."""
+    """ATen ops issued by the launcher before its kernel runs.
+
+    The kernel launch itself is cut off (``in_kernel``, set by :func:`launch`): under TRITON_INTERPRET=1 the
+    interpreter moves the arguments in and out with its own ATen ops (``set_`` in newer Triton, ``copy_`` in
+    Triton 3.0), which are not the launcher's.
+    """
 
     COPIES = ("aten.clone", "aten.copy_", "aten._to_copy", "aten.contiguous")
 
@@ -226,21 +230,48 @@ class OpLog(TorchDispatchMode):
         self.in_kernel = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if name.startswith("aten.set_"):
-            self.in_kernel = True
         if not self.in_kernel:
-            self.ops.append(name)
+            self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
     def copies(self):
         return [op for op in self.ops if op.startswith(self.COPIES)]
 
 
+class _MarkLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` first tells the log the kernel runs."""
+
+    def __init__(self, kernel, log: OpLog):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def launch_marked(*args, **kwargs):
+            self.log.in_kernel = True
+            return run(*args, **kwargs)
+
+        return launch_marked
+
+
+KERNELS = ("_gated_residual_relu_forward_kernel", "_gated_residual_relu_backward_kernel")
+
+
 def launch(fn, *args):
+    from sdepth_ext.kernels import load_epilogue
+
+    epilogue = load_epilogue()
     log = OpLog()
-    with log:
-        out = fn(*args)
+    originals = {name: getattr(epilogue, name) for name in KERNELS}
+    try:
+        for name, kernel in originals.items():
+            setattr(epilogue, name, _MarkLaunch(kernel, log))
+        with log:
+            out = fn(*args)
+    finally:
+        for name, kernel in originals.items():
+            setattr(epilogue, name, kernel)
+    assert log.in_kernel, "the launcher ran no kernel"
     return out, log
 
 

@@ -23,12 +23,15 @@
 # TRITON_INTERPRET=1), fp64 computes in fp64 (gradcheck). relu is `where(x < 0, 0, x)` so NaN propagates as
 # in torch.relu; the backward mask is `where(out <= 0, 0, grad)`, exactly torch's threshold_backward (a NaN
 # output passes its gradient through, as torch does).
-
-from __future__ import annotations
+#
+# No `from __future__ import annotations` in this file: it turns the kernels' `tl.constexpr` annotations into
+# strings, which Triton 3.0's interpreter does not recognise (the BLOCK argument then reaches tl.arange as a
+# plain value and fails).
 
 import contextlib
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -147,9 +150,13 @@ def _gated_residual_relu_backward_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
+# Fixed when the kernels are defined: triton.jit reads TRITON_INTERPRET then.
+_INTERPRETED = type(_gated_residual_relu_forward_kernel).__name__ == "InterpretedFunction"
+
+
 def is_interpreted() -> bool:
     """True when the kernels of this module were defined under ``TRITON_INTERPRET=1`` (they run on CPU)."""
-    return type(_gated_residual_relu_forward_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETED
 
 
 def _check_launchable(t: torch.Tensor) -> None:
@@ -218,7 +225,7 @@ def _device_guard(t: torch.Tensor):
 
 
 def gated_residual_relu_forward(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
-                                rows: torch.Tensor | None = None, *, out: torch.Tensor | None = None
+                                rows: Optional[torch.Tensor] = None, *, out: Optional[torch.Tensor] = None
                                 ) -> torch.Tensor:
     """``relu(shortcut + scale * residual)``; with ``rows``, residual row k goes to output row ``rows[k]``
     and the other rows get ``relu(shortcut)``. One launch over the whole output.
@@ -265,9 +272,9 @@ def gated_residual_relu_forward(shortcut: torch.Tensor, residual: torch.Tensor, 
 
 
 def gated_residual_relu_backward(grad: torch.Tensor, out: torch.Tensor, scale: float,
-                                 rows: torch.Tensor | None = None, *,
-                                 grad_shortcut: torch.Tensor | None = None,
-                                 grad_residual: torch.Tensor | None = None
+                                 rows: Optional[torch.Tensor] = None, *,
+                                 grad_shortcut: Optional[torch.Tensor] = None,
+                                 grad_residual: Optional[torch.Tensor] = None
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass: ``grad_shortcut = grad * [out > 0]`` (torch's threshold_backward) and
     ``grad_residual[k] = scale * grad_shortcut[rows[k]]`` (all rows without ``rows``).

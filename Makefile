@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 BUILT  := $(VENV)/.sdepth-built
 BENCH_ARGS ?=
 
-.PHONY: test bench build lint venv clean
+.PHONY: test test-oldest bench build lint venv clean
 
 venv: $(VENV)/.requirements
 $(VENV)/.requirements: requirements.txt
@@ -27,6 +27,19 @@ test: build
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The same suite on the oldest supported torch / torchvision / triton (requirements-oldest.txt), in its own
+# venv and on its own copy of the sources: an extension built against one torch does not load in another.
+OLD_VENV := .venv-oldest
+OLD_SRC  := build/oldest
+test-oldest:
+	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install --quiet --progress-bar off -r requirements-oldest.txt
+	rm -rf $(OLD_SRC) && mkdir -p $(OLD_SRC)
+	cp -r setup.py pyproject.toml README.md csrc sdepth_ext tests benchmarks $(OLD_SRC)/
+	find $(OLD_SRC) \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	cd $(OLD_SRC) && $(abspath $(OLD_VENV))/bin/python setup.py --quiet build_ext --inplace
+	cd $(OLD_SRC) && $(abspath $(OLD_VENV))/bin/python -m pytest -q -ra -p no:cacheprovider
 
 lint: venv
 	$(PY) -m ruff check .

@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = ["gated_residual_relu", "linear_decay", "uniform", "Plan", "Scheduler", "has_compiled_scheduler",
            "convert", "revert", "survival_probs", "lesion", "cifar_resnet", "get_scheduler",
-           # issue 5: DDP, torch.compile, activation checkpointing, optimizer semantics
+           # training where users train: DDP, torch.compile, activation checkpointing, dropped-block grads
            "ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks",
            "compile_blocks", "set_row_multiple", "effective_survival", "checkpoint_blocks"]

@@ -377,7 +377,8 @@ def shard_plan(plan: Plan, rank: int, world_size: int) -> Plan:
 
     Sample ``i`` of rank ``r`` is global sample ``r * N + i`` (N = plan.batch_size // world_size), the
     order of a concatenation of the ranks' batches. Vectorised on the host (a few small tensor ops per step,
-    whatever the number of blocks). Batch-mode plans are returned as they are drawn for one shard.
+    whatever the number of blocks). Batch-mode plans need no sharding (their gates do not depend on the
+    batch) and are rejected with ValueError.
     """
     if plan.mode != "row":
         raise ValueError(f"plan: shard_plan needs a row-mode plan, got mode={plan.mode!r}")

@@ -30,7 +30,9 @@ import torch
 import sdepth_ext
 
 from .common import (
+    add_cpu_malloc_option,
     best_device,
+    configure_cpu_malloc,
     copy_bandwidth,
     environment,
     format_table,
@@ -198,7 +200,9 @@ def main(argv=None) -> list[dict]:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="seconds-long CI run: 2 shapes, fp32, no compile")
     size.add_argument("--full", action="store_true", help="more repeats")
+    add_cpu_malloc_option(parser)
     args = parser.parse_args(argv)
+    configure_cpu_malloc(args.cpu_malloc)
     env = environment()
     print_environment(env)
     samples: dict = {}

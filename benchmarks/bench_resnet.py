@@ -8,10 +8,19 @@ forward pre-hook). Variants, timed round-robin in one run (so load drifts hit al
   work is never launched;
 * ``torchvision stochastic_depth``: ``torchvision.ops.stochastic_depth(f(x), 1 - p_l, "row")`` on the
   residual, linear-decay probabilities at p_last 0.2 and 0.5;
-* ``timm-style DropPath``: per-sample Bernoulli mask multiply (``f(x) * mask / p_l``), written inline.
+* ``timm-style DropPath``: per-sample Bernoulli mask multiply (``f(x) * mask / p_l``), written inline;
+* ``hand-written skip batch`` / ``contiguous sub-batches row`` at p_last 0.5 (``--full``: also 0.2): the plain
+  torchvision model skipping, by hand, the work of the *same plans* sdepth_ext draws (its own Scheduler, same
+  seed and survival). Batch: a dropped block returns its shortcut, every other block runs torchvision's own
+  forward. Row: a block with K of N survivors runs its residual on the first K samples, a view, and
+  concatenates: the cost of those sub-batch sizes on this device with gather and scatter for free (not
+  stochastic depth itself: the same samples always survive). ``sdepth`` minus these is sdepth_ext's own
+  overhead; these minus the FLOP ideal is the device's.
 
-Printed: mean step time, ratio of mean step times to plain (total time, as the paper compares), the ratio
-of medians, and ideal ratios (the mask-multiply peers run every block: all 1.0):
+Printed: mean step time (10%-trimmed: :func:`~benchmarks.common.trimmed_mean`), the ratio of mean step
+times to plain (total time, as the paper compares) with a 95% bootstrap interval over the interleaved rounds
+(:func:`ratio_interval`), the ratio of medians, and ideal ratios (the mask-multiply peers run every block:
+all 1.0):
 
 * ``ideal_ratio``: the expected active FLOP fraction ``(F_total - sum_l (1 - p_l) F_l) / F_total`` with
   ``F_l`` the conv MACs of block l's residual branch, counted by :mod:`sdepth_ext.flops`;
@@ -38,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import random
 import statistics
 
 import torch
@@ -52,13 +62,16 @@ from sdepth_ext.convert import get_state
 from sdepth_ext.flops import compute_fraction, residual_macs
 
 from .common import (
+    add_cpu_malloc_option,
     best_device,
+    configure_cpu_malloc,
     environment,
     format_table,
     median,
     print_environment,
     time_fn,
     time_interleaved,
+    trimmed_mean,
     write_results,
 )
 
@@ -66,6 +79,9 @@ from .common import (
 P_LASTS = {"smoke": (0.5,), "quick": (0.2, 0.5, 1.0), "full": (0.2, 0.35, 0.5, 0.65, 0.8, 1.0)}
 # Mask-multiply peers run every block whatever p_last is; two points show the flat line.
 PEER_P_LASTS = {"smoke": (0.5,), "quick": (0.2, 0.5), "full": (0.2, 0.5, 0.8)}
+# Hand-written comparators on sdepth_ext's own plans: at the p_last the targets are stated for.
+HAND_P_LASTS = {"smoke": (0.5,), "quick": (0.5,), "full": (0.2, 0.5)}
+HAND_MODES = {"batch": "hand-written skip", "row": "contiguous sub-batches"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -97,6 +113,55 @@ def with_peer(model: nn.Module, kind: str, p_last: float) -> nn.Module:
     for block, p in zip(blocks, sd.linear_decay(len(blocks), p_last)):
         block.forward = functools.partial(forward, block, drop_prob=1.0 - p)
     return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Comparators: the same plans, skipped by hand in the plain model (no sdepth_ext code in the blocks)
+# ------------------------------------------------------------------------------------------------------------
+def _hand_skip_forward(block: nn.Module, l: int, current: dict, x: torch.Tensor) -> torch.Tensor:
+    plan = current["plan"]
+    kept = plan.counts[l]
+    if kept == x.shape[0]:
+        return block.__class__.forward(block, x)  # torchvision's own forward: in-place add, then ReLU
+    shortcut = shortcut_branch(block, x)
+    if kept == 0:
+        return x if block.downsample is None else torch.relu(shortcut)
+    # Row mode, 0 < K < N: the residual of the first K samples (a view: no gather), one concatenation.
+    out = residual_branch(block, x[:kept])
+    out += shortcut[:kept]
+    return torch.cat([torch.relu(out), torch.relu(shortcut[kept:])])
+
+
+def with_hand_skip(model: nn.Module, mode: str, p_last: float, seed: int) -> nn.Module:
+    """``model`` skipping by hand the work of the plans ``sd.convert(model, p_last, mode=mode, seed=seed)``
+    would draw: its own :class:`sdepth_ext.Scheduler` with the same survival and seed, sampled once per
+    forward (a root pre-hook, as in the converted model), so step i of both draws the same plan."""
+    blocks = _blocks(model)
+    scheduler = sd.Scheduler(sd.linear_decay(len(blocks), p_last), mode=mode, seed=seed)
+    current: dict = {}
+    model.register_forward_pre_hook(
+        lambda _, args: current.__setitem__("plan", scheduler.sample(args[0].shape[0])))
+    for l, block in enumerate(blocks):
+        block.forward = functools.partial(_hand_skip_forward, block, l, current)
+    return model
+
+
+def ratio_interval(samples: list[float], reference: list[float], rounds: int = 2000,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of ``trimmed_mean(samples) / trimmed_mean(reference)``, resampling the rounds.
+
+    Sample i of both lists ran in the same round (:func:`time_interleaved`), so rounds are resampled as
+    pairs: a load drift that slowed one round slows both sides of it. Seeded: same samples, same interval.
+    """
+    n = min(len(samples), len(reference))
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(rounds):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(trimmed_mean([samples[i] for i in idx]) / trimmed_mean([reference[i] for i in idx]))
+    ratios.sort()
+    tail = (1.0 - level) / 2
+    return ratios[int(tail * rounds)], ratios[min(rounds - 1, int((1.0 - tail) * rounds))]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -221,6 +286,11 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
             with_peer(copy.deepcopy(base), "torchvision", p_last), "torchvision", p_last, 1.0)
         variants[f"timm-style DropPath p{p_last}"] = (
             with_peer(copy.deepcopy(base), "droppath", p_last), "droppath", p_last, 1.0)
+    for p_last in HAND_P_LASTS[size_key]:
+        ideal = compute_fraction(per_block, total, sd.linear_decay(L, p_last))
+        for mode, label in HAND_MODES.items():
+            variants[f"{label} {mode} p{p_last}"] = (
+                with_hand_skip(copy.deepcopy(base), mode, p_last, seed=0), f"hand-{mode}", p_last, ideal)
 
     steps, drawn = {}, {}
     for name, (model, mode, _, _) in variants.items():
@@ -244,11 +314,14 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
         return 1.0 - statistics.fmean(saved) / plain_mean
 
     # The ideal is an expectation over random plans, and the paper compares total training time: so the
-    # ratio is of mean step times (total time over the same number of steps). Medians ride along.
-    plain_mean, plain_median = statistics.fmean(samples["plain"]), median(samples["plain"])
-    rows = []
+    # ratio is of mean step times (total time over the same number of steps), trimmed of the rare stalls of
+    # a shared machine (common.trimmed_mean). Medians ride along.
+    plain_mean, plain_median = trimmed_mean(samples["plain"]), median(samples["plain"])
+    ratios = {name: trimmed_mean(samples[name]) / plain_mean for name in variants}
+    rows, ideals = [], {}
     for name, (_, mode, p_last, ideal) in variants.items():
-        mean, med = statistics.fmean(samples[name]), median(samples[name])
+        mean, med = trimmed_mean(samples[name]), median(samples[name])
+        low, high = ratio_interval(samples[name], samples["plain"])
         expected_time, drawn_flops, drawn_time = 1.0, 1.0, 1.0
         if mode in ("batch", "row"):
             expected_time = time_ideal(sd.linear_decay(L, p_last))
@@ -256,12 +329,19 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
             realised = [statistics.fmean(col) for col in zip(*timed)]
             drawn_flops = compute_fraction(per_block, total, realised)
             drawn_time = drawn_time_ideal(timed)
-        rows.append({"model": config["name"], "batch": batch, "size": size, "variant": name, "mode": mode,
-                     "p_last": p_last, "mean_ms": mean * 1e3, "median_ms": med * 1e3,
-                     "ratio": mean / plain_mean, "median_ratio": med / plain_median, "ideal_ratio": ideal,
-                     "time_ideal_ratio": expected_time, "drawn_ideal_ratio": drawn_flops,
-                     "drawn_time_ideal_ratio": drawn_time,
-                     "steps": len(samples[name])})
+            ideals[(mode, p_last)] = expected_time, drawn_flops, drawn_time
+        elif mode.startswith("hand-"):  # the same plans as its sdepth twin, whose row came first
+            expected_time, drawn_flops, drawn_time = ideals[(mode.removeprefix("hand-"), p_last)]
+        row = {"model": config["name"], "batch": batch, "size": size, "variant": name, "mode": mode,
+               "p_last": p_last, "mean_ms": mean * 1e3, "median_ms": med * 1e3,
+               "ratio": ratios[name], "ratio_ci95_low": low, "ratio_ci95_high": high,
+               "median_ratio": med / plain_median, "ideal_ratio": ideal,
+               "time_ideal_ratio": expected_time, "drawn_ideal_ratio": drawn_flops,
+               "drawn_time_ideal_ratio": drawn_time, "steps": len(samples[name])}
+        hand = f"{HAND_MODES[mode]} {mode} p{p_last}" if mode in HAND_MODES else None
+        if hand in ratios:  # the same plans skipped by hand: the device's part of the distance to the ideal
+            row["hand_ratio"] = ratios[hand]
+        rows.append(row)
     return rows, {f"{config['name']}/{k}": v for k, v in samples.items()}
 
 
@@ -276,8 +356,9 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
     for config in configs:
         model_rows, samples = bench_model(config, device, warmup, repeat, quick, smoke)
         print(format_table(model_rows, ["model", "batch", "size", "variant", "mean_ms", "ratio",
-                                        "median_ratio", "ideal_ratio", "time_ideal_ratio",
-                                        "drawn_ideal_ratio", "drawn_time_ideal_ratio"]))
+                                        "ratio_ci95_low", "ratio_ci95_high", "median_ratio", "hand_ratio",
+                                        "ideal_ratio", "time_ideal_ratio", "drawn_ideal_ratio",
+                                        "drawn_time_ideal_ratio"]))
         print()
         rows.extend(model_rows)
         all_samples.update(samples)
@@ -292,7 +373,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps: checks that it runs")
     size.add_argument("--full", action="store_true", help="more timed steps")
+    add_cpu_malloc_option(parser)
     args = parser.parse_args(argv)
+    configure_cpu_malloc(args.cpu_malloc)
     return run(quick=not args.full, smoke=args.smoke)
 
 

@@ -11,7 +11,15 @@ import time
 
 import sdepth_ext as sd
 
-from .common import environment, format_table, median, print_environment, write_results
+from .common import (
+    add_cpu_malloc_option,
+    configure_cpu_malloc,
+    environment,
+    format_table,
+    median,
+    print_environment,
+    write_results,
+)
 
 NUM_BLOCKS = 54  # ResNet-110: 3 stages x 18 BasicBlocks
 BATCH = 128
@@ -56,7 +64,9 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="seconds-long run, for CI")
     parser.add_argument("--full", action="store_true", help="more repeats")
+    add_cpu_malloc_option(parser)
     args = parser.parse_args(argv)
+    configure_cpu_malloc(args.cpu_malloc)
     env = environment()
     print_environment(env)
     rows, samples = run(quick=not args.full, smoke=args.smoke)

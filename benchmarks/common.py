@@ -17,13 +17,34 @@ from pathlib import Path
 
 import torch
 
-from sdepth_ext.environment import best_device, device_name, device_slug, environment
+from sdepth_ext.environment import (
+    best_device,
+    device_name,
+    device_slug,
+    environment,
+    keep_freed_cpu_memory,
+)
 
-__all__ = ["RESULTS_DIR", "best_device", "device_name", "device_slug", "environment", "synchronize",
-           "time_fn", "time_interleaved", "copy_bandwidth", "median", "write_results", "format_table",
-           "print_environment"]
+__all__ = ["RESULTS_DIR", "add_cpu_malloc_option", "best_device", "configure_cpu_malloc", "copy_bandwidth",
+           "device_name", "device_slug", "environment", "format_table", "median", "print_environment",
+           "ratio_text", "synchronize", "time_fn", "time_interleaved", "trimmed_mean", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_cpu_malloc_option(parser) -> None:
+    """``--cpu-malloc keep|default``: every benchmark entry point takes it (``make bench`` passes it on)."""
+    parser.add_argument(
+        "--cpu-malloc", choices=("keep", "default"), default="keep",
+        help="keep (default): glibc malloc keeps freed memory for reuse, as jemalloc/tcmalloc do "
+             "(sdepth_ext.environment.keep_freed_cpu_memory); default: the system allocator as it is, "
+             "which page-faults freed activations back in at every step")
+
+
+def configure_cpu_malloc(choice: str) -> None:
+    """Apply ``--cpu-malloc`` before anything is allocated; the result files' stamp records it."""
+    if choice == "keep":
+        keep_freed_cpu_memory()
 
 
 def synchronize(device: torch.device) -> None:
@@ -97,6 +118,19 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
+def trimmed_mean(xs: Sequence[float], fraction: float = 0.1) -> float:
+    """Mean without the ``fraction`` slowest and fastest samples (at least one each from 10 samples on).
+
+    A shared VM now and then stalls a process for a second or more (seen here: 2.7 s steps among 0.35 s ones,
+    in a few consecutive rounds, for some variants and not others); one such sample moves a 10-sample mean by
+    more than half. Trimming both ends symmetrically keeps an estimate of the mean for the symmetric spread of
+    step times that random plans give.
+    """
+    ordered = sorted(xs)
+    cut = int(len(ordered) * fraction)
+    return statistics.fmean(ordered[cut:len(ordered) - cut])
+
+
 def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | None = None,
                   out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``<name>.json`` (stamp + rows + raw samples) and ``<name>.csv`` (stamp on every row).
@@ -120,6 +154,14 @@ def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | Non
         for row in rows:
             writer.writerow({**row, **stamp})
     return json_path, csv_path
+
+
+def ratio_text(row: dict) -> str:
+    """``0.787 [0.771, 0.803]``: a ResNet row's ratio to plain with its 95% interval (when it has one)."""
+    text = f"{row['ratio']:.3f}"
+    if "ratio_ci95_low" in row:
+        text += f" [{row['ratio_ci95_low']:.3f}, {row['ratio_ci95_high']:.3f}]"
+    return text
 
 
 def format_table(rows: list[dict], columns: Sequence[str]) -> str:

@@ -3,8 +3,8 @@
 1. ``epilogue_bandwidth.png``: achieved GB/s of the fused epilogue and its peers against tensor size, with
    the copy bandwidth measured in the same run as the ceiling.
 2. ``resnet_ratio.png``: train-step time relative to the plain network against p_last, for sdepth_ext batch
-   and row mode and the mask-multiply peers, with the ideal (expected FLOP fraction) line and the paper's
-   measured point.
+   and row mode and the mask-multiply peers, with the ideal (expected FLOP fraction) line, the paper's
+   measured point, and the hand-written comparators on the same plans (hollow circles).
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def plot_resnet(rows: list[dict], path: Path, title: str) -> Path | None:
             pts = sorted((r["p_last"], r["ratio"]) for r in sel if r["mode"] == mode)
             if pts:
                 ax.plot(*zip(*pts), marker="o", color=_COLORS[mode], label=label)
+        for mode, label in (("hand-batch", "same plans, skipped by hand (batch)"),
+                            ("hand-row", "same sub-batch sizes, contiguous (row)")):
+            pts = sorted((r["p_last"], r["ratio"]) for r in sel if r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), ls="none", marker="o", mfc="none", ms=9,
+                        color=_COLORS[mode.removeprefix("hand-")], label=label)
         ideal = sorted({(r["p_last"], r["ideal_ratio"]) for r in sel if r["mode"] in ("batch", "row")})
         if ideal:
             # The expected FLOP fraction is linear in p_last (p_l is), through (1, 1): draw the whole line.

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import ratio_text
+
 
 def _stamp(env: dict) -> str:
     return (f"{env['device']}; torch {env['torch']}, triton {env['triton']}, "
@@ -33,13 +35,14 @@ def summary_markdown(path: Path) -> str:
 
 def resnet_markdown(path: Path) -> str:
     data = json.loads(path.read_text())
-    header = ["model", "variant", "mean step", "ratio to plain", "ideal (FLOPs)",
+    header = ["model", "variant", "mean step", "ratio to plain [95% CI]", "ideal (FLOPs)",
               "ideal, drawn plans (FLOPs)", "ideal, drawn plans (block times)", "steps"]
     rows = []
     for r in data["rows"]:
         rows.append([f"{r['model']} b{r['batch']}@{r['size']}", r["variant"], f"{r['mean_ms']:.0f} ms",
-                     f"{r['ratio']:.3f}", f"{r['ideal_ratio']:.3f}", f"{r.get('drawn_ideal_ratio', 1.0):.3f}",
-                     f"{r.get('drawn_time_ideal_ratio', 1.0):.3f}", str(r["steps"])])
+                     ratio_text(r), f"{r['ideal_ratio']:.3f}",
+                     f"{r.get('drawn_ideal_ratio', 1.0):.3f}", f"{r.get('drawn_time_ideal_ratio', 1.0):.3f}",
+                     str(r["steps"])])
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 

@@ -22,11 +22,14 @@ import time
 from . import bench_epilogue, bench_resnet, bench_scheduler
 from .common import (
     RESULTS_DIR,
+    add_cpu_malloc_option,
     best_device,
+    configure_cpu_malloc,
     copy_bandwidth,
     device_slug,
     environment,
     format_table,
+    ratio_text,
 )
 from .plots import plot_epilogue, plot_resnet
 
@@ -50,6 +53,7 @@ def environment_report(env: dict, device) -> list[str]:
     lines.append(f"scheduler:   {compiled}")
     epilogue = "Triton" if device.type == "cuda" else "torch path (no GPU; the Triton kernels need CUDA)"
     lines.append(f"epilogue:    {epilogue}")
+    lines.append(f"CPU malloc:  {env['cpu_allocator']}")
     return lines
 
 
@@ -82,13 +86,15 @@ def _summary(results: dict[str, list[dict]]) -> list[dict]:
         peers = [p for p in results["resnet"] if p["model"] == r["model"] and p["p_last"] == r["p_last"]
                  and p["mode"] in ("torchvision", "droppath")]
         what = f"{r['model']} b{r['batch']}@{r['size']} train step, {r['mode']} p_last={r['p_last']}"
+        limit = f"x{r['ideal_ratio']:.3f} FLOPs (drawn plans x{r['drawn_ideal_ratio']:.3f})"
+        if "hand_ratio" in r:
+            skipped = "skipped by hand" if r["mode"] == "batch" else "contiguous sub-batches"
+            limit += f"; same plans {skipped} x{r['hand_ratio']:.3f}"
         out.append({"what": what,
                     "sdepth_ext": f"{r['mean_ms']:.0f} ms",
                     "peers": ", ".join(f"{p['mode']} x{p['ratio']:.2f}" for p in peers),
-                    "ratio": f"x{r['ratio']:.3f} of plain",
-                    "ideal/limit": (f"x{r['ideal_ratio']:.3f} FLOPs (drawn plans "
-                                    f"x{r['drawn_ideal_ratio']:.3f}; their block times "
-                                    f"x{r['drawn_time_ideal_ratio']:.3f})")})
+                    "ratio": f"x{ratio_text(r)} of plain",
+                    "ideal/limit": limit})
     return out
 
 
@@ -100,7 +106,9 @@ def main(argv=None) -> dict[str, list[dict]]:
     parser.add_argument("--only", choices=sorted(BENCHES), action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="print each benchmark's own tables too")
+    add_cpu_malloc_option(parser)
     args = parser.parse_args(argv)
+    configure_cpu_malloc(args.cpu_malloc)
 
     device = best_device()
     env = environment(device)
@@ -108,6 +116,7 @@ def main(argv=None) -> dict[str, list[dict]]:
     out_dir = RESULTS_DIR / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = ["--smoke"] if args.smoke else (["--full"] if args.full else [])
+    flags += ["--cpu-malloc", args.cpu_malloc]
     chosen = [name for name in BENCHES if not args.only or name in args.only]
 
     results: dict[str, list[dict]] = {}

@@ -1,12 +1,18 @@
 """`make bench` in --smoke mode: runs end to end and writes well-formed, stamped result files.
 
 No timing is asserted anywhere: speed claims live in the benchmark output, measured side by side.
+The in-process runs pass ``--cpu-malloc default`` so the pytest process keeps its allocator; the ``keep``
+setting is tested in subprocesses.
 """
 
 import csv
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
+import torch
 
 from benchmarks import common, report
 from benchmarks import run as bench_run
@@ -22,12 +28,12 @@ def results_dir(tmp_path, monkeypatch):
 
 
 def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
-    results = bench_run.main(["--smoke"])
+    results = bench_run.main(["--smoke", "--cpu-malloc", "default"])
     assert set(results) == {"scheduler", "epilogue", "resnet"}
     out_dir = results_dir / common.device_slug(common.best_device())
     for name in ("scheduler_smoke", "epilogue_smoke", "resnet_smoke"):
         data = json.loads((out_dir / f"{name}.json").read_text())
-        assert all(data["environment"][k] for k in ("device", "torch", "date", "command"))
+        assert all(data["environment"][k] for k in ("device", "torch", "date", "command", "cpu_allocator"))
         assert data["rows"], name
         assert data["samples"] and all(len(v) >= 1 for v in data["samples"].values())
         with open(out_dir / f"{name}.csv", newline="") as f:
@@ -47,7 +53,7 @@ def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
 
 
 def test_resnet_rows_carry_ratio_and_ideal(results_dir):
-    rows = bench_run.main(["--smoke", "--only", "resnet"])["resnet"]
+    rows = bench_run.main(["--smoke", "--only", "resnet", "--cpu-malloc", "default"])["resnet"]
     plain = [r for r in rows if r["variant"] == "plain"]
     assert plain and all(r["ratio"] == 1.0 for r in plain)
     sdepth = [r for r in rows if r["mode"] in ("batch", "row")]
@@ -56,6 +62,12 @@ def test_resnet_rows_carry_ratio_and_ideal(results_dir):
     # bounded above by 1; a tiny smoke run may skip nothing).
     assert all(0.0 < r["drawn_ideal_ratio"] <= 1.0 and r["drawn_time_ideal_ratio"] <= 1.0 for r in sdepth)
     assert all(r["ideal_ratio"] == 1.0 for r in rows if r["mode"] in ("torchvision", "droppath"))
+    assert all(r["ratio_ci95_low"] <= r["ratio"] <= r["ratio_ci95_high"] for r in rows)
+    # Each sdepth row at p_last 0.5 carries its hand-written comparator, which ran on the same plans.
+    for r in sdepth:
+        twin = next(h for h in rows if h["mode"] == f"hand-{r['mode']}" and h["p_last"] == r["p_last"]
+                    and h["model"] == r["model"])
+        assert r["hand_ratio"] == twin["ratio"] and r["drawn_ideal_ratio"] == twin["drawn_ideal_ratio"]
 
 
 def test_block_cost_interpolates_measured_sizes_through_zero():
@@ -67,3 +79,71 @@ def test_block_cost_interpolates_measured_sizes_through_zero():
     assert block_cost(times, 12) == pytest.approx(2.5)
     assert block_cost(times, 24) == pytest.approx(5.0)
     assert block_cost(times, 32) == pytest.approx(7.0)
+
+
+def test_ratio_interval_pairs_rounds_and_contains_the_ratio():
+    from benchmarks.bench_resnet import ratio_interval
+
+    plain = [1.0, 2.0, 1.5, 3.0, 1.2, 2.2]
+    # A variant at exactly 0.8x of plain in every round: every paired resample gives 0.8, whatever the drift.
+    low, high = ratio_interval([0.8 * t for t in plain], plain)
+    assert low == pytest.approx(0.8) and high == pytest.approx(0.8)
+    noisy = [0.8 * t + d for t, d in zip(plain, (0.1, -0.1, 0.05, -0.05, 0.2, -0.2))]
+    low, high = ratio_interval(noisy, plain)
+    ratio = sum(noisy) / sum(plain)
+    assert low < ratio < high and high - low < 0.5
+    assert ratio_interval(noisy, plain) == (low, high)  # seeded
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_hand_skip_comparator_runs_the_converted_models_plans(mode):
+    """The hand-written comparator must skip the work of the very plans sdepth_ext draws (same scheduler
+    stream): every block's residual runs on as many samples in both, step after step. In batch mode it must
+    also compute the same function (torchvision's forward vs the fused epilogue: bit-identical)."""
+    import copy
+
+    import sdepth_ext as sd
+    from benchmarks.bench_resnet import _blocks, with_hand_skip
+
+    torch.manual_seed(0)
+    base = sd.cifar_resnet(20)
+    converted = sd.convert(copy.deepcopy(base), p_last=0.5, mode=mode, seed=7).train()
+    hand = with_hand_skip(copy.deepcopy(base), mode, 0.5, seed=7).train()
+    runs = {"converted": [], "hand": []}
+    for name, model in (("converted", converted), ("hand", hand)):
+        for l, block in enumerate(_blocks(model)):
+            block.conv1.register_forward_pre_hook(
+                lambda _, args, l=l, log=runs[name]: log.append((l, args[0].shape[0])))
+    x = torch.rand(8, 3, 32, 32)
+    for _ in range(6):
+        out_converted, out_hand = converted(x), hand(x)
+        if mode == "batch":
+            torch.testing.assert_close(out_hand, out_converted, rtol=0, atol=0)
+    assert runs["hand"] == runs["converted"]
+    sizes = [k for _, k in runs["converted"]]
+    assert len(sizes) < 6 * 9 if mode == "batch" else min(sizes) < 8  # something was skipped
+
+
+def _page_faults_of_reused_blocks(cpu_malloc: str) -> int:
+    """Minor page faults of 5 allocate-fill-free cycles of a 64 MB tensor after 15 others (new process)."""
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from benchmarks.common import configure_cpu_malloc
+        configure_cpu_malloc({cpu_malloc!r})
+        for _ in range(15):  # glibc's aligned allocations take a few cycles to settle into a reusable chunk
+            torch.ones(2**24)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            torch.ones(2**24)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc (Linux) only")
+def test_keep_freed_cpu_memory_stops_page_faults_on_reuse():
+    # 5 x 64 MB = 81920 pages of 4 KiB. glibc's default serves a block this big with mmap and unmaps it when
+    # freed, so every cycle faults every page in again; keeping freed memory reuses the same pages.
+    assert _page_faults_of_reused_blocks("default") > 0.9 * 81920
+    assert _page_faults_of_reused_blocks("keep") < 1000

@@ -33,16 +33,18 @@ def keep_freed_cpu_memory() -> str:
     """Make glibc's malloc keep freed memory for reuse rather than hand it back to the kernel; process-wide.
 
     PyTorch's CPU tensors come straight from ``malloc``. With glibc's defaults, a freed block of more than
-    a few MB goes back to the kernel (``munmap``, or a trim of the heap top) and the next allocation of that
-    size page-faults every 4 KiB page in again, zero-filled by the kernel. Measured on the 2-core CI machine
-    (cifar_resnet(110), batch 32): ~10,000 page faults per plain train step in one run and none in another,
-    depending only on what ran before, and stochastic depth's allocation pattern, which changes with every
-    plan, hit it more often; step times moved by 10-25% with it. This is what PyTorch's CPU tuning guide fixes
-    with jemalloc or tcmalloc; here two ``mallopt`` calls do the same: no ``mmap`` for large blocks (they come
-    from the heap and are reused) and no heap trimming. CUDA memory is untouched (PyTorch caches it itself).
+    a few MB can go back to the kernel (``munmap``, or a trim of the heap top), and the next allocation of
+    that size page-faults every 4 KiB page in again, zero-filled by the kernel. How often depends on the
+    history of sizes freed before. Measured on the 2-core CI machine, cifar_resnet(110) at batch 32, glibc
+    defaults, one process: ~9,900 page faults per plain train step, ~4,500 per row-mode step, ~1 per
+    batch-mode step; with this setting 0, ~800-1,100 and ~1, and plain steps 5-11% faster in two runs.
+    PyTorch's CPU tuning guide fixes this with jemalloc or tcmalloc; two ``mallopt`` calls do the same here:
+    no ``mmap`` for large blocks (they come from the heap and are reused) and no heap trimming. The process
+    keeps its peak memory. CUDA memory is untouched (PyTorch caches it itself).
 
-    Called by the benchmark entry points on CPU, never by the library itself. Returns the setting in words
-    (also stamped on result files by :func:`environment`); on a non-glibc system nothing changes.
+    Called by the benchmark entry points (``--cpu-malloc keep``, their default), never by the library.
+    Returns the setting in words (also stamped on result files by :func:`environment`); on a non-glibc
+    system nothing changes.
     """
     global _CPU_ALLOCATOR
     preload = os.environ.get("LD_PRELOAD", "")

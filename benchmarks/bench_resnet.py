@@ -14,8 +14,8 @@ forward pre-hook). Variants, timed round-robin in one run (so load drifts hit al
   seed and survival). Batch: a dropped block returns its shortcut, every other block runs torchvision's own
   forward. Row: a block with K of N survivors runs its residual on the first K samples, a view, and
   concatenates: the cost of those sub-batch sizes on this device with gather and scatter for free (not
-  stochastic depth itself: the same samples always survive). ``sdepth`` minus these is sdepth_ext's own
-  overhead; these minus the FLOP ideal is the device's.
+  stochastic depth itself: the same samples always survive). ``sdepth`` over these (``over_hand``, paired
+  step by step) is sdepth_ext's own overhead; these against the FLOP ideal is the device's.
 
 Printed: mean step time (10%-trimmed: :func:`~benchmarks.common.trimmed_mean`), the ratio of mean step
 times to plain (total time, as the paper compares) with a 95% bootstrap interval over the interleaved rounds
@@ -182,7 +182,7 @@ def _configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict]
     configs = [{"name": "cifar_resnet110", "make": lambda: sd.cifar_resnet(110), "batch": 32, "size": 32},
                {"name": "resnet50", "make": lambda: torchvision.models.resnet50(num_classes=100),
                 "batch": 8, "size": 112}]
-    return configs, 2, (10 if quick else 30)
+    return configs, 2, (14 if quick else 30)
 
 
 def _block_signature(block: nn.Module, x: torch.Tensor) -> tuple:
@@ -341,6 +341,11 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
         hand = f"{HAND_MODES[mode]} {mode} p{p_last}" if mode in HAND_MODES else None
         if hand in ratios:  # the same plans skipped by hand: the device's part of the distance to the ideal
             row["hand_ratio"] = ratios[hand]
+            # sdepth_ext's own overhead, paired step by step: step i of both ran plan i, so the plans' spread
+            # of costs cancels and only the machine's noise is left in the interval.
+            row["over_hand"] = trimmed_mean(samples[name]) / trimmed_mean(samples[hand])
+            interval = ratio_interval(samples[name], samples[hand])
+            row["over_hand_ci95_low"], row["over_hand_ci95_high"] = interval
         rows.append(row)
     return rows, {f"{config['name']}/{k}": v for k, v in samples.items()}
 
@@ -357,6 +362,7 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
         model_rows, samples = bench_model(config, device, warmup, repeat, quick, smoke)
         print(format_table(model_rows, ["model", "batch", "size", "variant", "mean_ms", "ratio",
                                         "ratio_ci95_low", "ratio_ci95_high", "median_ratio", "hand_ratio",
+                                        "over_hand", "over_hand_ci95_low", "over_hand_ci95_high",
                                         "ideal_ratio", "time_ideal_ratio", "drawn_ideal_ratio",
                                         "drawn_time_ideal_ratio"]))
         print()

@@ -156,11 +156,11 @@ def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | Non
     return json_path, csv_path
 
 
-def ratio_text(row: dict) -> str:
-    """``0.787 [0.771, 0.803]``: a ResNet row's ratio to plain with its 95% interval (when it has one)."""
-    text = f"{row['ratio']:.3f}"
-    if "ratio_ci95_low" in row:
-        text += f" [{row['ratio_ci95_low']:.3f}, {row['ratio_ci95_high']:.3f}]"
+def ratio_text(row: dict, key: str = "ratio") -> str:
+    """``0.787 [0.771, 0.803]``: a ResNet row's ratio ``key`` with its 95% interval (when it has one)."""
+    text = f"{row[key]:.3f}"
+    if f"{key}_ci95_low" in row:
+        text += f" [{row[f'{key}_ci95_low']:.3f}, {row[f'{key}_ci95_high']:.3f}]"
     return text
 
 

@@ -86,14 +86,16 @@ def _summary(results: dict[str, list[dict]]) -> list[dict]:
         peers = [p for p in results["resnet"] if p["model"] == r["model"] and p["p_last"] == r["p_last"]
                  and p["mode"] in ("torchvision", "droppath")]
         what = f"{r['model']} b{r['batch']}@{r['size']} train step, {r['mode']} p_last={r['p_last']}"
+        ratio = f"x{ratio_text(r)} of plain"
         limit = f"x{r['ideal_ratio']:.3f} FLOPs (drawn plans x{r['drawn_ideal_ratio']:.3f})"
         if "hand_ratio" in r:
-            skipped = "skipped by hand" if r["mode"] == "batch" else "contiguous sub-batches"
-            limit += f"; same plans {skipped} x{r['hand_ratio']:.3f}"
+            by_hand = "skipped by hand" if r["mode"] == "batch" else "as contiguous sub-batches"
+            ratio += f"; x{ratio_text(r, 'over_hand')} of by-hand"
+            limit += f"; same plans {by_hand} x{r['hand_ratio']:.3f}"
         out.append({"what": what,
                     "sdepth_ext": f"{r['mean_ms']:.0f} ms",
                     "peers": ", ".join(f"{p['mode']} x{p['ratio']:.2f}" for p in peers),
-                    "ratio": f"x{ratio_text(r)} of plain",
+                    "ratio": ratio,
                     "ideal/limit": limit})
     return out
 

@@ -68,6 +68,8 @@ def test_resnet_rows_carry_ratio_and_ideal(results_dir):
         twin = next(h for h in rows if h["mode"] == f"hand-{r['mode']}" and h["p_last"] == r["p_last"]
                     and h["model"] == r["model"])
         assert r["hand_ratio"] == twin["ratio"] and r["drawn_ideal_ratio"] == twin["drawn_ideal_ratio"]
+        assert r["over_hand"] == pytest.approx(r["ratio"] / r["hand_ratio"])
+        assert r["over_hand_ci95_low"] <= r["over_hand"] <= r["over_hand_ci95_high"]
 
 
 def test_block_cost_interpolates_measured_sizes_through_zero():

@@ -38,7 +38,7 @@ def add_cpu_malloc_option(parser) -> None:
         "--cpu-malloc", choices=("keep", "default"), default="keep",
         help="keep (default): glibc malloc keeps freed memory for reuse, as jemalloc/tcmalloc do "
              "(sdepth_ext.environment.keep_freed_cpu_memory); default: the system allocator as it is, "
-             "which page-faults freed activations back in at every step")
+             "which can page-fault freed activations back in at each step")
 
 
 def configure_cpu_malloc(choice: str) -> None:

@@ -35,7 +35,7 @@ def summary_markdown(path: Path) -> str:
 
 def resnet_markdown(path: Path) -> str:
     data = json.loads(path.read_text())
-    header = ["model", "variant", "mean step", "ratio to plain [95% CI]", "ideal (FLOPs)",
+    header = ["model", "variant", "mean step (trimmed)", "ratio to plain [95% CI]", "ideal (FLOPs)",
               "ideal, drawn plans (FLOPs)", "ideal, drawn plans (block times)", "steps"]
     rows = []
     for r in data["rows"]:

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 BUILT  := $(VENV)/.sdepth-built
 BENCH_ARGS ?=
 
-.PHONY: test test-oldest bench build lint venv clean
+.PHONY: test test-oldest bench build lint venv clean gpu-session
 
 venv: $(VENV)/.requirements
 $(VENV)/.requirements: requirements.txt
@@ -40,6 +40,21 @@ test-oldest:
 	find $(OLD_SRC) \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
 	cd $(OLD_SRC) && $(abspath $(OLD_VENV))/bin/python setup.py --quiet build_ext --inplace
 	cd $(OLD_SRC) && $(abspath $(OLD_VENV))/bin/python -m pytest -q -ra -p no:cacheprovider
+
+# A GPU machine without network that already has torch, torchvision and triton (no venv, no downloads): the
+# whole suite and `make bench` in one go, their logs beside the results in benchmarks/results/<device>/, and,
+# with OUT=dir, those files packed into dir/results-<device>.tar.gz to carry back and commit.
+SYS_PY ?= python3
+gpu-session: SHELL := /bin/bash
+gpu-session:
+	$(SYS_PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(SYS_PY) -c "import sdepth_ext as sd; assert sd.has_compiled_scheduler(), 'sdepth_ext._C did not build'"
+	set -o pipefail; slug=$$($(SYS_PY) -c "from sdepth_ext.environment import best_device, device_slug; \
+	print(device_slug(best_device()))"); dir=benchmarks/results/$$slug; mkdir -p $$dir; \
+	PYTHONUNBUFFERED=1 $(SYS_PY) -m pytest -q -ra 2>&1 | tee $$dir/pytest.log; tests=$$?; \
+	PYTHONUNBUFFERED=1 $(SYS_PY) -m benchmarks.run $(BENCH_ARGS) 2>&1 | tee $$dir/bench-stdout.log; bench=$$?; \
+	if [ -n "$(OUT)" ]; then tar czf $(OUT)/results-$$slug.tar.gz $$dir; fi; \
+	test $$tests -eq 0 && test $$bench -eq 0
 
 lint: venv
 	$(PY) -m ruff check .

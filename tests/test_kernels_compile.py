@@ -20,16 +20,28 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-try:  # the GPU-target compile API; its shape changed across Triton 3.x (3.0-3.2 take `constants`)
+# The ahead-of-time compile API changed shape across Triton 3.x: from 3.3 on, arguments by name, constexpr
+# values in `constexprs` and attributes as a dict; in 3.0 and 3.1, non-constexpr arguments by index,
+# `constants` by index and an AttrsDescriptor dataclass. 3.2 has a third shape, not covered (skipped).
+try:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    HAS_AOT_API = "constexprs" in inspect.signature(ASTSource.__init__).parameters
 except ImportError:
-    HAS_AOT_API = False
+    AOT_API = None
+else:
+    try:
+        from triton.compiler.compiler import AttrsDescriptor
+    except ImportError:
+        AttrsDescriptor = None
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        AOT_API = "named"
+    elif "divisible_by_16" in getattr(AttrsDescriptor, "__dataclass_fields__", {}):
+        AOT_API = "indexed"
+    else:
+        AOT_API = None
 
 pytestmark = pytest.mark.skipif(
-    not HAS_AOT_API, reason=f"triton {triton.__version__}: ASTSource(constexprs=...) needs triton >= 3.3")
+    AOT_API is None, reason=f"triton {triton.__version__}: no ahead-of-time compile API this test knows")
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 CONSTEXPRS = ("HAS_ROWS", "IS_FP64", "BLOCK")
@@ -53,21 +65,29 @@ def _compile(kernel, dtype: torch.dtype, has_rows: bool, samples: int, batch: in
     n_rows, m = (batch, samples) if has_rows else (1, batch * samples)  # the launcher's _geometry
     block, num_warps = epilogue._launch_config(m, torch.empty((), dtype=dtype).element_size())
     ints = {"M": m, "blocks_per_row": triton.cdiv(m, block)}
-    signature, attrs = {}, {}
+    constexprs = {"HAS_ROWS": has_rows, "IS_FP64": dtype == torch.float64, "BLOCK": block}
+    types, aligned = {}, set()  # argument index -> type; indices Triton would specialise as 16-divisible
     for i, name in enumerate(fn.arg_names):
         if name in CONSTEXPRS:
-            signature[name] = "constexpr"
-        elif name.startswith("scale"):
-            signature[name] = "fp32"
+            continue
+        if name.startswith("scale"):
+            types[i] = "fp32"
         elif name in ints:
-            signature[name] = "i32"
+            types[i] = "i32"
             if ints[name] % 16 == 0:  # Triton specialises integer arguments divisible by 16
-                attrs[(i,)] = [["tt.divisibility", 16]]
+                aligned.add(i)
         else:  # tensors: PyTorch's allocations are aligned far beyond 16 bytes, as Triton specialises them
-            signature[name] = "*i32" if name == "SLOT" else f"*{TYPES[dtype]}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = {"HAS_ROWS": has_rows, "IS_FP64": dtype == torch.float64, "BLOCK": block}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            types[i] = "*i32" if name == "SLOT" else f"*{TYPES[dtype]}"
+            aligned.add(i)
+    if AOT_API == "named":
+        names = fn.arg_names
+        signature = {name: types.get(i, "constexpr") for i, name in enumerate(names)}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    else:
+        constants = {fn.arg_names.index(name): value for name, value in constexprs.items()}
+        source = ASTSource(fn=fn, signature=types, constants=constants,
+                           attrs=AttrsDescriptor(divisible_by_16=aligned, equal_to_1=set()))
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 

@@ -112,6 +112,9 @@ def _bench_shape(shape, dtype, device, compiled_fn, repeat: int, cache: int, var
         counter[0] = (counter[0] + 1) % n_sets
         return counter[0]
 
+    # On CUDA each sample times a round of the buffer sets back to back (common.time_fn): device time of the
+    # kernels, not the launch of one call on an idle GPU, which for the CIFAR shapes would outlast the kernel.
+    calls = max(2, n_sets) if device.type == "cuda" else 1
     samples = {}
     # forward: no autograd graph, pure kernel time
     fwd = {}
@@ -121,7 +124,7 @@ def _bench_shape(shape, dtype, device, compiled_fn, repeat: int, cache: int, var
             with torch.no_grad():
                 return fn(sc, res)
         fwd[name] = run_fwd
-    for name, ts in time_interleaved(fwd, device, warmup=2, repeat=repeat).items():
+    for name, ts in time_interleaved(fwd, device, warmup=2, repeat=repeat, calls=calls).items():
         samples[(name, "fwd")] = ts
 
     # backward: one retained graph per buffer set, replayed with autograd.grad
@@ -135,7 +138,7 @@ def _bench_shape(shape, dtype, device, compiled_fn, repeat: int, cache: int, var
             sc, res, g = leaves[i]
             return torch.autograd.grad(outs[i], (sc, res), g, retain_graph=True)
         bwd[name] = run_bwd
-    for name, ts in time_interleaved(bwd, device, warmup=2, repeat=repeat).items():
+    for name, ts in time_interleaved(bwd, device, warmup=2, repeat=repeat, calls=calls).items():
         samples[(name, "bwd")] = ts
     del bwd
 
@@ -145,7 +148,7 @@ def _bench_shape(shape, dtype, device, compiled_fn, repeat: int, cache: int, var
             sc, res, g = leaves[next_set()]
             return torch.autograd.grad(fn(sc, res), (sc, res), g)
         both[name] = run_both
-    for name, ts in time_interleaved(both, device, warmup=2, repeat=repeat).items():
+    for name, ts in time_interleaved(both, device, warmup=2, repeat=repeat, calls=calls).items():
         samples[(name, "fwd+bwd")] = ts
     return samples
 

@@ -53,11 +53,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeat: int = 20,
-            min_time_s: float = 0.0) -> list[float]:
-    """Per-call wall times in seconds of ``fn`` after ``warmup`` calls.
+            min_time_s: float = 0.0, calls: int = 1) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` calls; each sample times ``calls`` back-to-back calls.
 
-    On CUDA each sample is bracketed by events (device time of the launches in between); on CPU by
-    ``perf_counter``. Returns every sample so callers can keep them all in the result files.
+    On CUDA a sample is bracketed by events. With ``calls=1`` (a train step: milliseconds) the GPU may be
+    idle when timing starts, so the host's time to issue the first launch is included. ``calls > 1``
+    measures throughput for short ops: one untimed call runs ahead of the first event, so the GPU is busy
+    while the timed calls are issued, and as long as the host issues them faster than the GPU runs them the
+    events measure device time, not launch overhead (a single call on an idle GPU adds its launch in full:
+    tens of microseconds for a Python op, as long as a 10 MB epilogue runs on an H100). When the host is
+    the slower one, it measures what back-to-back calls really achieve. On CPU ``perf_counter`` around the
+    calls. Returns every sample so callers can keep them all in the result files.
     """
     for _ in range(warmup):
         fn()
@@ -68,24 +74,29 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
         if device.type == "cuda":
             begin = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
+            if calls > 1:
+                fn()  # lead-in: keeps the GPU busy while the timed calls are issued
             begin.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
+            samples.append(begin.elapsed_time(end) / 1e3 / calls)
         else:
             t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - t0) / calls)
     return samples
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
-                     repeat: int = 20) -> dict[str, list[float]]:
+                     repeat: int = 20, calls: int = 1) -> dict[str, list[float]]:
     """Time several variants round-robin, so drifts in clock or load hit all of them alike.
 
     Each round runs the variants in a new (seeded) random order, so no variant always runs first or always
     right after the same other one (whose leftover cache or allocator state would then bias only it).
+    ``calls``: back-to-back calls per sample (:func:`time_fn`).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -97,7 +108,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     for _ in range(repeat):
         order.shuffle(names)
         for name in names:
-            samples[name].extend(time_fn(fns[name], device, warmup=0, repeat=1))
+            samples[name].extend(time_fn(fns[name], device, warmup=0, repeat=1, calls=calls))
     return samples
 
 
@@ -110,7 +121,9 @@ def copy_bandwidth(device: torch.device, smoke: bool = False) -> float:
         numel = 2**22 if smoke else 2**24
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    samples = time_interleaved({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=5 if smoke else 20)
+    calls = 3 if device.type == "cuda" else 1  # device time, as the epilogue's is measured (time_fn)
+    samples = time_interleaved({"copy": lambda: dst.copy_(src)}, device, warmup=2, repeat=5 if smoke else 20,
+                               calls=calls)
     return 2 * src.numel() * src.element_size() / median(samples["copy"])
 
 

@@ -305,7 +305,8 @@ class StochasticDepthMixin:
         survivor = int(host_plan.rows(l)[0])
         extra = 1 if survivor == 0 else 0
         pair = sorted((survivor, extra))
-        pair_rows = torch.tensor(pair, dtype=torch.int64).to(x.device, non_blocking=True)
+        pair_rows = torch.tensor(pair, dtype=torch.int64, pin_memory=x.is_cuda)  # pinned: a truly async copy
+        pair_rows = pair_rows.to(x.device, non_blocking=True)
         residual_pair = self._sd_residual(x.index_select(0, pair_rows))
         return residual_pair.narrow(0, pair.index(survivor), 1)
 

@@ -184,10 +184,16 @@ class Plan:
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Plan:
         """This plan with its row indices on ``device``: one (asynchronous, from pinned memory) copy."""
         device = torch.device(device)
-        if self._indices.device == device:
+        indices = self._indices
+        if indices.device == device:
             return self
+        pageable = indices.device.type == "cpu" and not indices.is_pinned()
+        if non_blocking and device.type == "cuda" and pageable:
+            # The Scheduler's own plans are pinned; sharded (DDP) and rounded (row_multiple) plans are built
+            # in pageable memory, from which CUDA may make the "asynchronous" copy wait for the stream.
+            indices = indices.pin_memory()
         return Plan(self.mode, self.batch_size, self.active, self.counts, self._offsets,
-                    self._indices.to(device, non_blocking=non_blocking))
+                    indices.to(device, non_blocking=non_blocking))
 
     def __repr__(self) -> str:
         return (f"Plan(mode={self.mode!r}, batch_size={self.batch_size}, "

@@ -138,7 +138,9 @@ def train_run(cfg: TrainConfig, data: Dataset, name: str, out_dir: Path, resume:
     if resume and checkpoint_path.exists():
         # weights_only=False: the checkpoint also holds the data generator state and the config; only
         # load checkpoints this command wrote.
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        # Loaded to the CPU: the RNG states must stay CPU ByteTensors (set_state rejects CUDA tensors), and
+        # load_state_dict copies weights and optimizer state to the model's device.
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         changed = {k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v} - {"epochs", "progress"}
         if changed:
             warnings.warn(f"--resume with settings other than the checkpoint's ({sorted(changed)}): the "

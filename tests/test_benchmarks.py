@@ -7,6 +7,7 @@ setting is tested in subprocesses.
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -58,9 +59,11 @@ def test_resnet_rows_carry_ratio_and_ideal(results_dir):
     assert plain and all(r["ratio"] == 1.0 for r in plain)
     sdepth = [r for r in rows if r["mode"] in ("batch", "row")]
     assert sdepth and all(0.0 < r["ideal_ratio"] < 1.0 for r in sdepth)  # p_last 0.5 skips work
-    # Ideals of the plans actually drawn: fractions of the plain step (block times are measured, so only
-    # bounded above by 1; a tiny smoke run may skip nothing).
-    assert all(0.0 < r["drawn_ideal_ratio"] <= 1.0 and r["drawn_time_ideal_ratio"] <= 1.0 for r in sdepth)
+    # Ideals of the plans actually drawn: FLOP fractions (a tiny smoke run may skip nothing). The block-time
+    # ideal is built from measured times, which a smoke run's few noisy samples can put on either side of
+    # 1: only its presence is checked, never a timing.
+    assert all(0.0 < r["drawn_ideal_ratio"] <= 1.0 and math.isfinite(r["drawn_time_ideal_ratio"])
+               for r in sdepth)
     assert all(r["ideal_ratio"] == 1.0 for r in rows if r["mode"] in ("torchvision", "droppath"))
     assert all(r["ratio_ci95_low"] <= r["ratio"] <= r["ratio_ci95_high"] for r in rows)
     # Each sdepth row at p_last 0.5 carries its hand-written comparator, which ran on the same plans.

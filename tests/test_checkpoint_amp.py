@@ -282,16 +282,17 @@ def test_triton_epilogue_keeps_channels_last_without_copies(row_mode):
     epilogue = load_epilogue()
     if not epilogue.is_interpreted() and not torch.cuda.is_available():
         pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    device = "cpu" if epilogue.is_interpreted() else "cuda"  # compiled kernels take CUDA tensors only
     cl = torch.channels_last
     torch.manual_seed(0)
-    shortcut = torch.randn(4, 8, 5, 5).relu().to(memory_format=cl)
-    rows = torch.tensor([0, 2]) if row_mode else None
-    residual = torch.randn(2 if row_mode else 4, 8, 5, 5).to(memory_format=cl)
+    shortcut = torch.randn(4, 8, 5, 5, device=device).relu().to(memory_format=cl)
+    rows = torch.tensor([0, 2], device=device) if row_mode else None
+    residual = torch.randn(2 if row_mode else 4, 8, 5, 5, device=device).to(memory_format=cl)
     out, log = launch(epilogue.gated_residual_relu_forward, shortcut, residual, 0.5, rows)
     assert out.stride() == shortcut.stride() and not log.copies(), log.ops
     expected = sd.gated_residual_relu(shortcut, residual, 0.5, rows=rows, backend="torch")
     torch.testing.assert_close(out, expected)
-    grad = torch.randn(4, 8, 5, 5).to(memory_format=cl)
+    grad = torch.randn(4, 8, 5, 5, device=device).to(memory_format=cl)
     (grad_sc, grad_res), log = launch(epilogue.gated_residual_relu_backward, grad, out, 0.5, rows)
     assert not log.copies(), log.ops
     assert grad_sc.is_contiguous(memory_format=cl) and grad_res.is_contiguous(memory_format=cl)

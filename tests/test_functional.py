@@ -114,16 +114,16 @@ def make_rows(rows_case, n, generator, device="cpu"):
 
 
 def make_inputs(layout, dtype, rows_case, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
     shape = {"1x1x1x1": (1, 1, 1, 1), "3x5x7x11": (3, 5, 7, 11)}.get(layout, (4, 6, 5, 3))
-    shortcut = _layout(torch.randn(shape, generator=g).to(dtype), layout, False)
+    # The layout is made on the target device: a copy to another device makes a non-dense tensor dense.
+    shortcut = _layout(torch.randn(shape, generator=g).to(dtype).to(device), layout, False)
     rows = make_rows(rows_case, shape[0], g)
     k = shape[0] if rows is None else rows.numel()
-    residual = _layout(torch.randn((k, *shape[1:]), generator=g).to(dtype), layout, True)
+    residual = _layout(torch.randn((k, *shape[1:]), generator=g).to(dtype).to(device), layout, True)
     if layout == "non_contiguous":
         assert not shortcut.is_contiguous() and (k == 0 or not residual.is_contiguous())
-    to = dict(device=device)
-    return shortcut.to(**to), residual.to(**to), None if rows is None else rows.to(device)
+    return shortcut, residual, None if rows is None else rows.to(device)
 
 
 def run_forward_backward(impl, shortcut, residual, scale, rows, grad_seed=1):

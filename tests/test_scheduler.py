@@ -170,6 +170,28 @@ def test_plan_to_same_device_is_free():
 
 
 @pytest.mark.needs_cuda
+def test_plan_to_cuda_pins_pageable_plans_first(monkeypatch):
+    """Sharded (DDP) and rounded (row_multiple) plans live in pageable memory; Plan.to pins them so that the
+    copy stays asynchronous, and the values arrive unchanged."""
+    from sdepth_ext.blocks import round_plan_rows
+
+    plan = round_plan_rows(sd.Scheduler(RESNET110, mode="row", seed=0).sample(32), 8, salt=1)
+    assert not plan.indices.is_pinned()
+    pinned = []
+    original = torch.Tensor.pin_memory
+
+    def counting_pin_memory(t, *args, **kwargs):
+        pinned.append(1)
+        return original(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", counting_pin_memory)
+    moved = plan.to("cuda")
+    assert pinned == [1]
+    torch.cuda.synchronize()
+    assert torch.equal(moved.indices.cpu(), plan.indices)
+
+
+@pytest.mark.needs_cuda
 def test_plan_to_cuda_one_copy():
     sched = sd.Scheduler(RESNET110, mode="row", seed=0)
     plan = sched.sample(32)

@@ -10,7 +10,10 @@ import torch
 from sdepth_ext import train
 from sdepth_ext.data import augment, load_dataset
 
-TINY = ["--depth", "8", "--subset", "48", "--batch-size", "16", "--no-progress", "--lesion-draws", "1"]
+# On the CPU also where a GPU is present: bit-identical resumption is a CPU guarantee (cuDNN's default
+# convolution algorithms need not be deterministic).
+TINY = ["--depth", "8", "--subset", "48", "--batch-size", "16", "--no-progress", "--lesion-draws", "1",
+        "--device", "cpu"]
 
 
 def read_csv(path):
@@ -52,6 +55,16 @@ def test_resume_reproduces_next_epoch_exactly(tmp_path, restore_rng_state, mode)
     log_a = read_csv(tmp_path / "straight" / "stochastic" / "log.csv")
     log_b = read_csv(tmp_path / "resumed" / "stochastic" / "log.csv")
     assert [r["test_error"] for r in log_a] == [r["test_error"] for r in log_b]
+
+
+@pytest.mark.needs_cuda
+def test_resume_on_cuda_restores_the_cpu_rng_states(tmp_path, restore_rng_state):
+    """A CUDA run's checkpoint holds CPU generator states; resuming must not move them to the GPU."""
+    # argparse keeps the last --device: this one, after TINY's "cpu"
+    args = [*TINY, "--device", "cuda", "--runs", "stochastic", "--no-lesion", "--milestones", "2"]
+    train.main([*args, "--epochs", "1", "--out", str(tmp_path)])
+    train.main([*args, "--epochs", "2", "--out", str(tmp_path), "--resume"])
+    assert len(read_csv(tmp_path / "stochastic" / "log.csv")) == 2
 
 
 def test_digits_dataset_is_fixed_and_normalized():

@@ -84,6 +84,11 @@ HAND_P_LASTS = {"smoke": (0.5,), "quick": (0.5,), "full": (0.2, 0.5)}
 HAND_MODES = {"batch": "hand-written skip", "row": "contiguous sub-batches"}
 
 
+def _hand_variant(mode: str, p_last: float) -> str:
+    """The name of the hand-written comparator of ``sdepth <mode> p<p_last>``."""
+    return f"{HAND_MODES[mode]} {mode} p{p_last}"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Peers: mask-multiply stochastic depth (every block always runs)
 # ------------------------------------------------------------------------------------------------------------
@@ -288,8 +293,8 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
             with_peer(copy.deepcopy(base), "droppath", p_last), "droppath", p_last, 1.0)
     for p_last in HAND_P_LASTS[size_key]:
         ideal = compute_fraction(per_block, total, sd.linear_decay(L, p_last))
-        for mode, label in HAND_MODES.items():
-            variants[f"{label} {mode} p{p_last}"] = (
+        for mode in HAND_MODES:
+            variants[_hand_variant(mode, p_last)] = (
                 with_hand_skip(copy.deepcopy(base), mode, p_last, seed=0), f"hand-{mode}", p_last, ideal)
 
     steps, drawn = {}, {}
@@ -338,7 +343,7 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
                "median_ratio": med / plain_median, "ideal_ratio": ideal,
                "time_ideal_ratio": expected_time, "drawn_ideal_ratio": drawn_flops,
                "drawn_time_ideal_ratio": drawn_time, "steps": len(samples[name])}
-        hand = f"{HAND_MODES[mode]} {mode} p{p_last}" if mode in HAND_MODES else None
+        hand = _hand_variant(mode, p_last) if mode in HAND_MODES else None
         if hand in ratios:  # the same plans skipped by hand: the device's part of the distance to the ideal
             row["hand_ratio"] = ratios[hand]
             # sdepth_ext's own overhead, paired step by step: step i of both ran plan i, so the plans' spread

@@ -187,8 +187,8 @@ class Plan:
         indices = self._indices
         if indices.device == device:
             return self
-        pageable = indices.device.type == "cpu" and not indices.is_pinned()
-        if non_blocking and device.type == "cuda" and pageable:
+        to_gpu = non_blocking and device.type == "cuda" and indices.device.type == "cpu"
+        if to_gpu and not indices.is_pinned():
             # The Scheduler's own plans are pinned; sharded (DDP) and rounded (row_multiple) plans are built
             # in pageable memory, from which CUDA may make the "asynchronous" copy wait for the stream.
             indices = indices.pin_memory()

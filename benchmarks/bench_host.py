@@ -1,0 +1,212 @@
+"""Host cost: what our Python costs per epilogue call and per train step, where the host is the bottleneck.
+
+On a fast GPU a CIFAR-sized epilogue is a few microseconds of HBM time, so every Python layer above the
+launch shows in the step time. Two measurements:
+
+* **Per call** of ``sd.gated_residual_relu(..., backend="triton")`` at a tiny shape: forward (inputs that
+  require grad, as in training), forward+backward, and forward+backward with ``rows``, next to eager
+  ``torch.relu(a + s * b)`` at the same shape (the comparator: what a user would write), and eager's row-mode
+  equivalent ``relu(a.index_add(0, rows, s * b))`` (hand-written). Without a GPU the kernels run under
+  ``TRITON_INTERPRET=1`` and the interpreter's launch is replaced by a no-op (:func:`stubbed_triton_launch`),
+  so only the Python above the launch is timed: our checks, the autograd.Function, the launcher and
+  Triton's own call path up to the interpreter. Eager pays its real (tiny) CPU kernels, so the ratio is an
+  upper bound on ours. On a GPU nothing is stubbed: back-to-back calls are timed with CUDA events, the
+  figure that matters there (eager then pays 5-6 real launches against our 2).
+* **Train step** of ``cifar_resnet(56)`` at batch 2 and 8x8 input (the convolutions are tiny, so module
+  calls and launches dominate, as on a fast GPU): converted at ``p_last=1`` (every block through the
+  converted code), and at ``p_last=0.5`` in batch and row mode, over the plain model, next to the
+  block-count ideal (the expected fraction of residual blocks that run, ``mean(p_l)``) and the fraction
+  of blocks that ran in the timed steps. On a CPU the model runs the torch epilogue (the default there).
+
+    python -m benchmarks.bench_host            # ~1 minute on a 2-core CPU
+    python -m benchmarks.bench_host --smoke    # seconds; checks that it runs (its numbers mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    add_cpu_malloc_option,
+    best_device,
+    configure_cpu_malloc,
+    environment,
+    format_table,
+    median,
+    print_environment,
+    time_interleaved,
+    trimmed_mean,
+    write_results,
+)
+
+SHAPE = (4, 16, 8, 8)  # 4096 elements: a few microseconds of eager CPU kernels, nothing on a GPU
+SCALE = 0.5
+ROWS = (0, 2)  # two of four samples survive
+STEP_DEPTH, STEP_BATCH, STEP_SIZE = 56, 2, 8
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enable_interpreter_on_cpu(device: torch.device) -> None:
+    """Without CUDA the Triton kernels must be defined under the interpreter: set before they are imported."""
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@contextlib.contextmanager
+def stubbed_triton_launch():
+    """Inside, a launch of an interpreted Triton kernel does nothing (its outputs stay as allocated).
+
+    ``InterpretedFunction.run`` is where the interpreter starts executing the grid; everything above it --
+    our wrappers and ``kernel[grid](...)`` -- still runs. Outside the interpreter this is a no-op context.
+    """
+    if not _interpreting():
+        yield False
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+    InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    try:
+        yield True
+    finally:
+        InterpretedFunction.run = original
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per call
+# ------------------------------------------------------------------------------------------------------------
+def _call_variants(device: torch.device) -> dict:
+    import sdepth_ext as sd
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(SHAPE, device=device, generator=gen).requires_grad_()
+    b = torch.randn(SHAPE, device=device, generator=gen).requires_grad_()
+    g = torch.randn(SHAPE, device=device, generator=gen)
+    rows = torch.tensor(ROWS, dtype=torch.int64, device=device)
+    b_rows = torch.randn((len(ROWS), *SHAPE[1:]), device=device, generator=gen).requires_grad_()
+
+    def ours(x, y, r=None):
+        return sd.gated_residual_relu(x, y, SCALE, rows=r, backend="triton")
+
+    def eager(x, y):
+        return torch.relu(x + SCALE * y)
+
+    def eager_rows(x, y, r):
+        return torch.relu(x.index_add(0, r, SCALE * y))
+
+    return {
+        "fwd": {"sdepth": lambda: ours(a, b), "eager": lambda: eager(a, b)},
+        "fwd+bwd": {"sdepth": lambda: torch.autograd.grad(ours(a, b), (a, b), g),
+                    "eager": lambda: torch.autograd.grad(eager(a, b), (a, b), g)},
+        "rows fwd+bwd": {"sdepth": lambda: torch.autograd.grad(ours(a, b_rows, rows), (a, b_rows), g),
+                         "eager": lambda: torch.autograd.grad(eager(a, b), (a, b), g),
+                         "eager rows (by hand)": lambda: torch.autograd.grad(
+                             eager_rows(a, b_rows, rows), (a, b_rows), g)},
+    }
+
+
+def bench_calls(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
+    calls, repeat = (20, 3) if smoke else (500, 15)
+    rows, samples = [], {}
+    with stubbed_triton_launch() as stubbed:
+        for what, fns in _call_variants(device).items():
+            times = time_interleaved(fns, device, warmup=3, repeat=repeat, calls=calls)
+            eager = median(times["eager"])
+            for name, ts in times.items():
+                samples[f"call/{what}/{name}"] = ts
+                rows.append({"bench": "host", "part": "call", "what": what, "variant": name,
+                             "shape": "x".join(map(str, SHAPE)), "us": median(ts) * 1e6,
+                             "x_eager": median(ts) / eager, "launch": "stubbed" if stubbed else "real"})
+    return rows, samples
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Train step
+# ------------------------------------------------------------------------------------------------------------
+def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
+    import sdepth_ext as sd
+    from sdepth_ext.convert import get_state
+
+    warmup, repeat = (1, 3) if smoke else (5, 40)
+    torch.manual_seed(0)
+    base = sd.cifar_resnet(STEP_DEPTH).to(device)
+    x = torch.randn(STEP_BATCH, 3, STEP_SIZE, STEP_SIZE, device=device)
+    y = torch.randint(0, 10, (STEP_BATCH,), device=device)
+    variants = {"plain": (copy.deepcopy(base), None, "-")}
+    for p_last, mode in ((1.0, "batch"), (0.5, "batch"), (0.5, "row")):
+        variants[f"sdepth {mode} p{p_last}"] = (
+            sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0), p_last, mode)
+    ran: dict[str, list[float]] = {}
+
+    def make_step(name, model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        state = get_state(model) if name != "plain" else None
+        ran[name] = []
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if state is not None:
+                counts = state.host_plan.counts
+                ran[name].append(sum(c / state.host_plan.batch_size for c in counts) / len(counts))
+        return step
+
+    steps = {}
+    for name, (model, _, _) in variants.items():
+        model.train()
+        steps[name] = make_step(name, model)
+    times = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
+    plain = trimmed_mean(times["plain"])
+    rows, samples = [], {}
+    for name, (model, p_last, mode) in variants.items():
+        samples[f"step/{name}"] = times[name]
+        row = {"bench": "host", "part": "step", "what": f"cifar_resnet{STEP_DEPTH} b{STEP_BATCH}@{STEP_SIZE}",
+               "variant": name, "mode": mode, "p_last": p_last, "ms": trimmed_mean(times[name]) * 1e3,
+               "ratio": trimmed_mean(times[name]) / plain}
+        if p_last is not None:
+            row["block_ideal"] = statistics.fmean(sd.survival_probs(model))
+            row["blocks_ran"] = statistics.fmean(ran[name][-len(times[name]):])
+        rows.append(row)
+    return rows, samples
+
+
+def run(smoke: bool = False) -> tuple[list[dict], dict]:
+    device = best_device()
+    enable_interpreter_on_cpu(device)
+    call_rows, call_samples = bench_calls(device, smoke)
+    print(format_table(call_rows, ["what", "variant", "shape", "us", "x_eager", "launch"]) + "\n", flush=True)
+    step_rows, step_samples = bench_step(device, smoke)
+    print(format_table(step_rows, ["what", "variant", "ms", "ratio", "block_ideal", "blocks_ran"]) + "\n",
+          flush=True)
+    return call_rows + step_rows, {**call_samples, **step_samples}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run; its numbers mean nothing")
+    add_cpu_malloc_option(parser)
+    args = parser.parse_args(argv)
+    configure_cpu_malloc(args.cpu_malloc)
+    device = best_device()
+    enable_interpreter_on_cpu(device)
+    env = environment(device)
+    print_environment(env)
+    rows, samples = run(smoke=args.smoke)
+    paths = write_results("host" + ("_smoke" if args.smoke else ""), rows, env, samples=samples)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

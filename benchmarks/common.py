@@ -17,19 +17,19 @@ from pathlib import Path
 
 import torch
 
-from sdepth_ext.environment import (
-    best_device,
-    device_name,
-    device_slug,
-    environment,
-    keep_freed_cpu_memory,
-)
+import sdepth_ext.environment as _library_environment
+from sdepth_ext.environment import best_device, device_name, device_slug
 
-__all__ = ["RESULTS_DIR", "add_cpu_malloc_option", "best_device", "configure_cpu_malloc", "copy_bandwidth",
-           "device_name", "device_slug", "environment", "format_table", "median", "print_environment",
-           "ratio_text", "synchronize", "time_fn", "time_interleaved", "trimmed_mean", "write_results"]
+from .cpu_malloc import cpu_allocator, keep_freed_cpu_memory
+
+__all__ = ["CSV_STAMP", "RESULTS_DIR", "add_cpu_malloc_option", "best_device", "configure_cpu_malloc",
+           "copy_bandwidth", "device_name", "device_slug", "environment", "format_table", "median",
+           "print_environment", "ratio_text", "synchronize", "time_fn", "time_interleaved", "trimmed_mean",
+           "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The stamp keys repeated on every CSV row (the JSON files carry the whole stamp).
+CSV_STAMP = ("device", "torch", "triton", "torchvision", "cpu_allocator", "date", "command")
 
 
 def add_cpu_malloc_option(parser) -> None:
@@ -37,7 +37,7 @@ def add_cpu_malloc_option(parser) -> None:
     parser.add_argument(
         "--cpu-malloc", choices=("keep", "default"), default="keep",
         help="keep (default): glibc malloc keeps freed memory for reuse, as jemalloc/tcmalloc do "
-             "(sdepth_ext.environment.keep_freed_cpu_memory); default: the system allocator as it is, "
+             "(benchmarks.cpu_malloc.keep_freed_cpu_memory); default: the system allocator as it is, "
              "which can page-fault freed activations back in at each step")
 
 
@@ -45,6 +45,12 @@ def configure_cpu_malloc(choice: str) -> None:
     """Apply ``--cpu-malloc`` before anything is allocated; the result files' stamp records it."""
     if choice == "keep":
         keep_freed_cpu_memory()
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """The library's stamp (:func:`sdepth_ext.environment.environment`), with the ``cpu_allocator`` this
+    process runs with: the ``--cpu-malloc`` setting once :func:`configure_cpu_malloc` applied it."""
+    return _library_environment.environment(device, cpu_allocator=cpu_allocator())
 
 
 def synchronize(device: torch.device) -> None:
@@ -148,8 +154,13 @@ def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | Non
                   out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``<name>.json`` (stamp + rows + raw samples) and ``<name>.csv`` (stamp on every row).
 
-    Files go to ``benchmarks/results/<device-slug>/`` unless ``out_dir`` is given.
+    Files go to ``benchmarks/results/<device-slug>/`` unless ``out_dir`` is given. The stamp must hold every
+    :data:`CSV_STAMP` key (``cpu_allocator`` included): a file without it could not be traced to its run.
     """
+    missing = [k for k in CSV_STAMP if not env.get(k) and k not in ("triton", "torchvision")]
+    if missing:  # triton/torchvision may be absent (None); the rest must be known
+        raise ValueError(f"write_results({name!r}): the stamp lacks {missing}; build it with "
+                         "benchmarks.common.environment()")
     if out_dir is None:
         out_dir = RESULTS_DIR / env["device_slug"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +168,7 @@ def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | Non
     csv_path = out_dir / f"{name}.csv"
     with open(json_path, "w") as f:
         json.dump({"environment": env, "rows": rows, "samples": samples or {}}, f, indent=1)
-    stamp = {k: env[k] for k in ("device", "torch", "triton", "torchvision", "date", "command")}
+    stamp = {k: env.get(k) for k in CSV_STAMP}
     fields: list[str] = []
     for row in rows:
         fields.extend(k for k in row if k not in fields)

@@ -6,8 +6,6 @@ README can be traced back to the run that made it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import datetime as _dt
 import os
 import platform
@@ -17,58 +15,19 @@ import sys
 
 import torch
 
-__all__ = ["best_device", "cpu_allocator", "device_name", "device_slug", "environment",
-           "keep_freed_cpu_memory"]
+__all__ = ["best_device", "default_cpu_allocator", "device_name", "device_slug", "environment"]
 
 
-# What the process's CPU allocator does with freed memory; part of every stamp (see keep_freed_cpu_memory).
-_CPU_ALLOCATOR = "system default"
+def default_cpu_allocator() -> str:
+    """The CPU allocator as the process found it: a reusing allocator preloaded, or the system's default.
 
-# glibc mallopt() parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-
-
-def keep_freed_cpu_memory() -> str:
-    """Make glibc's malloc keep freed memory for reuse rather than hand it back to the kernel; process-wide.
-
-    PyTorch's CPU tensors come straight from ``malloc``. With glibc's defaults, a freed block of more than
-    a few MB can go back to the kernel (``munmap``, or a trim of the heap top), and the next allocation of
-    that size page-faults every 4 KiB page in again, zero-filled by the kernel. How often depends on the
-    history of sizes freed before. Measured on the 2-core CI machine, cifar_resnet(110) at batch 32, glibc
-    defaults, one process: ~9,900 page faults per plain train step, ~4,500 per row-mode step, ~1 per
-    batch-mode step; with this setting 0, ~800-1,100 and ~1, and plain steps 5-11% faster in two runs.
-    PyTorch's CPU tuning guide fixes this with jemalloc or tcmalloc; two ``mallopt`` calls do the same here:
-    no ``mmap`` for large blocks (they come from the heap and are reused) and no heap trimming. The process
-    keeps its peak memory. CUDA memory is untouched (PyTorch caches it itself).
-
-    Called by the benchmark entry points (``--cpu-malloc keep``, their default), never by the library.
-    Returns the setting in words (also stamped on result files by :func:`environment`); on a non-glibc
-    system nothing changes.
+    The library never changes the allocator; a program that does (the benchmarks' ``--cpu-malloc keep``)
+    passes its own description to :func:`environment` instead.
     """
-    global _CPU_ALLOCATOR
     preload = os.environ.get("LD_PRELOAD", "")
-    if "jemalloc" in preload or "tcmalloc" in preload:  # already a reusing allocator: leave it alone
-        _CPU_ALLOCATOR = f"LD_PRELOAD={preload}"
-        return _CPU_ALLOCATOR
-    libc_name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(libc_name).mallopt if libc_name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        _CPU_ALLOCATOR = "system default (no glibc mallopt on this system)"
-        return _CPU_ALLOCATOR
-    trim = 2**31 - 1  # mallopt takes a C int
-    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, trim) != 1:
-        raise RuntimeError("keep_freed_cpu_memory: glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD")
-    _CPU_ALLOCATOR = "glibc malloc keeping freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)"
-    return _CPU_ALLOCATOR
-
-
-def cpu_allocator() -> str:
-    """How this process's CPU allocator treats freed memory: set by :func:`keep_freed_cpu_memory`."""
-    return _CPU_ALLOCATOR
+    if "jemalloc" in preload or "tcmalloc" in preload:
+        return f"LD_PRELOAD={preload}"
+    return "system default"
 
 
 def best_device() -> torch.device:
@@ -105,8 +64,12 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 
-def environment(device: torch.device | None = None) -> dict:
-    """Device, versions, date and the exact command: the stamp on every result file."""
+def environment(device: torch.device | None = None, *, cpu_allocator: str | None = None) -> dict:
+    """Device, versions, date and the exact command: the stamp on every result file.
+
+    ``cpu_allocator``: what the process's CPU allocator does with freed memory, stamped as is; None: the
+    allocator as the process found it (:func:`default_cpu_allocator`).
+    """
     device = device or best_device()
     try:
         import triton
@@ -132,7 +95,7 @@ def environment(device: torch.device | None = None) -> dict:
         "python": platform.python_version(),
         "compiled_scheduler": has_compiled_scheduler(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "cpu_allocator": cpu_allocator(),
+        "cpu_allocator": cpu_allocator or default_cpu_allocator(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": _command_line(),
         "host": platform.node(),

@@ -18,7 +18,7 @@ import torch
 from benchmarks import common, report
 from benchmarks import run as bench_run
 
-STAMP = ("device", "torch", "triton", "torchvision", "date", "command")
+STAMP = common.CSV_STAMP  # on every CSV row; cpu_allocator included
 
 
 @pytest.fixture
@@ -129,11 +129,12 @@ def test_hand_skip_comparator_runs_the_converted_models_plans(mode):
     assert len(sizes) < 6 * 9 if mode == "batch" else min(sizes) < 8  # something was skipped
 
 
-def _page_faults_of_reused_blocks(cpu_malloc: str) -> int:
-    """Minor page faults of 5 allocate-fill-free cycles of a 64 MB tensor after 15 others (new process)."""
+def _page_faults_of_reused_blocks(cpu_malloc: str) -> tuple[int, str]:
+    """Minor page faults of 5 allocate-fill-free cycles of a 64 MB tensor after 15 others (new process), and
+    the ``cpu_allocator`` that process's result files would be stamped with."""
     script = textwrap.dedent(f"""
         import resource, torch
-        from benchmarks.common import configure_cpu_malloc
+        from benchmarks.common import configure_cpu_malloc, environment
         configure_cpu_malloc({cpu_malloc!r})
         for _ in range(15):  # glibc's aligned allocations take a few cycles to settle into a reusable chunk
             torch.ones(2**24)
@@ -141,14 +142,42 @@ def _page_faults_of_reused_blocks(cpu_malloc: str) -> int:
         for _ in range(5):
             torch.ones(2**24)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(environment()["cpu_allocator"])
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    faults, allocator = out.stdout.strip().splitlines()[-2:]
+    return int(faults), allocator
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc (Linux) only")
 def test_keep_freed_cpu_memory_stops_page_faults_on_reuse():
     # 5 x 64 MB = 81920 pages of 4 KiB. glibc's default serves a block this big with mmap and unmaps it when
     # freed, so every cycle faults every page in again; keeping freed memory reuses the same pages.
-    assert _page_faults_of_reused_blocks("default") > 0.9 * 81920
-    assert _page_faults_of_reused_blocks("keep") < 1000
+    faults, allocator = _page_faults_of_reused_blocks("default")
+    assert faults > 0.9 * 81920 and allocator == "system default"
+    faults, allocator = _page_faults_of_reused_blocks("keep")
+    assert faults < 1000 and allocator.startswith("glibc malloc keeping freed memory")
+
+
+def test_cpu_malloc_helper_lives_in_benchmarks_and_is_stamped():
+    import sdepth_ext.environment as library_env
+    from benchmarks import cpu_malloc
+
+    assert not hasattr(library_env, "keep_freed_cpu_memory") and not hasattr(library_env, "cpu_allocator")
+    assert "cpu_allocator" in STAMP
+    # The library stamps what it is told, else the allocator as the process found it.
+    assert library_env.environment(cpu_allocator="my allocator")["cpu_allocator"] == "my allocator"
+    assert library_env.environment()["cpu_allocator"] == library_env.default_cpu_allocator()
+    # The benchmarks' stamp reports their --cpu-malloc setting (None here: this process never applied it).
+    assert cpu_malloc.cpu_allocator() is None
+    assert common.environment()["cpu_allocator"] == library_env.default_cpu_allocator()
+
+
+def test_write_results_refuses_a_stamp_without_cpu_allocator(tmp_path):
+    env = common.environment()
+    common.write_results("ok", [{"x": 1}], env, out_dir=tmp_path)
+    with open(tmp_path / "ok.csv", newline="") as f:
+        assert next(csv.DictReader(f))["cpu_allocator"] == env["cpu_allocator"]
+    del env["cpu_allocator"]
+    with pytest.raises(ValueError, match="cpu_allocator"):
+        common.write_results("bad", [{"x": 1}], env, out_dir=tmp_path)

@@ -9,8 +9,9 @@ the same step; steps run round-robin over the variants (a barrier before each) s
   traversal after every forward to find the parameters that got no gradient)
 * ``all_blocks``:  p_last = 1 (nothing dropped), default flags: the cost of the full network, for scale
 
-Run: ``python -m benchmarks.bench_ddp [--smoke | --full]``. Prints median step times and ratios; writes
-JSON + CSV through ``benchmarks.common.write_results``.
+Run: ``python -m benchmarks.bench_ddp [--smoke | --full] [--cpu-malloc keep|default]``. Prints median step
+times and ratios; writes JSON + CSV through ``benchmarks.common.write_results``, stamped with the CPU
+allocator the worker processes ran with (``--cpu-malloc`` is applied in each of them).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import sdepth_ext as sd
 
-from .common import environment, format_table, print_environment, write_results
+from .common import (
+    add_cpu_malloc_option,
+    configure_cpu_malloc,
+    environment,
+    format_table,
+    print_environment,
+    write_results,
+)
 
 WORLD = 2
 VARIANTS = ("ddp_ready", "find_unused", "all_blocks")
@@ -55,7 +64,8 @@ def _make(variant: str, mode: str, depth: int):
     return DistributedDataParallel(model)
 
 
-def _worker(rank: int, port: int, config: tuple, out_path: str) -> None:
+def _worker(rank: int, port: int, config: tuple, out_path: str, cpu_malloc: str = "keep") -> None:
+    configure_cpu_malloc(cpu_malloc)  # a spawned process starts with the system allocator: apply it here
     torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
@@ -79,7 +89,7 @@ def _worker(rank: int, port: int, config: tuple, out_path: str) -> None:
                     if step >= warmup:
                         samples.setdefault(f"{mode}/{v}", []).append(elapsed)
         if rank == 0:
-            torch.save(samples, out_path)
+            torch.save({"samples": samples, "cpu_allocator": environment()["cpu_allocator"]}, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -90,12 +100,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(size: str = "default", timeout_s: float = 1800.0) -> tuple[list[dict], dict]:
+def run(size: str = "default", timeout_s: float = 1800.0,
+        cpu_malloc: str = "keep") -> tuple[list[dict], dict, str]:
+    """Rows, samples, and the ``cpu_allocator`` the workers ran with (their timing is what the rows hold)."""
     config = CONFIGS[size]
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "samples.pt")
-        context = mp.start_processes(_worker, args=(_free_port(), config, out_path), nprocs=WORLD, join=False,
-                                     start_method="spawn")
+        context = mp.start_processes(_worker, args=(_free_port(), config, out_path, cpu_malloc), nprocs=WORLD,
+                                     join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
             while not context.join(timeout=5):
@@ -105,7 +117,8 @@ def run(size: str = "default", timeout_s: float = 1800.0) -> tuple[list[dict], d
             for p in context.processes:
                 if p.is_alive():
                     p.kill()
-        samples = torch.load(out_path)
+        saved = torch.load(out_path)
+    samples, workers_allocator = saved["samples"], saved["cpu_allocator"]
     depth, batch, image, steps, _ = config
     rows = []
     for mode in ("batch", "row"):
@@ -115,7 +128,7 @@ def run(size: str = "default", timeout_s: float = 1800.0) -> tuple[list[dict], d
             rows.append({"bench": "ddp", "mode": mode, "variant": v, "depth": depth, "batch_per_rank": batch,
                          "image": image, "world_size": WORLD, "steps": steps, "step_ms": ms * 1e3,
                          "ratio_vs_find_unused": ms / ref})
-    return rows, samples
+    return rows, samples, workers_allocator
 
 
 def main(argv=None) -> list[dict]:
@@ -123,17 +136,21 @@ def main(argv=None) -> list[dict]:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true", help="seconds-long run, for CI")
     group.add_argument("--full", action="store_true", help="ResNet-56, batch 64 per rank, more steps")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where to write ddp*.json/csv (default: benchmarks/results/cpu)")
+    add_cpu_malloc_option(parser)
     args = parser.parse_args(argv)
     size = "smoke" if args.smoke else "full" if args.full else "default"
+    configure_cpu_malloc(args.cpu_malloc)  # this process's stamp; the workers apply it themselves
     env = environment(torch.device("cpu"))
     env["backend"] = "gloo"
     env["world_size"] = WORLD
     print_environment(env)
-    rows, samples = run(size)
+    rows, samples, env["cpu_allocator"] = run(size, cpu_malloc=args.cpu_malloc)
     columns = ["mode", "variant", "depth", "batch_per_rank", "step_ms", "ratio_vs_find_unused"]
     print(format_table(rows, columns))
     name = "ddp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "")
-    paths = write_results(name, rows, env, samples=samples)
+    paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

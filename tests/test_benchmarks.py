@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,17 @@ def test_write_results_refuses_a_stamp_without_cpu_allocator(tmp_path):
     del env["cpu_allocator"]
     with pytest.raises(ValueError, match="cpu_allocator"):
         common.write_results("bad", [{"x": 1}], env, out_dir=tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc (Linux) only")
+def test_ddp_results_carry_the_workers_cpu_allocator(tmp_path):
+    """bench_ddp times in spawned workers: they apply --cpu-malloc themselves; the stamp reports theirs."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_ddp", "--smoke", "--cpu-malloc", "keep",
+                    "--out-dir", str(tmp_path)], cwd=root, check=True, capture_output=True, timeout=600)
+    data = json.loads((tmp_path / "ddp_smoke.json").read_text())
+    assert data["environment"]["cpu_allocator"].startswith("glibc malloc keeping freed memory")
+    assert data["rows"] and {r["variant"] for r in data["rows"]} == {"ddp_ready", "find_unused", "all_blocks"}
+    with open(tmp_path / "ddp_smoke.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["cpu_allocator"] == data["environment"]["cpu_allocator"] for r in rows)

@@ -196,3 +196,54 @@ def test_ddp_results_carry_the_workers_cpu_allocator(tmp_path):
     with open(tmp_path / "ddp_smoke.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(r["cpu_allocator"] == data["environment"]["cpu_allocator"] for r in rows)
+
+
+def test_rotation_covers_four_times_l2_in_every_size():
+    from benchmarks.bench_epilogue import L2_MULTIPLE, READ_TENSORS, _shapes, rotation_sets
+
+    l2 = 50 * 2**20  # an H200's L2
+    # CIFAR ResNet-110 stage 3 at batch 128: 2 MiB per fp32 tensor. The old cap of 8 sets rotated 48 MiB of
+    # buffers in all, inside the cache; now the forwards of one round read 200 MiB.
+    tensor = 128 * 64 * 8 * 8 * 4
+    assert rotation_sets(tensor, l2) == 50 and 50 * READ_TENSORS * tensor == 4 * l2
+    assert 8 * 3 * tensor < l2
+    for smoke in (False, True):
+        for _, shape in _shapes(torch.device("cuda"), smoke):  # only the device type is read
+            for esize in (4, 2):
+                tensor = math.prod(shape) * esize
+                n = rotation_sets(tensor, l2)
+                assert n * READ_TENSORS * tensor >= L2_MULTIPLE * l2
+                assert n == 1 or (n - 1) * READ_TENSORS * tensor < L2_MULTIPLE * l2  # no more than needed
+    assert rotation_sets(256 * 256 * 56 * 56 * 4, l2) == 1  # ResNet-50 stage 1 at batch 256: one 822 MB set
+
+
+def test_compiled_peer_is_timed_without_recompiling():
+    from benchmarks import bench_epilogue as be
+
+    torch._dynamo.reset()
+    compiled = torch.compile(be._eager, dynamic=False)
+    with be._no_donated_buffers():
+        samples, rotation = be._bench_shape((2, 16, 8, 8), torch.float32, torch.device("cpu"), compiled,
+                                            repeat=1, cache=2**16, variants=["eager", "compiled"])
+    assert set(samples) == {(v, p) for v in ("eager", "compiled") for p in be.PASSES}
+    assert rotation["rotation_sets"] == 16 and rotation["rotation_read_bytes"] == 4 * 2**16
+
+
+def test_a_recompile_during_timed_calls_is_an_error():
+    from benchmarks import bench_epilogue as be
+
+    calls = [0]
+
+    @torch.compile(backend="eager", dynamic=False)
+    def scaled(sc, res, k):
+        return torch.relu(sc + k * res)
+
+    def recompiling(sc, res):  # a new Python int each call: a new specialisation each call
+        calls[0] += 1
+        return scaled(sc, res, calls[0])
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="recompiled during the timed calls"):
+        be._bench_shape((2, 16, 8, 8), torch.float32, torch.device("cpu"), recompiling, repeat=1,
+                        cache=2**16, variants=["compiled"])
+    torch._dynamo.reset()

@@ -11,6 +11,7 @@ import csv
 import json
 import random
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -188,8 +189,12 @@ def ratio_text(row: dict, key: str = "ratio") -> str:
     return text
 
 
-def format_table(rows: list[dict], columns: Sequence[str]) -> str:
-    """A plain fixed-width table of ``columns`` (floats get 4 significant digits)."""
+def format_table(rows: list[dict], columns: Sequence[str], max_width: int | None = None) -> str:
+    """A plain fixed-width table of ``columns`` (floats get 4 significant digits).
+
+    ``max_width``: lines no longer than this; the widest columns are narrowed and their cells wrapped onto
+    continuation lines as needed (never below 8 characters a column).
+    """
 
     def cell(v: object) -> str:
         if isinstance(v, float):
@@ -198,9 +203,19 @@ def format_table(rows: list[dict], columns: Sequence[str]) -> str:
 
     body = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    gaps = 2 * (len(columns) - 1)
+    while max_width is not None and sum(widths) + gaps > max_width and max(widths) > 8:
+        widest = widths.index(max(widths))
+        widths[widest] = max(8, widths[widest] - (sum(widths) + gaps - max_width))
+
+    def lines_of(cells: list[str]) -> list[str]:
+        wrapped = [[v] if len(v) <= w else textwrap.wrap(v, w) for v, w in zip(cells, widths)]
+        height = max(len(w) for w in wrapped)
+        return ["  ".join((w[k] if k < len(w) else "").ljust(n) for w, n in zip(wrapped, widths)).rstrip()
+                for k in range(height)]
+
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line, sep, *("  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body)])
+    return "\n".join([*lines_of(list(columns)), sep, *(line for b in body for line in lines_of(b))])
 
 
 def print_environment(env: dict) -> None:

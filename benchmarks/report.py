@@ -1,9 +1,10 @@
 """Markdown tables from committed result files, for the README's results section.
 
-    python -m benchmarks.report benchmarks/results/cpu      # summary + ResNet tables of that device
+    python -m benchmarks.report benchmarks/results/cpu      # summary, ResNet and host tables of that device
 
-Reads ``summary.json`` and ``resnet.json`` (written by ``make bench``) and prints what they hold, with the
-stamp (device, versions, date, command) of the run, so a README number can always be traced to a file.
+Reads ``summary.json``, ``resnet.json`` and ``host.json`` (written by ``make bench``) and prints what they
+hold, with the stamp (device, versions, allocator, date, command) of the run, so a README number can always be
+traced to a file. The notes the files carry (why a peer is left out, a smoke run's numbers) come along.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from .common import ratio_text
 
 
 def _stamp(env: dict) -> str:
+    allocator = f"; CPU malloc: {env['cpu_allocator']}" if env.get("cpu_allocator") else ""
     return (f"{env['device']}; torch {env['torch']}, triton {env['triton']}, "
-            f"torchvision {env['torchvision']}; {env['date']}; `{env['command']}`")
+            f"torchvision {env['torchvision']}{allocator}; {env['date']}; `{env['command']}`")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -30,7 +32,10 @@ def summary_markdown(path: Path) -> str:
     data = json.loads(path.read_text())
     header = ["what", "sdepth_ext", "peers", "ratio", "ideal / limit"]
     rows = [[r["what"], r["sdepth_ext"], r["peers"], r["ratio"], r["ideal/limit"]] for r in data["rows"]]
-    return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
+    text = f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
+    notes = [*([data["note"]] if data.get("note") else []),
+             *dict.fromkeys(r["note"] for r in data["rows"] if r.get("note"))]
+    return text + "".join(f"\n\nNote: {n}" for n in notes)
 
 
 def resnet_markdown(path: Path) -> str:
@@ -46,14 +51,42 @@ def resnet_markdown(path: Path) -> str:
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 
+def host_markdown(path: Path) -> str:
+    """bench_host's rows: per-call cost of the epilogue next to eager, and the host-bound train step."""
+    data = json.loads(path.read_text())
+    calls = [r for r in data["rows"] if r["part"] == "call"]
+    steps = [r for r in data["rows"] if r["part"] == "step"]
+    call_table = _table(["per call", "variant", "shape", "median", "x eager", "Triton launch"],
+                        [[r["what"], r["variant"], r["shape"], f"{r['us']:.1f} us", f"{r['x_eager']:.2f}",
+                          r["launch"] if r["variant"] == "sdepth" else "-"] for r in calls])
+
+    def ideal(r: dict, key: str) -> str:
+        return f"{r[key]:.3f}" if key in r else "-"
+
+    step_table = _table(["host step", "variant", "mean step (trimmed)", "ratio to plain",
+                         "blocks expected (ideal)", "blocks ran"],
+                        [[r["what"], r["variant"], f"{r['ms']:.1f} ms", f"{r['ratio']:.3f}",
+                          ideal(r, "block_ideal"), ideal(r, "blocks_ran")] for r in steps])
+    return f"Run: {_stamp(data['environment'])}\n\n{call_table}\n\n{step_table}"
+
+
+def _host_path(results_dir: Path, suffix: str) -> Path:
+    """``host{suffix}.json``; a ``--full`` run has none of its own (bench_host has one size besides --smoke)
+    and reads ``host.json``."""
+    path = results_dir / f"host{suffix}.json"
+    return results_dir / "host.json" if suffix == "_full" and not path.exists() else path
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", type=Path, help="e.g. benchmarks/results/cpu")
     parser.add_argument("--suffix", default="", help="'_full' or '_smoke' for those runs' files")
     args = parser.parse_args(argv)
     parts = []
-    for name, render in (("summary", summary_markdown), ("resnet", resnet_markdown)):
+    for name, render in (("summary", summary_markdown), ("resnet", resnet_markdown), ("host", host_markdown)):
         path = args.results_dir / f"{name}{args.suffix}.json"
+        if name == "host":
+            path = _host_path(args.results_dir, args.suffix)
         if not path.exists():
             raise SystemExit(f"results_dir: {path} not found (run `make bench` first)")
         parts.append(f"<!-- from {path} -->\n{render(path)}")

@@ -8,6 +8,7 @@ setting is tested in subprocesses.
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,9 +32,9 @@ def results_dir(tmp_path, monkeypatch):
 
 def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
     results = bench_run.main(["--smoke", "--cpu-malloc", "default"])
-    assert set(results) == {"scheduler", "epilogue", "resnet"}
+    assert set(results) == {"scheduler", "epilogue", "host", "resnet"}
     out_dir = results_dir / common.device_slug(common.best_device())
-    for name in ("scheduler_smoke", "epilogue_smoke", "resnet_smoke"):
+    for name in ("scheduler_smoke", "epilogue_smoke", "host_smoke", "resnet_smoke"):
         data = json.loads((out_dir / f"{name}.json").read_text())
         assert all(data["environment"][k] for k in ("device", "torch", "date", "command", "cpu_allocator"))
         assert data["rows"], name
@@ -42,16 +43,35 @@ def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
             rows = list(csv.DictReader(f))
         assert len(rows) == len(data["rows"])
         assert all(k in rows[0] for k in STAMP)
+    for r in results["epilogue"]:  # every row says how much it rotated, and that covers 4x the L2 (by reads)
+        tensor = r["bytes"] // {"fwd": 3, "bwd": 4, "fwd+bwd": 7}[r["pass"]]
+        assert r["rotation_bytes"] == r["rotation_sets"] * 3 * tensor
+        assert r["rotation_read_bytes"] == r["rotation_sets"] * 2 * tensor >= 4 * r["l2_bytes"]
     for png in ("epilogue_bandwidth_smoke.png", "resnet_ratio_smoke.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out_dir / "summary_smoke.json").read_text())
-    assert {r["what"].split()[0] for r in summary["rows"]} >= {"scheduler", "epilogue"}
+    assert summary["smoke"] is True and "not measurements" in summary["note"]
+    whats = [r["what"] for r in summary["rows"]]
+    assert {w.split()[0] for w in whats} >= {"scheduler", "epilogue", "host"}
+    assert {w.split(" 4x")[0] for w in whats if w.startswith("epilogue host")} == {
+        "epilogue host fwd", "epilogue host fwd+bwd", "epilogue host rows fwd+bwd"}
+    host_calls = [r for r in summary["rows"] if r["what"].startswith("epilogue host")]
+    assert all("of eager" in r["ratio"] for r in host_calls)
+    host_steps = [r for r in summary["rows"] if r["what"].startswith("host step")]
+    assert len(host_steps) == 3 and all("of plain" in r["ratio"] and "blocks expected" in r["ideal/limit"]
+                                        for r in host_steps)
     printed = capsys.readouterr().out
     assert "device:" in printed and "ideal/limit" in printed  # environment report and the summary table
+    lines = printed.strip().splitlines()
+    assert lines[0] == lines[-1] == bench_run.SMOKE_NOTE  # a smoke run says so first and last
+    table = lines[lines.index(next(line for line in lines if line.startswith("what "))):-1]
+    assert len(table) >= len(summary["rows"]) + 2 and all(len(line) <= 120 for line in table)
 
     markdown = report.main([str(out_dir), "--suffix", "_smoke"])
     assert summary["environment"]["device"] in markdown and summary["environment"]["date"] in markdown
     assert markdown.count("| what |") == 1 and markdown.count("| model |") == 1
+    assert markdown.count("| per call |") == 1 and markdown.count("| host step |") == 1
+    assert "not measurements" in markdown
 
 
 def test_resnet_rows_carry_ratio_and_ideal(results_dir):
@@ -247,3 +267,30 @@ def test_a_recompile_during_timed_calls_is_an_error():
         be._bench_shape((2, 16, 8, 8), torch.float32, torch.device("cpu"), recompiling, repeat=1,
                         cache=2**16, variants=["compiled"])
     torch._dynamo.reset()
+
+
+def test_summary_leaves_compiled_out_of_the_cpu_epilogue_headline():
+    from benchmarks.bench_epilogue import CPU_COMPILED_NOTE
+
+    row = {"pass": "fwd+bwd", "dtype": "float32", "bytes": 7 * 2**20, "shape": "16x64x8x8", "sdepth_ms": 1.0,
+           "eager_ms": 2.0, "torchvision_ms": 2.5, "compiled_ms": 9.0, "x_vs_eager": 2.0,
+           "x_vs_torchvision": 2.5, "x_vs_compiled": 9.0, "sdepth_pct_copy": 50.0}
+    cpu_row = {**row, "sdepth_backend": "torch", "note": CPU_COMPILED_NOTE}
+    cpu = bench_run._summary({"epilogue": [cpu_row]}, "cpu")
+    cuda = bench_run._summary({"epilogue": [{**row, "sdepth_backend": "triton"}]}, "cuda")
+    assert cpu[0]["ratio"] == cpu[0]["brief"]["ratio"] == "2.00x vs eager"
+    assert cpu[0]["note"] == CPU_COMPILED_NOTE and "no fair CPU peer" in cpu[0]["peers"]
+    assert cuda[0]["ratio"] == "2.00x vs eager, 9.00x vs compiled" and "note" not in cuda[0]
+    table = bench_run.summary_table(cpu)  # the note is printed under the table, within its width
+    assert "inductor" in table and all(len(line) <= bench_run.TABLE_WIDTH for line in table.splitlines())
+
+
+def test_run_turns_the_triton_interpreter_on_without_cuda():
+    """bench_host needs TRITON_INTERPRET=1 before the kernels are defined: benchmarks.run sets it on import,
+    and importing the benchmarks does not define them."""
+    script = ("import os, sys, torch, benchmarks.run; print(torch.cuda.is_available(), "
+              "os.environ.get('TRITON_INTERPRET'), 'sdepth_ext.kernels.epilogue' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out in (["True", "None", "False"], ["False", "1", "False"])

@@ -1,7 +1,7 @@
 """PNG plots of the benchmark results (matplotlib, no display needed).
 
 1. ``epilogue_bandwidth.png``: achieved GB/s of the fused epilogue and its peers against tensor size, with
-   the copy bandwidth measured in the same run as the ceiling.
+   the copy bandwidth measured in the same run as the ceiling, and the rows' note (if any) below.
 2. ``resnet_ratio.png``: train-step time relative to the plain network against p_last, for sdepth_ext batch
    and row mode and the mask-multiply peers, with the ideal (expected FLOP fraction) line, the paper's
    measured point, and the hand-written comparators on the same plans (hollow circles).
@@ -63,7 +63,12 @@ def plot_epilogue(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    note = rows[0].get("note")  # e.g. why "compiled" is no fair peer on a CPU (bench_epilogue)
+    if note:
+        import textwrap
+
+        fig.text(0.01, 0.01, textwrap.fill(note, 200), fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.06, 1, 1) if note else (0, 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

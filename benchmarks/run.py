@@ -126,6 +126,10 @@ def _epilogue_rows(rows: list[dict], device_type: str) -> list[dict]:
     return out
 
 
+def _ms(ms: float) -> str:
+    return f"{ms:.3g} ms" if ms < 1000 else f"{ms:.0f} ms"  # no 1.23e+03
+
+
 def _host_rows(rows: list[dict]) -> list[dict]:
     out = []
     calls = [r for r in rows if r["part"] == "call"]
@@ -153,8 +157,8 @@ def _host_rows(rows: list[dict]) -> list[dict]:
             continue
         ratio = f"x{r['ratio']:.3f} of plain"
         limit = f"x{r['block_ideal']:.3f} blocks (ran x{r['blocks_ran']:.3f})"
-        out.append(_row(f"host step {r['what']}, {r['mode']} p_last={r['p_last']}", f"{r['ms']:.3g} ms",
-                        f"plain {plain['ms']:.3g} ms", ratio,
+        out.append(_row(f"host step {r['what']}, {r['mode']} p_last={r['p_last']}", _ms(r["ms"]),
+                        f"plain {_ms(plain['ms'])}", ratio,
                         f"x{r['block_ideal']:.3f} of the blocks expected to run; ran x{r['blocks_ran']:.3f}",
                         {"what": f"host step {r['what'].replace('cifar_', '')} {r['mode']} p{r['p_last']}",
                          "ratio": ratio, "ideal/limit": limit}))

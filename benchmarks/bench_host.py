@@ -6,7 +6,11 @@ launch shows in the step time. Two measurements:
 * **Per call** of ``sd.gated_residual_relu(..., backend="triton")`` at a tiny shape: forward (inputs that
   require grad, as in training), forward+backward, and forward+backward with ``rows``, next to eager
   ``torch.relu(a + s * b)`` at the same shape (the comparator: what a user would write), and eager's row-mode
-  equivalent ``relu(a.index_add(0, rows, s * b))`` (hand-written). Without a GPU the kernels run under
+  equivalent ``relu(a.index_add(0, rows, s * b))`` (hand-written). Row mode twice: as the library's units
+  call it (rows and their slot map from a :class:`~sdepth_ext.Plan`, trusted: the autograd.Function with the
+  plan's tensors), and as a user calls the public function with rows of their own (validated: sortedness and
+  range are checked on the values, one device sync on a GPU, and the slot map is built by three small
+  kernels). Without a GPU the kernels run under
   ``TRITON_INTERPRET=1`` and the interpreter's launch is replaced by a no-op (:func:`stubbed_triton_launch`),
   so only the Python above the launch is timed: our checks, the autograd.Function, the launcher and
   Triton's own call path up to the interpreter. Eager pays its real (tiny) CPU kernels, so the ratio is an
@@ -87,16 +91,22 @@ def stubbed_triton_launch():
 # ------------------------------------------------------------------------------------------------------------
 def _call_variants(device: torch.device) -> dict:
     import sdepth_ext as sd
+    from sdepth_ext.functional import GatedResidualAddFunction
 
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(SHAPE, device=device, generator=gen).requires_grad_()
     b = torch.randn(SHAPE, device=device, generator=gen).requires_grad_()
     g = torch.randn(SHAPE, device=device, generator=gen)
-    rows = torch.tensor(ROWS, dtype=torch.int64, device=device)
+    survivors = [list(ROWS)]
+    plan = sd.Plan.from_survivors("row", SHAPE[0], survivors).to(device)
+    rows, slot = plan.rows(0), plan.slot(0)
     b_rows = torch.randn((len(ROWS), *SHAPE[1:]), device=device, generator=gen).requires_grad_()
 
     def ours(x, y, r=None):
         return sd.gated_residual_relu(x, y, SCALE, rows=r, backend="triton")
+
+    def units_call(x, y):  # what a converted unit runs on CUDA (sdepth_ext.functional.fused_epilogue)
+        return GatedResidualAddFunction.apply(x, y, SCALE, rows, slot, True)
 
     def eager(x, y):
         return torch.relu(x + SCALE * y)
@@ -108,7 +118,9 @@ def _call_variants(device: torch.device) -> dict:
         "fwd": {"sdepth": lambda: ours(a, b), "eager": lambda: eager(a, b)},
         "fwd+bwd": {"sdepth": lambda: torch.autograd.grad(ours(a, b), (a, b), g),
                     "eager": lambda: torch.autograd.grad(eager(a, b), (a, b), g)},
-        "rows fwd+bwd": {"sdepth": lambda: torch.autograd.grad(ours(a, b_rows, rows), (a, b_rows), g),
+        "rows fwd+bwd": {"sdepth": lambda: torch.autograd.grad(units_call(a, b_rows), (a, b_rows), g),
+                         "sdepth, user rows (validated)": lambda: torch.autograd.grad(
+                             ours(a, b_rows, rows), (a, b_rows), g),
                          "eager": lambda: torch.autograd.grad(eager(a, b), (a, b), g),
                          "eager rows (by hand)": lambda: torch.autograd.grad(
                              eager_rows(a, b_rows, rows), (a, b_rows), g)},

@@ -1,41 +1,64 @@
 // pybind11 bindings of the gate scheduler (module sdepth_ext._C).
 //
-// sample() returns plain Python lists for the per-block bookkeeping (Python reads them every block, so
-// they must not be tensors) and one int64 tensor with all row indices of the step, allocated in pinned
-// memory when asked, so that moving a plan to the GPU is one asynchronous copy.
+// sample() returns plain Python lists for the per-unit bookkeeping (Python reads them every unit, so they
+// must not be tensors) and one int64 tensor with all row indices and slot maps of the step, allocated in
+// pinned memory when the caller will copy it to a GPU, so that moving a plan there is one asynchronous copy.
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <cstring>
 
 #include "scheduler.h"
 
 namespace {
 
-py::tuple sample(sdepth::GateSampler& sampler, int64_t batch_size, bool pin_memory) {
-  // The scratch vectors live as long as the thread: a step reuses the previous step's capacity.
+py::tuple pack(const sdepth::StepDraw& draw, bool pin_memory) {
+  const int64_t n = draw.size;
+  at::Tensor buffer = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(pin_memory));
+  if (n > 0) {
+    std::memcpy(buffer.data_ptr<int64_t>(), draw.buffer.data(), n * sizeof(int64_t));
+  }
+  return py::make_tuple(draw.active, draw.counts, draw.offsets, buffer);
+}
+
+py::tuple sample(sdepth::GateSampler& sampler, int64_t batch_size, int64_t rank, int64_t world_size,
+                 bool pin_memory) {
+  // The scratch vectors live as long as the thread: a step reuses the previous step's capacity, and threads
+  // never share them (the sampler's own state is one atomic counter).
   thread_local sdepth::StepDraw draw;
+  uint64_t step;
   {
     py::gil_scoped_release no_gil;  // pure C++ from here: other Python threads (data loaders) may run
-    sampler.sample(batch_size, draw);
+    step = sampler.sample(batch_size, rank, world_size, draw);
   }
-  const int64_t n = draw.num_indices;
-  at::Tensor indices = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(pin_memory));
-  if (n > 0) {
-    std::memcpy(indices.data_ptr<int64_t>(), draw.indices.data(), n * sizeof(int64_t));
+  py::tuple packed = pack(draw, pin_memory);
+  return py::make_tuple(packed[0], packed[1], packed[2], packed[3], step);
+}
+
+py::tuple draw_at(const sdepth::GateSampler& sampler, uint64_t step, int64_t batch_size, int64_t rank,
+                  int64_t world_size) {
+  thread_local sdepth::StepDraw draw;
+  {
+    py::gil_scoped_release no_gil;
+    sampler.draw(step, batch_size, rank, world_size, draw);
   }
-  return py::make_tuple(draw.active, draw.counts, draw.offsets, indices);
+  return pack(draw, false);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sdepth_ext compiled scheduler: host-side Bernoulli gates and survivor compaction";
+  m.doc() = "sdepth_ext compiled scheduler: host-side counter-based Bernoulli gates, survivor compaction";
   py::class_<sdepth::GateSampler>(m, "GateSampler")
-      .def(py::init<const std::vector<double>&, bool, uint64_t>(), py::arg("survival"),
-           py::arg("row_mode"), py::arg("state"))
-      .def("sample", &sample, py::arg("batch_size"), py::arg("pin_memory") = false,
-           "Draw one step: (active, counts, offsets, indices).")
-      .def_property("state", &sdepth::GateSampler::state, &sdepth::GateSampler::set_state)
-      .def_property_readonly("num_blocks", &sdepth::GateSampler::num_blocks)
+      .def(py::init<const std::vector<double>&, bool, uint64_t, uint64_t>(), py::arg("survival"),
+           py::arg("row_mode"), py::arg("seed"), py::arg("step") = 0)
+      .def("sample", &sample, py::arg("batch_size"), py::arg("rank") = 0, py::arg("world_size") = 1,
+           py::arg("pin_memory") = false,
+           "Claim the next step and draw it: (active, counts, offsets, buffer, step).")
+      .def("draw", &draw_at, py::arg("step"), py::arg("batch_size"), py::arg("rank") = 0,
+           py::arg("world_size") = 1, "Draw a given step without claiming it: (active, counts, offsets, buffer).")
+      .def_property_readonly("seed", &sdepth::GateSampler::seed)
+      .def_property("step", &sdepth::GateSampler::step, &sdepth::GateSampler::set_step)
+      .def_property_readonly("num_units", &sdepth::GateSampler::num_units)
       .def_property_readonly("row_mode", &sdepth::GateSampler::row_mode);
 }

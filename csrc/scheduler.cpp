@@ -1,6 +1,7 @@
 #include "scheduler.h"
 
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -9,44 +10,51 @@ namespace {
 
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ULL;
 
-inline uint64_t splitmix64_next(uint64_t& state) {
-  uint64_t z = (state += kGamma);
+inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
 }
 
-// Yields the 32-bit uniforms of one sample() call: low half of each word first.
-//
-// The stream works on its own copy of the state and the caller writes it back once (state()): a reference
-// to the sampler's member would alias the int64 row indices written in the compaction loop (signed and
-// unsigned variants of a type may alias), forcing a store and reload of the state per sample; the copy
-// stays in a register. (With the scratch no longer zero-filled, sample(128) for 54 blocks measures
-// 11.9-13.9 µs through Python on a 2-core EPYC VM: python -m benchmarks.bench_scheduler.)
-class Uniform32Stream {
- public:
-  explicit Uniform32Stream(uint64_t state) : state_(state) {}
-  uint64_t state() const { return state_; }
-  inline uint64_t next() {
-    if (have_high_) {
-      have_high_ = false;
-      return word_ >> 32;
+// Compacts the survivors of one unit at one step into words[0..K) (branch-free: always write the index,
+// advance only on survival; the survive branch is a coin flip at p = 0.5, so a branch would mispredict about
+// half the time) and returns K. Sample g's uniform is half of word W_{g/2} (scheduler.h).
+inline int64_t compact_unit(uint64_t unit_key, uint64_t threshold, int64_t n, uint64_t world_size,
+                            uint64_t rank, int64_t* words) {
+  int64_t k = 0;
+  if (world_size == 1) {
+    // A single process: samples 2j and 2j + 1 share word j; W_j = mix64(key + (j + 1) G) step by step.
+    uint64_t state = unit_key;
+    int64_t i = 0;
+    for (; i + 1 < n; i += 2) {
+      state += kGamma;
+      const uint64_t word = mix64(state);
+      words[k] = i;
+      k += static_cast<int64_t>((word & 0xFFFFFFFFULL) < threshold);
+      words[k] = i + 1;
+      k += static_cast<int64_t>((word >> 32) < threshold);
     }
-    word_ = splitmix64_next(state_);
-    have_high_ = true;
-    return word_ & 0xFFFFFFFFULL;
+    if (i < n) {
+      words[k] = i;
+      k += static_cast<int64_t>((mix64(state + kGamma) & 0xFFFFFFFFULL) < threshold);
+    }
+    return k;
   }
-
- private:
-  uint64_t state_;
-  uint64_t word_ = 0;
-  bool have_high_ = false;  // a half word left over at the end of a call is discarded
-};
+  // DDP rank r of W (W >= 2): local sample i is global sample g = i W + r, each in a word of its own.
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t g = static_cast<uint64_t>(i) * world_size + rank;
+    const uint64_t word = mix64(unit_key + ((g >> 1) + 1) * kGamma);
+    const uint64_t u = (g & 1) ? (word >> 32) : (word & 0xFFFFFFFFULL);
+    words[k] = i;
+    k += static_cast<int64_t>(u < threshold);
+  }
+  return k;
+}
 
 }  // namespace
 
-GateSampler::GateSampler(const std::vector<double>& survival, bool row_mode, uint64_t state)
-    : row_mode_(row_mode), state_(state) {
+GateSampler::GateSampler(const std::vector<double>& survival, bool row_mode, uint64_t seed, uint64_t step)
+    : row_mode_(row_mode), seed_(seed), step_(step) {
   if (survival.empty()) {
     throw std::invalid_argument("survival must hold at least one probability, got an empty list");
   }
@@ -62,52 +70,78 @@ GateSampler::GateSampler(const std::vector<double>& survival, bool row_mode, uin
   }
 }
 
-void GateSampler::sample(int64_t batch_size, StepDraw& out) {
+uint64_t GateSampler::sample(int64_t batch_size, int64_t rank, int64_t world_size, StepDraw& out) {
+  // Validate before claiming, so that a rejected call does not advance the stream.
   if (batch_size < 1) {
     throw std::invalid_argument("batch_size must be >= 1, got " + std::to_string(batch_size));
   }
-  const int64_t L = num_blocks();
+  if (world_size < 1 || rank < 0 || rank >= world_size) {
+    throw std::invalid_argument("rank must be in [0, world_size) with world_size >= 1, got rank " +
+                                std::to_string(rank) + " of " + std::to_string(world_size));
+  }
+  const uint64_t step = step_.fetch_add(1, std::memory_order_relaxed);
+  draw(step, batch_size, rank, world_size, out);
+  return step;
+}
+
+void GateSampler::draw(uint64_t step, int64_t batch_size, int64_t rank, int64_t world_size,
+                       StepDraw& out) const {
+  if (batch_size < 1) {
+    throw std::invalid_argument("batch_size must be >= 1, got " + std::to_string(batch_size));
+  }
+  if (world_size < 1 || rank < 0 || rank >= world_size) {
+    throw std::invalid_argument("rank must be in [0, world_size) with world_size >= 1, got rank " +
+                                std::to_string(rank) + " of " + std::to_string(world_size));
+  }
+  const int64_t L = num_units();
+  const int64_t N = batch_size;
   out.counts.resize(L);
   out.active.clear();
   out.offsets.resize(L + 1);
-  out.num_indices = 0;
-  Uniform32Stream uniforms(state_);
+  out.size = 0;
+  const uint64_t step_key = mix64(seed_ + (step + 1) * kGamma);
 
   if (!row_mode_) {
     for (int64_t l = 0; l < L; ++l) {
-      const bool keep = uniforms.next() < thresholds_[l];
-      out.counts[l] = keep ? batch_size : 0;
+      // Sample 0's uniform (the low half of word 0) gates the whole batch.
+      const uint64_t unit_key = mix64(step_key + static_cast<uint64_t>(l + 1) * kGamma);
+      const bool keep = (mix64(unit_key + kGamma) & 0xFFFFFFFFULL) < thresholds_[l];
+      out.counts[l] = keep ? N : 0;
       out.offsets[l] = 0;
       if (keep) out.active.push_back(l);
     }
     out.offsets[L] = 0;
-    state_ = uniforms.state();
     return;
   }
 
-  if (out.indices.size() < static_cast<size_t>(L * batch_size)) {
-    out.indices.resize(static_cast<size_t>(L * batch_size));  // upper bound on the rows stored
+  const int64_t slot_words = (N + 1) / 2;
+  // Upper bound on the words stored, plus room for a unit's scratch indices past the last stored word.
+  const size_t capacity = static_cast<size_t>(L * (N + slot_words) + N);
+  if (out.buffer.size() < capacity) out.buffer.resize(capacity);
+  if (out.slot_scratch.size() < static_cast<size_t>(2 * slot_words)) {
+    out.slot_scratch.resize(static_cast<size_t>(2 * slot_words));
   }
-  int64_t* idx = out.indices.data();
+  int64_t* words = out.buffer.data();
+  int32_t* slot = out.slot_scratch.data();
+  const uint64_t W = static_cast<uint64_t>(world_size);
+  const uint64_t r = static_cast<uint64_t>(rank);
   int64_t n = 0;
   for (int64_t l = 0; l < L; ++l) {
-    const uint64_t threshold = thresholds_[l];
-    const int64_t start = n;
-    out.offsets[l] = start;
-    // Branch-free compaction: always write the index, advance only on survival. The survive branch
-    // is a coin flip at p = 0.5, so a branch would mispredict about half the time.
-    for (int64_t i = 0; i < batch_size; ++i) {
-      idx[n] = i;
-      n += static_cast<int64_t>(uniforms.next() < threshold);
-    }
-    const int64_t count = n - start;
+    const uint64_t unit_key = mix64(step_key + static_cast<uint64_t>(l + 1) * kGamma);
+    const int64_t count = compact_unit(unit_key, thresholds_[l], N, W, r, words + n);
+    out.offsets[l] = n;
     out.counts[l] = count;
     if (count > 0) out.active.push_back(l);
-    if (count == batch_size) n = start;  // everyone survived: no rows stored, no gather needed
+    if (count == 0 || count == N) continue;  // all or nothing: no rows stored, no gather needed
+    // The inverse map, after the compaction: writing it inside the compaction loop (one select per sample)
+    // measured several times slower than this fill + K stores.
+    std::memset(slot, 0xFF, static_cast<size_t>(2 * slot_words) * sizeof(int32_t));  // -1, padding included
+    for (int64_t k = 0; k < count; ++k) slot[words[n + k]] = static_cast<int32_t>(k);
+    std::memcpy(words + n + count, slot, static_cast<size_t>(slot_words) * sizeof(int64_t));
+    n += count + slot_words;
   }
   out.offsets[L] = n;
-  out.num_indices = n;
-  state_ = uniforms.state();
+  out.size = n;
 }
 
 }  // namespace sdepth

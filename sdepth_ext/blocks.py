@@ -30,10 +30,11 @@ Options set on the shared state by the helpers of :mod:`sdepth_ext.distributed` 
   parameters get exact zero gradients through autograd (:class:`_ZeroGradTouch`, no activation work), so
   DDP's default ``find_unused_parameters=False`` sees every parameter each step. BatchNorm layers of the
   dropped branch still do not run: running statistics and ``num_batches_tracked`` are untouched.
-* ``shard=(rank, world_size)`` (row mode, ``sd.ddp_ready``): every rank draws the plan of the *global*
-  batch (``world_size * N`` samples, same stream on every rank) and keeps its slice (:func:`shard_plan`).
+* ``shard=(rank, world_size)`` (row mode, ``sd.ddp_ready``): every rank draws its own samples' gates, as
+  samples ``i * world_size + rank`` of the global batch (same seed and step on every rank).
 * ``row_multiple=k`` (row mode, ``sd.compile_blocks``): survivor counts are rounded up to a multiple of k by
-  promoting dropped samples to survivors (:func:`round_plan_rows`), so compiled regions see few shapes.
+  promoting dropped samples to survivors (:func:`~sdepth_ext.scheduler.round_plan_rows`), so compiled
+  regions see few shapes.
 * ``checkpoint`` (``sd.checkpoint_blocks``): each surviving block runs under ``torch.utils.checkpoint`` with
   the plan bound at forward time, so recomputation uses the same gates even if another forward drew a new plan
   in between; BatchNorm running statistics are not updated a second time by the recomputation.
@@ -44,8 +45,6 @@ Options set on the shared state by the helpers of :mod:`sdepth_ext.distributed` 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +53,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .functional import gated_residual_relu
-from .scheduler import Plan, Scheduler
+from .functional import fused_epilogue
+from .scheduler import Plan, Scheduler, mix64, round_plan_rows
 
 __all__ = [
     "RESIDUAL_BLOCK_TYPES",
@@ -67,8 +66,6 @@ __all__ = [
     "is_stochastic_depth_block",
     "check_convertible",
     "residual_branch",
-    "shard_plan",
-    "round_plan_rows",
 ]
 
 RESIDUAL_BLOCK_TYPES = (BasicBlock, Bottleneck)
@@ -101,23 +98,25 @@ class StochasticDepthState:
         self.shard: tuple[int, int] | None = None  # (rank, world_size), row mode only
         self.row_multiple = 1
         self.checkpoint: dict | None = None  # kwargs of torch.utils.checkpoint.checkpoint, or None
-        self.global_plan: Plan | None = None  # row mode with shard: the plan of the global batch
 
     def sample(self, batch_size: int, device: torch.device) -> Plan:
-        """Draw the plan of one step and move it to ``device`` (one copy of the packed row indices)."""
+        """Draw the plan of one step and move it to ``device`` (one copy of the packed buffer).
+
+        The buffer is allocated pinned only when it is going to a GPU (decided here, per draw: nothing about
+        pinning is stored, so a model pickled on a GPU machine trains on a CPU-only one).
+        """
+        pin = device.type == "cuda"
         if self.shard is not None and self.mode == "row":
-            rank, world_size = self.shard
-            self.global_plan = self.scheduler.sample(batch_size * world_size)
-            host_plan = shard_plan(self.global_plan, rank, world_size)
+            rank, world_size = self.shard  # this rank's samples of the global batch
+            host_plan = self.scheduler.sample(batch_size, rank=rank, world_size=world_size, pin_memory=pin)
         else:
-            # Batch mode draws one uniform per block whatever the batch size, so every rank with the same
-            # stream draws the same gates even without sharding.
-            self.global_plan = None
-            host_plan = self.scheduler.sample(batch_size)
+            # Batch mode's gate does not depend on the batch size: every rank draws the same gates.
+            host_plan = self.scheduler.sample(batch_size, pin_memory=pin)
         if self.row_multiple > 1 and self.mode == "row":
-            # The salt is the stream's state after the draw: deterministic (resumes exactly), and the same on
-            # every rank, but different each step, so the promoted samples rotate.
-            host_plan = round_plan_rows(host_plan, self.row_multiple, self.scheduler.get_rng_state())
+            # The salt is derived from the seed and step: deterministic (resumes exactly), the same on every
+            # rank, but different each step, so the promoted samples rotate.
+            salt = mix64(self.scheduler.seed ^ mix64(host_plan.step))
+            host_plan = round_plan_rows(host_plan, self.row_multiple, salt)
         self.host_plan = host_plan
         self.plan = host_plan.to(device)
         return self.plan
@@ -189,7 +188,7 @@ class StochasticDepthMixin:
             scale = 1.0 if state.scaling == "inverted" else self.sd_survival
             shortcut = self._sd_shortcut(x)
             residual = self._sd_residual(x)
-            return gated_residual_relu(_like(shortcut, residual), residual, scale)
+            return fused_epilogue(_like(shortcut, residual), residual, scale, relu=True)
 
         plan = state.plan
         if plan is None:
@@ -221,7 +220,7 @@ class StochasticDepthMixin:
             # Batch mode's survivors, or row mode with every sample kept: no gather, no scatter.
             shortcut = self._sd_shortcut(x)
             residual = self._sd_residual(x)
-            return gated_residual_relu(_like(shortcut, residual), residual, scale)
+            return fused_epilogue(_like(shortcut, residual), residual, scale, relu=True)
 
         if x.shape[0] != plan.batch_size:
             raise RuntimeError(
@@ -233,8 +232,8 @@ class StochasticDepthMixin:
             residual = self._single_survivor_residual(x, host_plan, l)
         else:
             residual = self._sd_residual(x.index_select(0, rows))
-        # Scheduler rows are sorted, unique and in range by construction: skip the checking device sync.
-        return gated_residual_relu(_like(shortcut, residual), residual, scale, rows=rows, _trusted_rows=True)
+        # Scheduler rows are sorted, unique and in range by construction, and the plan carries their map.
+        return fused_epilogue(_like(shortcut, residual), residual, scale, rows, plan.slot(l), relu=True)
 
     # -- compiled regions (sdepth_ext.compile_blocks) ------------------------------------------------------
     def _sd_is_compiled(self) -> bool:
@@ -363,88 +362,6 @@ def _frozen_batchnorm_stats(module: nn.Module):
     finally:
         for m, name, buf in swapped:
             m._buffers[name] = buf
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Plan transforms: sharding across DDP ranks (row mode) and rounding of survivor counts
-# ------------------------------------------------------------------------------------------------------------
-def _stored(counts: list[int], batch_size: int) -> list[int]:
-    """Rows stored per block in a Plan's packed indices: none for all-or-nothing blocks."""
-    return [c if c < batch_size else 0 for c in counts]
-
-
-def shard_plan(plan: Plan, rank: int, world_size: int) -> Plan:
-    """Rank ``rank``'s slice of a row-mode ``plan`` drawn for the global batch of ``world_size`` equal shards.
-
-    Sample ``i`` of rank ``r`` is global sample ``r * N + i`` (N = plan.batch_size // world_size), the
-    order of a concatenation of the ranks' batches. Vectorised on the host (a few small tensor ops per step,
-    whatever the number of blocks). Batch-mode plans need no sharding (their gates do not depend on the
-    batch) and are rejected with ValueError.
-    """
-    if plan.mode != "row":
-        raise ValueError(f"plan: shard_plan needs a row-mode plan, got mode={plan.mode!r}")
-    if plan.batch_size % world_size != 0:
-        raise ValueError(f"world_size: {world_size} does not divide the plan's batch of {plan.batch_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    n = plan.batch_size // world_size
-    lo = rank * n
-    counts_global = plan.counts
-    num_blocks = len(counts_global)
-    indices = plan.indices.cpu()
-    stored = _stored(counts_global, plan.batch_size)
-    segment = torch.repeat_interleave(torch.arange(num_blocks), torch.tensor(stored, dtype=torch.int64))
-    inside = (indices >= lo) & (indices < lo + n)
-    local_stored = torch.bincount(segment[inside], minlength=num_blocks).tolist()
-    counts = [n if c == plan.batch_size else (0 if c == 0 else local_stored[l])
-              for l, c in enumerate(counts_global)]
-    keep_block = torch.tensor([c < n for c in counts], dtype=torch.bool)
-    local = indices[inside & keep_block[segment]] - lo
-    offsets = [0, *itertools.accumulate(_stored(counts, n))]
-    active = [l for l, c in enumerate(counts) if c > 0]
-    return Plan("row", n, active, counts, offsets[:num_blocks + 1], local.contiguous())
-
-
-def round_plan_rows(plan: Plan, multiple: int, salt: int) -> Plan:
-    """``plan`` with each survivor count K (0 < K < N) raised to ``min(N, k * ceil(K / k))`` (k = multiple).
-
-    The extra rows are dropped samples promoted to survivors: they get their residual like any survivor.
-    Which dropped samples: the first ones in cyclic index order from a per-block offset derived from ``salt``
-    (the same on every rank, different each step), so no sample index is favoured over many steps. Blocks with
-    K = 0 stay dropped. Hence the effective survival rate of block l is
-    ``E[min(N, k ceil(K/k))] / N`` with ``K ~ Binomial(N, p_l)`` (:func:`sdepth_ext.effective_survival`).
-    """
-    if plan.mode != "row" or multiple <= 1:
-        return plan
-    n = plan.batch_size
-    counts, chunks = [], []
-    indices = plan.indices.cpu()
-    offsets_in = plan._offsets
-    for l, count in enumerate(plan.counts):
-        if count == 0 or count == n:
-            counts.append(count)
-            continue
-        target = min(n, multiple * math.ceil(count / multiple))
-        counts.append(target)
-        if target == n:
-            continue
-        survivors = indices[offsets_in[l]:offsets_in[l] + count]
-        if target > count:
-            dropped_mask = torch.ones(n, dtype=torch.bool)
-            dropped_mask[survivors] = False
-            dropped = dropped_mask.nonzero().flatten()
-            # SplitMix64-style mixing of (salt, l): a well-spread start offset per block and step.
-            z = (salt + (l + 1) * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
-            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-            z ^= z >> 31
-            start = z % dropped.numel()
-            promoted = torch.roll(dropped, -start)[:target - count]
-            survivors = torch.sort(torch.cat([survivors, promoted])).values
-        chunks.append(survivors)
-    local = torch.cat(chunks) if chunks else indices.new_empty(0)
-    offsets = [0, *itertools.accumulate(_stored(counts, n))]
-    active = [l for l, c in enumerate(counts) if c > 0]
-    return Plan("row", n, active, counts, offsets, local)
 
 
 def _is_inside(module: nn.Module, container: nn.Module | None) -> bool:

@@ -38,7 +38,7 @@ from .blocks import (
     stochastic_depth_class,
 )
 from .rules import check_probability, linear_decay, uniform
-from .scheduler import Scheduler
+from .scheduler import Scheduler, check_u64
 
 __all__ = ["convert", "revert", "survival_probs", "lesion", "cifar_resnet", "CifarResNet", "get_state",
            "get_scheduler", "find_residual_blocks"]
@@ -134,7 +134,7 @@ def _load_scheduler_state_hook(module: nn.Module, state_dict: dict, prefix: str,
         return  # a plain checkpoint: keep this model's own gate stream
     try:
         state.scheduler.load_state_dict(saved)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         # Weights still load: e.g. fine-tuning a checkpoint at another p_last is legitimate.
         warnings.warn(f"sdepth_ext: scheduler state in the checkpoint not restored ({err}); "
                       "the model keeps its own gate stream", UserWarning, stacklevel=2)
@@ -193,8 +193,8 @@ def convert(model: nn.Module, p_last: float = 0.5, rule: str = "linear", mode: s
     _check_choice(rule, "rule", RULES)
     _check_choice(mode, "mode", MODES)
     _check_choice(scaling, "scaling", SCALINGS)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None:
+        seed = check_u64(seed, "seed")
 
     if _is_converted_root(model):
         revert(model)

@@ -1,18 +1,17 @@
 """Stochastic depth under ``torch.nn.parallel.DistributedDataParallel``, and the gradient of dropped blocks.
 
 How ranks agree on the plan of a step
-    Every rank owns a Scheduler; a Scheduler's stream is fully determined by its 64-bit state, and each
-    training-mode forward consumes the same amount of it on every rank (DDP runs ranks in lockstep).
-    :func:`sync_scheduler` (called by :func:`ddp_ready`) broadcasts the state of rank ``src`` once, so a
-    ``seed=None`` conversion (a per-rank seed from torch's generator) is fine too. Then
+    Every rank owns a Scheduler. Its gates are a pure function of (seed, step, unit, sample)
+    (csrc/scheduler.h), and each training-mode forward draws one step on every rank (DDP runs ranks in
+    lockstep). :func:`sync_scheduler` (called by :func:`ddp_ready`) broadcasts the seed and step of rank
+    ``src`` once, so a ``seed=None`` conversion (a per-rank seed from torch's generator) is fine too. Then
 
-    * batch mode: one uniform per block and step, whatever the batch size: all ranks draw the same gates;
-    * row mode: every rank draws the plan of the *global* batch (``world_size * N`` samples, in rank order)
-      and keeps its own slice (:func:`sdepth_ext.blocks.shard_plan`), so gates of different ranks' samples are
-      independent and the run equals a single-process run over the concatenated batch (up to BatchNorm,
-      whose statistics stay per rank, as with any DDP model without SyncBatchNorm). This needs equal
-      per-rank batch sizes (``DistributedSampler`` pads to them): a row-mode draw consumes ``L * batch``
-      uniforms, so unequal batches would desynchronise the streams.
+    * batch mode: one gate per unit and step, whatever the batch size: all ranks draw the same gates;
+    * row mode: rank r's sample i is sample ``i * world_size + r`` of the global batch, and each rank draws
+      only its own samples' gates. Gates of different ranks' samples are independent, and with equal per-rank
+      batches the run equals a single-process run over the interleaved global batch (up to BatchNorm, whose
+      statistics stay per rank, as with any DDP model without SyncBatchNorm). The stream never depends on a
+      batch size: ranks with unequal batches (a last partial batch, an uneven sampler) stay in lockstep.
 
 Why dropped blocks need help
     DDP with the default ``find_unused_parameters=False`` expects a gradient for every parameter each step
@@ -22,13 +21,17 @@ Why dropped blocks need help
     statistics and ``num_batches_tracked`` are untouched). ``find_unused_parameters=True`` also works but
     traverses the autograd graph every step (see ``benchmarks/bench_ddp.py``).
 
+SyncBatchNorm in row mode is refused: a unit with no survivor on one rank and some on another would skip
+the collective on the first rank only (a hang, or mismatched collectives).
+
 Optimizer semantics
     By default a dropped block's residual parameters get no gradient (``grad is None`` after
     ``zero_grad(set_to_none=True)``): optimizers skip them, so no weight decay and no momentum step that
     iteration. ``set_dropped_grads(model, "zero")`` (what DDP needs) gives them zero gradients instead, so
     weight decay and momentum do apply. :func:`clear_dropped_grads`, called after ``backward()``, restores the
-    "no gradient" semantics under DDP by setting those gradients back to ``None`` (for blocks dropped on every
-    rank: always in batch mode, in row mode the blocks without survivors in the global batch).
+    "no gradient" semantics under DDP by setting those gradients back to ``None`` (for units dropped on every
+    rank: always in batch mode; in row mode the units without a survivor in the global batch, which the
+    ranks agree on through one small all-reduce of their survivor counts, whatever their batch sizes).
 """
 
 from __future__ import annotations
@@ -53,30 +56,60 @@ def set_dropped_grads(model: nn.Module, policy: str) -> nn.Module:
     return model
 
 
-def dropped_blocks(model: nn.Module) -> list[int]:
-    """Blocks (0-based) without a survivor in the last step, on every rank (the global plan in row-DDP)."""
+def dropped_blocks(model: nn.Module, process_group=None) -> list[int]:
+    """Units (0-based) without a survivor in the last step on every rank.
+
+    Batch mode and single-process runs: the plan's dropped units. Row mode under DDP (``ddp_ready`` with a
+    process group): the units without a survivor in the *global* batch, from one all-reduce of the ranks'
+    survivor counts -- a collective, so call it on every rank. Sharded without a process group (tests,
+    simulations): the global plan drawn for ``world_size`` equal batches.
+    """
     state = get_state(model)
-    plan = state.global_plan if state.global_plan is not None else state.host_plan
+    plan = state.host_plan
     if plan is None:
         return []
-    return [l for l, c in enumerate(plan.counts) if c == 0]
+    counts = plan.counts
+    if state.shard is not None and state.mode == "row":
+        rank, world_size = state.shard
+        if dist.is_available() and dist.is_initialized():
+            local = torch.tensor(counts, dtype=torch.int64, device=_collective_device(process_group))
+            dist.all_reduce(local, group=process_group)
+            counts = local.tolist()
+        else:
+            counts = state.scheduler.draw(plan.step, plan.batch_size * world_size).counts
+    return [l for l, c in enumerate(counts) if c == 0]
 
 
-def clear_dropped_grads(model: nn.Module) -> int:
-    """Set ``.grad = None`` on the residual parameters of the blocks dropped in the last step.
+def clear_dropped_grads(model: nn.Module, process_group=None) -> int:
+    """Set ``.grad = None`` on the residual parameters of the units dropped in the last step on every rank.
 
     Call it after ``backward()`` (after DDP's all-reduce) and before ``optimizer.step()`` to get the
     single-process "no gradient" semantics with ``ddp_ready``. Returns how many parameters were cleared.
-    Projection shortcuts always run, so their parameters keep their gradients.
+    Projection shortcuts always run, so their parameters keep their gradients. In row mode under DDP it is a
+    collective (:func:`dropped_blocks`): call it on every rank.
     """
     state = get_state(model)
     cleared = 0
-    for l in dropped_blocks(model):
+    for l in dropped_blocks(model, process_group):
         for name, p in state.blocks[l].named_parameters():
             if not name.startswith("downsample.") and p.grad is not None:
                 p.grad = None
                 cleared += 1
     return cleared
+
+
+def check_no_sync_batchnorm(state) -> None:
+    """Row mode with SyncBatchNorm in a unit would hang DDP: refuse it (ValueError naming the module)."""
+    if state.mode != "row":
+        return
+    for index, block in enumerate(state.blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.SyncBatchNorm):
+                raise ValueError(
+                    f"model: unit {index} contains SyncBatchNorm ({type(block).__name__}.{name}), which "
+                    "row mode cannot run under DDP: a unit with no survivor on one rank and some on another "
+                    "would skip the collective on the first rank only (a hang). Use mode='batch' (every rank "
+                    "drops the same units), or plain BatchNorm per rank")
 
 
 def _collective_device(group) -> torch.device:
@@ -88,20 +121,19 @@ def _collective_device(group) -> torch.device:
 def sync_scheduler(model: nn.Module, src: int = 0, process_group=None) -> None:
     """Give every rank the scheduler state (seed and RNG state) of rank ``src``: a collective, call on all.
 
-    Call it after conversion and after loading a checkpoint (``ddp_ready`` calls it once).
+    Call it after conversion and after loading a checkpoint on only some ranks (``ddp_ready`` calls it once).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("sync_scheduler needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")
     scheduler = get_state(model).scheduler
     # Unsigned 64-bit words travel as int64 bit patterns.
-    words = [scheduler.seed, scheduler.get_rng_state()]
+    words = [scheduler.seed, scheduler.step]
     signed = [w - _U64 if w >= 1 << 63 else w for w in words]
     buf = torch.tensor(signed, dtype=torch.int64, device=_collective_device(process_group))
     dist.broadcast(buf, src=src, group=process_group)
-    seed, rng = [int(v) % _U64 for v in buf.cpu().tolist()]
-    scheduler.set_rng_state(rng)
-    scheduler.seed = seed
+    seed, step = [int(v) % _U64 for v in buf.cpu().tolist()]
+    scheduler.reseed(seed, step)
 
 
 def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool = True) -> nn.Module:
@@ -116,6 +148,7 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
     Without a process group only the first point applies (single-process runs with zero-gradient semantics).
     """
     state = get_state(model)
+    check_no_sync_batchnorm(state)
     set_dropped_grads(model, "zero")
     if dist.is_available() and dist.is_initialized():
         if sync:

@@ -1,101 +1,177 @@
-"""The stochastic-depth epilogue ``relu(shortcut + scale * residual)``, eager reference and fused kernels.
+"""The epilogue ``act(shortcut + scale * residual)`` of a stochastic-depth residual unit: reference, fused.
 
-Layers, from the math down:
+``act`` is ReLU (ResNet blocks) or nothing (ConvNeXt, MBConv, Swin, ViT units). Layers, from the math down:
 
-1. :func:`gated_residual_relu_reference` -- plain PyTorch; the ``backend="torch"`` path and the test oracle.
-   Autograd differentiates it; torch.compile/inductor fuses it on its own.
+1. :func:`gated_residual_add_reference` -- plain PyTorch; the test oracle. :func:`_gated_residual_add_torch`
+   is the ``backend="torch"`` path: the same arithmetic in fewer memory passes. Autograd differentiates both;
+   torch.compile/inductor fuses them on its own.
 2. Triton kernels and launchers in :mod:`sdepth_ext.kernels.epilogue` (one pass forward, one pass backward,
-   row-mode scatter/gather fused in).
-3. Two opaque ``torch.library.custom_op`` s, ``sdepth_ext::gated_residual_relu`` and
+   row-mode scatter/gather fused in, layout analysis cached per shape).
+3. :class:`GatedResidualAddFunction` -- the eager hot path: its forward and backward call the launchers
+   directly, one Python layer above the launch (on a fast GPU every layer shows in the step time: see
+   ``benchmarks/bench_host.py``).
+4. Two opaque ``torch.library.custom_op`` s, ``sdepth_ext::gated_residual_add`` and
    ``sdepth_ext::gated_residual_relu_backward``, with fake (meta) kernels that reproduce the real output
-   strides, and ``register_autograd`` on the forward op. Dynamo/AOTAutograd/inductor treat them as single
-   nodes, so ``torch.compile(fullgraph=True)`` never traces into Triton (nor into the interpreter on CPU). An
-   opaque custom_op was chosen over ``triton_op`` + ``wrap_triton`` because only the former passes
-   ``opcheck`` and compiles under ``TRITON_INTERPRET=1``, which is how CI (no GPU) tests the kernels.
-4. :class:`GatedResidualReLUFunction` -- the user-facing autograd.Function; its forward and backward call the
-   two custom ops. Its backward is ``once_differentiable``: double backward raises a clear error (so does the
-   backward op, which has no autograd formula).
-5. :func:`gated_residual_relu` -- validates, picks the backend, dispatches.
+   strides and ``register_autograd``: used only while ``torch.compiler.is_compiling()``. Dynamo, AOTAutograd
+   and inductor treat them as single nodes, so ``torch.compile(fullgraph=True)`` never traces into Triton (nor
+   into the interpreter on CPU). An opaque custom_op was chosen over ``triton_op`` + ``wrap_triton`` because
+   only the former passes ``opcheck`` and compiles under ``TRITON_INTERPRET=1``, which is how CI (no GPU)
+   tests the kernels.
+5. :func:`gated_residual_add` / :func:`gated_residual_relu` -- validate (O(1) checks, plus the values of
+   user-given ``rows``), pick the backend, dispatch. :func:`fused_epilogue` is the library's own entry: the
+   units' inputs are right by construction and their plan already carries the row map, so it skips the checks.
 
-The fused path saves only the output for backward (``out > 0`` is relu's derivative), never both inputs.
+With ReLU the fused path saves only the output for backward (``out > 0`` is relu's derivative), never both
+inputs; without an activation it saves nothing, and ``grad_shortcut`` is the incoming gradient itself.
 """
 
+import functools
 import math
 import numbers
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .kernels import load_epilogue, output_strides, triton_available
 
-__all__ = ["GatedResidualReLUFunction", "gated_residual_relu", "gated_residual_relu_reference"]
+__all__ = ["ACTIVATIONS", "GatedResidualAddFunction", "fused_epilogue", "gated_residual_add",
+           "gated_residual_add_reference", "gated_residual_relu", "gated_residual_relu_reference"]
 
 BACKENDS = (None, "triton", "torch")
+ACTIVATIONS = (None, "relu")
+_DOUBLE_BACKWARD = (
+    "sd.gated_residual_add / sd.gated_residual_relu (backend='triton'): the fused backward is not "
+    "differentiable, so create_graph=True (double backward, e.g. a gradient penalty) is not supported "
+    "through it; use backend='torch', whose ops autograd differentiates to any order")
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch reference
+# PyTorch reference and the torch path
 # --------------------------------------------------------------------------------------------------
-def gated_residual_relu_reference(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,
-                                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``relu(shortcut + scale * residual)``; with ``rows``, only those samples get their residual.
+def gated_residual_add_reference(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,
+                                 rows: Optional[torch.Tensor] = None, activation: Optional[str] = None
+                                 ) -> torch.Tensor:
+    """``act(shortcut + scale * residual)``; with ``rows``, only those samples get their residual.
 
     Written with differentiable out-of-place ops so autograd gives the reference gradients: dropped samples
-    get ``relu(shortcut)`` and never touch the residual; ``index_put`` routes the survivors' gradients (and,
+    get ``act(shortcut)`` and never touch the residual; ``index_put`` routes the survivors' gradients (and,
     unlike ``index_copy``, keeps a channels_last layout).
     """
+    act = torch.relu if activation == "relu" else (lambda t: t)
     if rows is None:
-        return torch.relu(shortcut + scale * residual)
-    out = torch.relu(shortcut)
-    kept = torch.relu(shortcut.index_select(0, rows) + scale * residual)
+        return act(shortcut + scale * residual)
+    out = act(shortcut)
+    kept = act(shortcut.index_select(0, rows) + scale * residual)
     return torch.index_put(out, (rows,), kept)
 
 
-def _gated_residual_relu_torch(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
-                               rows: Optional[torch.Tensor]) -> torch.Tensor:
+def gated_residual_relu_reference(shortcut, residual, scale=1.0, rows=None):
+    """:func:`gated_residual_add_reference` with ``activation="relu"``."""
+    return gated_residual_add_reference(shortcut, residual, scale, rows, "relu")
+
+
+def _gated_residual_add_torch(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
+                              rows: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     """The ``backend="torch"`` path: the reference's exact arithmetic in fewer memory passes.
 
-    On the CPU the fused kernels do not run, and in row mode the reference's ``relu(sc)`` + gather + add +
-    relu + ``index_put`` (a clone of the whole output) cost ~6 passes over the tensor forward and as many
-    backward -- as much as a 16-channel 3x3 convolution of a CIFAR ResNet. ``index_add`` adds the survivors'
-    residual in place of a copy of the shortcut and one ``relu`` follows: 2 full passes forward, 1 backward.
-    Bit-identical to the reference: the same ``scale * residual`` product and the same single addition
-    (``alpha`` is not used, as ``add(.., alpha=)`` may fuse the multiply-add and round once instead of twice).
+    In row mode the reference's ``act(sc)`` + gather + add + act + ``index_put`` (a clone of the whole
+    output) cost ~6 passes over the tensor forward and as many backward -- as much as a 16-channel 3x3
+    convolution of a CIFAR ResNet. ``index_add`` adds the survivors' residual into a copy of the shortcut and
+    one ``relu`` follows: 2 full passes forward, 1 backward. Bit-identical to the reference: the same
+    ``scale * residual`` product and the same single addition (``alpha`` is not used, as ``add(.., alpha=)``
+    may fuse the multiply-add and round once instead of twice).
     """
     scaled = residual if scale == 1.0 else scale * residual
+    if rows is None:
+        out = shortcut + scaled
+    else:
+        # clone + in-place index_add_ rather than out-of-place index_add, which returns a contiguous tensor
+        # for an empty ``rows`` and would turn a channels_last batch into NCHW.
+        out = shortcut.clone(memory_format=torch.preserve_format).index_add_(0, rows, scaled)
     # The in-place relu_ acts on a fresh tensor (the sum, the clone): no extra allocation and pass, and
     # autograd saves the output for ReluBackward, as it would for an out-of-place relu.
-    if rows is None:
-        return (shortcut + scaled).relu_()
-    # clone + in-place index_add_ rather than out-of-place index_add, which returns a contiguous tensor for
-    # an empty ``rows`` and would turn a channels_last batch into NCHW.
-    return shortcut.clone(memory_format=torch.preserve_format).index_add_(0, rows, scaled).relu_()
+    return out.relu_() if relu else out
 
 
 # --------------------------------------------------------------------------------------------------
-# Registered ops (opaque to torch.compile)
+# autograd.Function: the eager path, one layer above the launchers
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("sdepth_ext::gated_residual_relu", mutates_args=())
-def _gated_residual_relu_op(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
-                            rows: Optional[torch.Tensor]) -> torch.Tensor:
-    return load_epilogue().gated_residual_relu_forward(shortcut, residual, scale, rows)
+_epilogue = None
 
 
-@_gated_residual_relu_op.register_fake
-def _(shortcut, residual, scale, rows):
+def _kernels():
+    global _epilogue
+    if _epilogue is None:
+        _epilogue = load_epilogue()
+    return _epilogue
+
+
+class GatedResidualAddFunction(torch.autograd.Function):
+    """Fused ``act(shortcut + scale * residual)`` (optionally row-scattered) with a one-pass backward.
+
+    ``apply(shortcut, residual, scale, rows, slot, relu)``: ``slot`` is the row map of ``rows``
+    (:func:`sdepth_ext.kernels.epilogue.inverse_map`) or None to build it. No input validation
+    (:func:`gated_residual_add` does it). Backward is not differentiable: with ``create_graph=True`` it raises
+    at once, naming the alternative (the error ``once_differentiable`` gives names neither the op nor the way
+    out, and its wrapper costs microseconds per call).
+    """
+
+    @staticmethod
+    def forward(ctx, shortcut, residual, scale, rows, slot, relu):
+        out, slot = _kernels().gated_residual_add_forward(shortcut, residual, scale, rows, slot, relu=relu)
+        if relu:
+            ctx.save_for_backward(out, slot)
+        elif slot is not None:
+            ctx.save_for_backward(slot)
+        ctx.scale = scale
+        ctx.relu = relu
+        ctx.num_rows = None if rows is None else residual.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        saved = ctx.saved_tensors
+        if ctx.relu:
+            out, slot = saved
+        else:
+            out, slot = None, (saved[0] if saved else None)
+        grad_shortcut, grad_residual = _kernels().gated_residual_add_backward(
+            grad, out, ctx.scale, slot, ctx.num_rows, relu=ctx.relu)
+        return grad_shortcut, grad_residual, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered ops: what torch.compile sees (opaque nodes with fake kernels)
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("sdepth_ext::gated_residual_add", mutates_args=())
+def _gated_residual_add_op(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
+                           rows: Optional[torch.Tensor], slot: Optional[torch.Tensor], relu: bool
+                           ) -> torch.Tensor:
+    return _kernels().gated_residual_add_forward(shortcut, residual, scale, rows, slot, relu=relu)[0]
+
+
+@_gated_residual_add_op.register_fake
+def _(shortcut, residual, scale, rows, slot, relu):
     # Same layout rule as the launcher (kernels.output_strides): channels_last in -> channels_last out.
     return shortcut.new_empty_strided(shortcut.shape, output_strides(shortcut, rows is not None))
 
 
 @torch.library.custom_op("sdepth_ext::gated_residual_relu_backward", mutates_args=())
 def _gated_residual_relu_backward_op(grad: torch.Tensor, out: torch.Tensor, scale: float,
-                                     rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return load_epilogue().gated_residual_relu_backward(grad, out, scale, rows)
+                                     rows: Optional[torch.Tensor], slot: Optional[torch.Tensor]
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    if rows is not None and slot is None:
+        slot = _kernels().inverse_map(rows, out.shape[0])
+    num_rows = None if rows is None else rows.shape[0]
+    grad_shortcut, grad_residual = _kernels().gated_residual_add_backward(
+        grad, out, scale, slot, num_rows, relu=True)
+    return grad_shortcut, grad_residual
 
 
 @_gated_residual_relu_backward_op.register_fake
-def _(grad, out, scale, rows):
+def _(grad, out, scale, rows, slot):
     row_mode = rows is not None
     strides = output_strides(out, row_mode)
     grad_shortcut = out.new_empty_strided(out.shape, strides)
@@ -106,43 +182,26 @@ def _(grad, out, scale, rows):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, scale, rows = inputs
-    ctx.save_for_backward(output, rows)  # the output, not the inputs: relu' = [out > 0]
+    _, _, scale, rows, slot, relu = inputs
+    ctx.save_for_backward(output if relu else None, rows, slot)  # relu' = [out > 0]: the output, not inputs
     ctx.scale = scale
+    ctx.relu = relu
 
 
 def _backward(ctx, grad):
-    out, rows = ctx.saved_tensors
-    grad_shortcut, grad_residual = _gated_residual_relu_backward_op(grad, out, ctx.scale, rows)
-    return grad_shortcut, grad_residual, None, None
+    out, rows, slot = ctx.saved_tensors
+    if ctx.relu:
+        grad_shortcut, grad_residual = _gated_residual_relu_backward_op(grad, out, ctx.scale, rows, slot)
+    else:
+        # Without an activation the backward is a scale (and a gather of the survivors): plain ops that the
+        # compiler fuses into its neighbours, and grad_shortcut is the incoming gradient.
+        kept = grad if rows is None else grad.index_select(0, rows)
+        grad_shortcut, grad_residual = grad, kept * ctx.scale
+    return grad_shortcut, grad_residual, None, None, None, None
 
 
 # The backward op gets no autograd formula: differentiating it raises "no autograd formula was registered".
-_gated_residual_relu_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------------------------------
-# autograd.Function
-# --------------------------------------------------------------------------------------------------
-class GatedResidualReLUFunction(torch.autograd.Function):
-    """Fused ``relu(shortcut + scale * residual)`` (optionally row-scattered) with a one-pass backward.
-
-    ``apply(shortcut, residual, scale, rows)``; no input validation (:func:`gated_residual_relu` does it).
-    """
-
-    @staticmethod
-    def forward(ctx, shortcut, residual, scale, rows):
-        out = _gated_residual_relu_op(shortcut, residual, scale, rows)
-        ctx.save_for_backward(out, rows)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        out, rows = ctx.saved_tensors
-        grad_shortcut, grad_residual = _gated_residual_relu_backward_op(grad, out, ctx.scale, rows)
-        return grad_shortcut, grad_residual, None, None
+_gated_residual_add_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +212,26 @@ def _is_compiling() -> bool:
     if fn is not None:
         return fn()
     return torch._dynamo.is_compiling()  # torch < 2.3 fallback (not reached on torch >= 2.4)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return triton_available()
+
+
+def fused_epilogue(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
+                   rows: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None,
+                   relu: bool = False) -> torch.Tensor:
+    """The library's units' epilogue: no checks (inputs right by construction), backend by device.
+
+    ``rows`` must be sorted, unique and in range and ``slot`` its row map (from a :class:`~sdepth_ext.Plan`),
+    or None to build it. Triton for CUDA tensors when triton is installed, the torch path otherwise.
+    """
+    if shortcut.is_cuda and _triton_installed():
+        if _is_compiling():
+            return _gated_residual_add_op(shortcut, residual, scale, rows, slot, relu)
+        return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, slot, relu)
+    return _gated_residual_add_torch(shortcut, residual, scale, rows, relu)
 
 
 def _check_rows_values(rows: torch.Tensor, n: int) -> None:
@@ -172,32 +251,38 @@ def _check_rows_values(rows: torch.Tensor, n: int) -> None:
     raise ValueError(f"rows: indices out of range [0, {n}) (min {int(rows.min())}, max {int(rows.max())})")
 
 
-def _check_inputs(shortcut, residual, scale, rows, trusted_rows: bool) -> float:
+def _check_inputs(shortcut, residual, scale, rows, activation, trusted_rows: bool) -> float:
+    """O(1) metadata checks (plus, for untrusted ``rows``, their values); returns ``scale`` as a float."""
     if not isinstance(shortcut, torch.Tensor):
         raise TypeError(f"shortcut: expected a torch.Tensor, got {type(shortcut).__name__}")
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual: expected a torch.Tensor, got {type(residual).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a Python float, got {type(scale).__name__}")
-    scale = float(scale)
+    if type(scale) is not float:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a Python float, got {type(scale).__name__}")
+        scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
-    if not shortcut.is_floating_point():
-        raise TypeError(f"shortcut: expected a floating-point tensor, got {shortcut.dtype}")
-    if residual.dtype != shortcut.dtype:
-        raise TypeError(f"residual: dtype {residual.dtype} does not match shortcut dtype {shortcut.dtype}")
-    if residual.device != shortcut.device:
-        raise ValueError(f"residual: on device {residual.device}, but shortcut is on device "
-                         f"{shortcut.device}")
-    if shortcut.dim() == 0:
+    if activation is not None and activation != "relu":
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    dtype = shortcut.dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"shortcut: expected a floating-point tensor, got {dtype}")
+    if residual.dtype != dtype:
+        raise TypeError(f"residual: dtype {residual.dtype} does not match shortcut dtype {dtype}")
+    device = shortcut.device
+    if residual.device != device:
+        raise ValueError(f"residual: on device {residual.device}, but shortcut is on device {device}")
+    shape, res_shape = shortcut.shape, residual.shape
+    if not shape:
         raise ValueError("shortcut: expected at least 1 dimension (the batch), got a 0-d tensor")
-    if residual.dim() != shortcut.dim() or residual.shape[1:] != shortcut.shape[1:]:
-        raise ValueError(f"residual: shape {tuple(residual.shape)} does not match shortcut shape "
-                         f"{tuple(shortcut.shape)} beyond the batch dimension")
+    if len(res_shape) != len(shape) or res_shape[1:] != shape[1:]:
+        raise ValueError(f"residual: shape {tuple(res_shape)} does not match shortcut shape "
+                         f"{tuple(shape)} beyond the batch dimension")
     if rows is None:
-        if residual.shape[0] != shortcut.shape[0]:
-            raise ValueError(f"residual: batch size {residual.shape[0]} != shortcut batch size "
-                             f"{shortcut.shape[0]} (pass rows=... if the residual covers only some samples)")
+        if res_shape[0] != shape[0]:
+            raise ValueError(f"residual: batch size {res_shape[0]} != shortcut batch size "
+                             f"{shape[0]} (pass rows=... if the residual covers only some samples)")
         return scale
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"rows: expected a 1-D int64 tensor or None, got {type(rows).__name__}")
@@ -205,47 +290,60 @@ def _check_inputs(shortcut, residual, scale, rows, trusted_rows: bool) -> float:
         raise TypeError(f"rows: expected dtype torch.int64, got {rows.dtype}")
     if rows.dim() != 1:
         raise ValueError(f"rows: expected a 1-D tensor, got {rows.dim()}-D")
-    if rows.device != shortcut.device:
-        raise ValueError(f"rows: on device {rows.device}, but shortcut is on device {shortcut.device}")
-    if residual.shape[0] != rows.shape[0]:
-        raise ValueError(f"residual: has {residual.shape[0]} rows but len(rows) = {rows.shape[0]}")
-    # Data-dependent checks need the values (one device sync on GPU). Skipped for trusted callers (the
-    # library's own blocks, whose rows come from the Scheduler) and under torch.compile (a sync would break
-    # the graph); both must then pass sorted, unique, in-range rows.
+    if rows.device != device:
+        raise ValueError(f"rows: on device {rows.device}, but shortcut is on device {device}")
+    if res_shape[0] != rows.shape[0]:
+        raise ValueError(f"residual: has {res_shape[0]} rows but len(rows) = {rows.shape[0]}")
+    # Data-dependent checks need the values (one device sync on GPU). Skipped for trusted callers and under
+    # torch.compile (a sync would break the graph); both must then pass sorted, unique, in-range rows.
     if not trusted_rows and not _is_compiling():
-        _check_rows_values(rows, shortcut.shape[0])
+        _check_rows_values(rows, shape[0])
     return scale
 
 
 def _resolve_backend(backend, device: torch.device) -> str:
+    if backend is None:
+        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of None, 'triton', 'torch', got {backend!r}")
-    if backend is None:
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not _triton_installed():
+        load_epilogue()  # raises the error that says what is missing and what to use instead
     return backend
 
 
-def gated_residual_relu(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,
-                        rows: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
-                        _trusted_rows: bool = False) -> torch.Tensor:
-    """``relu(shortcut + scale * residual)``, the epilogue of a (stochastic-depth) residual block.
+def gated_residual_add(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,
+                       rows: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+                       backend: Optional[str] = None, *, _trusted_rows: bool = False) -> torch.Tensor:
+    """``act(shortcut + scale * residual)``, the epilogue of a (stochastic-depth) residual unit.
 
     Args:
         shortcut: ``[N, ...]`` identity (or projection-shortcut) output, floating point.
         residual: residual-branch output: ``[N, ...]``, or ``[len(rows), ...]`` when ``rows`` is given.
         scale: Python float; the paper's test-time ``p_l``, the inverted ``1 / p_l``, or 1. Must be finite.
         rows: optional 1-D int64 tensor on the same device, strictly ascending sample indices in ``[0, N)``:
-            ``out[rows[k]] = relu(shortcut[rows[k]] + scale * residual[k])``, every other sample gets
-            ``relu(shortcut)`` (it never reads a residual, so cannot become NaN through one).
+            ``out[rows[k]] = act(shortcut[rows[k]] + scale * residual[k])``, every other sample gets
+            ``act(shortcut)`` (it never reads a residual, so cannot become NaN through one).
+        activation: ``None`` (nothing follows the add: ConvNeXt, MBConv, Swin, ViT) or ``"relu"`` (ResNet).
         backend: ``None`` (Triton for CUDA tensors when triton is installed, torch otherwise), ``"triton"``
             (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
-        _trusted_rows: internal fast path: skip the value checks of ``rows`` (sorted / unique / in range),
-            which cost one device->host sync on GPU. The library's blocks set it for Scheduler-made rows.
+        _trusted_rows: internal: skip the value checks of ``rows`` (sorted / unique / in range), which cost
+            one device->host sync on GPU.
 
     Returns a new tensor with shortcut's layout (contiguous, channels_last, ...) when shortcut and residual
-    are dense; other inputs are copied to a contiguous layout first on the Triton path.
+    are dense; other inputs are copied to a contiguous layout first on the Triton path. Raises ``TypeError`` /
+    ``ValueError`` naming the argument for bad inputs.
     """
-    scale = _check_inputs(shortcut, residual, scale, rows, _trusted_rows)
+    scale = _check_inputs(shortcut, residual, scale, rows, activation, _trusted_rows)
+    relu = activation is not None
     if _resolve_backend(backend, shortcut.device) == "torch":
-        return _gated_residual_relu_torch(shortcut, residual, scale, rows)
-    return GatedResidualReLUFunction.apply(shortcut, residual, scale, rows)
+        return _gated_residual_add_torch(shortcut, residual, scale, rows, relu)
+    if _is_compiling():
+        return _gated_residual_add_op(shortcut, residual, scale, rows, None, relu)
+    return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, None, relu)
+
+
+def gated_residual_relu(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,
+                        rows: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
+                        _trusted_rows: bool = False) -> torch.Tensor:
+    """``relu(shortcut + scale * residual)``: :func:`gated_residual_add` with ``activation="relu"``."""
+    return gated_residual_add(shortcut, residual, scale, rows, "relu", backend, _trusted_rows=_trusted_rows)

@@ -22,6 +22,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 import sdepth_ext as sd
 from sdepth_ext.convert import get_state
 from sdepth_ext.scheduler import Plan
+from tests.conftest import drops_some_keeps_some, seed_where
 
 
 @pytest.fixture(autouse=True)
@@ -228,10 +229,10 @@ def test_eval_paper_matches_reference(arch):
 def test_eval_draws_no_plan():
     model = sd.convert(fresh_model("cifar_resnet20"), seed=3).eval()
     state = get_state(model)
-    before = state.scheduler.get_rng_state()
+    before = state.scheduler.step
     with torch.no_grad():
         model(make_input("cifar_resnet20"))
-    assert state.scheduler.get_rng_state() == before and state.plan is None
+    assert state.scheduler.step == before and state.plan is None
 
 
 # ============================================================================================================
@@ -253,12 +254,14 @@ def test_train_p_last_1_equals_original(arch):
 @pytest.mark.parametrize("arch", TRAIN_ARCHS)
 def test_train_batch_mode_matches_reference(arch, scaling):
     reference = fresh_model(arch).train()
-    converted = sd.convert(fresh_model(arch), p_last=0.5, mode="batch", scaling=scaling, seed=7).train()
+    num_blocks = len(blocks_of(reference))
+    seed = seed_where(drops_some_keeps_some, sd.linear_decay(num_blocks, 0.5), "batch", 2)
+    converted = sd.convert(fresh_model(arch), p_last=0.5, mode="batch", scaling=scaling, seed=seed).train()
     probs = sd.survival_probs(converted)
     x = make_input(arch, seed=1)
     out = converted(x)
     plan = get_state(converted).host_plan
-    assert 0 < len(plan.active) < len(probs) or len(probs) <= 3  # seed 7 drops some blocks, keeps others
+    assert 0 < len(plan.active) < len(probs)
     scales = [1.0 if scaling == "paper" else 1.0 / p for p in probs]
     expected = reference_forward(reference, x, plan_rows(plan), scales)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -296,7 +299,8 @@ def count_module_calls(model):
 @pytest.mark.parametrize("mode", ["batch", "row"])
 def test_dropped_blocks_run_nothing_and_get_no_gradient(mode):
     # uniform 0.3: a block has no survivor with probability 0.7 (batch) or 0.49 (row, 2 samples)
-    model = sd.convert(fresh_model("resnet18"), p_last=0.3, rule="uniform", mode=mode, seed=5).train()
+    seed = seed_where(drops_some_keeps_some, sd.uniform(8, 0.3), mode, 2)
+    model = sd.convert(fresh_model("resnet18"), p_last=0.3, rule="uniform", mode=mode, seed=seed).train()
     calls = count_module_calls(model)
     x = make_input("resnet18", batch=2, seed=3)
     model(x).sum().backward()
@@ -315,17 +319,8 @@ def test_dropped_blocks_run_nothing_and_get_no_gradient(mode):
 
 
 def make_row_plan(rows_per_block, batch_size):
-    """A row-mode Plan with the given survivors per block (the Plan layout of sdepth_ext.scheduler)."""
-    counts, offsets, indices, active = [], [], [], []
-    for l, rows in enumerate(rows_per_block):
-        offsets.append(len(indices))
-        counts.append(len(rows))
-        if rows:
-            active.append(l)
-        if len(rows) < batch_size:
-            indices.extend(rows)
-    offsets.append(len(indices))
-    return Plan("row", batch_size, active, counts, offsets, torch.tensor(indices, dtype=torch.int64))
+    """A row-mode Plan with the given survivors per block (the one Plan layout of sdepth_ext.scheduler)."""
+    return Plan.from_survivors("row", batch_size, rows_per_block)
 
 
 class FixedPlans:
@@ -334,7 +329,7 @@ class FixedPlans:
     def __init__(self, plan):
         self.plan = plan
 
-    def sample(self, batch_size):
+    def sample(self, batch_size, **_):
         assert batch_size == self.plan.batch_size
         return self.plan
 
@@ -357,6 +352,37 @@ def test_row_mode_single_survivor_at_1x1_batchnorm():
     out = converted(x)
     expected = reference_forward(reference, x, [None, *rows[1:]], [1.0] * len(rows))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_grads_match(converted, reference)
+
+
+def test_single_survivor_is_paired_with_the_lowest_dropped_sample():
+    """Survivors 3 and 2 of 4 at 1x1: each is normalised with sample 0, the lowest-index dropped one (pairing
+    with `survivor - 1` instead, or any other sample, changes the BatchNorm statistics and the output)."""
+    arch, batch = "resnet18", 4
+    rows = [[0, 1, 2, 3], [0, 2], [1, 3], [], [0, 1], [2, 3], [3], [2]]  # layer4's blocks: one survivor each
+    reference = fresh_model(arch).train()
+    converted = sd.convert(fresh_model(arch), p_last=0.5, mode="row", seed=0).train()
+    get_state(converted).scheduler = FixedPlans(make_row_plan(rows, batch))
+    torch.manual_seed(5)
+    x = torch.randn(batch, 3, 32, 32)
+    out = converted(x)
+    expected = reference_forward(reference, x, [None, *rows[1:]], [1.0] * len(rows))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the control: pairing 3 with 2 (and 2 with 1) gives another output
+    neighbours = copy.deepcopy(reference)
+    blocks = blocks_of(neighbours)
+    forwards = [functools.partial(ref_block, b, rows=r) for b, r in zip(blocks, [None, *rows[1:]])]
+    for l, survivor in ((6, 3), (7, 2)):
+        def paired_with_neighbour(x, block=blocks[l], survivor=survivor):
+            pair = [survivor - 1, survivor]
+            residual = ref_residual(block, x[torch.tensor(pair)])[1:]
+            return torch.relu(ref_shortcut(block, x).index_add(0, torch.tensor([survivor]), residual))
+        forwards[l] = paired_with_neighbour
+    for block, forward in zip(blocks, forwards):
+        block.forward = forward
+    assert not torch.allclose(neighbours(x), out, rtol=1e-4, atol=1e-4)
     out.square().sum().backward()
     expected.square().sum().backward()
     assert_grads_match(converted, reference)

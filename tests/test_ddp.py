@@ -2,7 +2,9 @@
 
 The workers run in spawned processes (``torch.multiprocessing``) with a bounded process-group timeout and a
 bounded join, so a hang fails the test instead of blocking CI. One spawn runs every scenario (module-scoped
-fixture); the tests below check its results against single-process references computed here.
+fixture); the tests below check its results against single-process references computed here. Rank r trains
+on samples ``r, r + WORLD, ...`` of each global batch: the order in which row mode's gates interleave ranks,
+so that a single process over the global batch draws exactly the ranks' gates.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
 from sdepth_ext.convert import get_state
+from sdepth_ext.scheduler import shard_plan
+from tests.conftest import drops_some_keeps_some, seed_where
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -73,32 +77,46 @@ def snapshot(model):
 
 
 def global_counts(model):
+    """Survivors per unit in the global batch (row mode: the ranks' plans together; no communication)."""
     state = get_state(model)
-    plan = state.global_plan if state.global_plan is not None else state.host_plan
-    return list(plan.counts)
+    plan = state.host_plan
+    if state.shard is None:
+        return list(plan.counts)
+    return list(state.scheduler.draw(plan.step, plan.batch_size * WORLD).counts)
+
+
+def local_slice(t, rank):
+    return t[rank::WORLD]
 
 
 # ============================================================================================================
 # The worker (one per rank)
 # ============================================================================================================
-def ddp_train(kind, mode, rank, ready=True, clear=False):
+def ddp_train(kind, mode, rank, ready=True, clear=False, uneven_step=None):
+    """``uneven_step``: at that step rank 1 trains on one sample fewer (a last partial batch, an uneven
+    sampler): the ranks' gate streams must stay in lockstep and their parameters equal."""
     model = sd.convert(MODELS[kind](), p_last=0.5, rule="uniform", mode=mode, seed=SEED + rank).train()
     if ready:
         sd.ddp_ready(model)
     ddp = DistributedDataParallel(model)  # default flags: find_unused_parameters=False
     opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    counts, local_counts = [], []
+    counts, local_counts, dropped, steps = [], [], [], []
     for step in range(STEPS):
-        x, y = global_batch(step)
-        lo = rank * LOCAL_BATCH
+        x, y = (local_slice(t, rank) for t in global_batch(step))
+        if step == uneven_step and rank == 1:
+            x, y = x[:-1], y[:-1]
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(x[lo:lo + LOCAL_BATCH]), y[lo:lo + LOCAL_BATCH]).backward()
+        F.cross_entropy(ddp(x), y).backward()
         if clear:
-            sd.clear_dropped_grads(ddp)
+            sd.clear_dropped_grads(ddp)  # row mode: a collective (all-reduce of the survivor counts)
+            dropped.append(sd.dropped_blocks(ddp))
         opt.step()
-        counts.append(global_counts(model))
+        if uneven_step is None:
+            counts.append(global_counts(model))
         local_counts.append(list(get_state(model).host_plan.counts))
-    return {**snapshot(model), "counts": counts, "local_counts": local_counts}
+        steps.append(get_state(model).host_plan.step)
+    return {**snapshot(model), "counts": counts, "local_counts": local_counts, "dropped": dropped,
+            "steps": steps}
 
 
 def _worker(rank, port, out_dir):
@@ -113,7 +131,19 @@ def _worker(rank, port, out_dir):
             "row_gn": ddp_train("gn", "row", rank),
             # row mode, BatchNorm: trains without errors (statistics are per rank, so no exact reference)
             "row_bn": ddp_train("bn", "row", rank),
+            # row mode, "no gradient" semantics: the ranks agree on the globally dropped units
+            "row_gn_clear": ddp_train("gn", "row", rank, clear=True),
+            # row mode, unequal per-rank batches at step 1
+            "row_gn_uneven": ddp_train("gn", "row", rank, clear=True, uneven_step=1),
         }
+        # SyncBatchNorm in row mode would hang (a rank without survivors skips the collective): refused on
+        # every rank, before any collective of the model runs.
+        try:
+            sync = sd.convert(nn.SyncBatchNorm.convert_sync_batchnorm(bn_model()), mode="row", seed=0)
+            sd.ddp_ready(sync)
+            results["sync_bn_error"] = None
+        except ValueError as err:
+            results["sync_bn_error"] = str(err)
         # Negative control: the same batch-mode run without ddp_ready fails at the step after a drop.
         try:
             ddp_train("bn", "batch", rank, ready=False)
@@ -166,14 +196,13 @@ def reference_batch_bn():
     for step in range(STEPS):
         x, y = global_batch(step)
         opt.zero_grad(set_to_none=True)
-        rng = scheduler.get_rng_state()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        F.cross_entropy(model(x[LOCAL_BATCH:]), y[LOCAL_BATCH:]).backward()
+        F.cross_entropy(model(local_slice(x, 1)), local_slice(y, 1)).backward()
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
-        scheduler.set_rng_state(rng)
-        F.cross_entropy(model(x[:LOCAL_BATCH]), y[:LOCAL_BATCH]).backward()
+        scheduler.step = step  # rewind: rank 0 draws the same step
+        F.cross_entropy(model(local_slice(x, 0)), local_slice(y, 0)).backward()
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(WORLD)
@@ -181,10 +210,12 @@ def reference_batch_bn():
     return snapshot(model)
 
 
-def reference_row_gn():
-    """One process over the concatenated batch; zero gradients for blocks without any survivor (as DDP)."""
+def reference_row_gn(clear=False):
+    """One process over the global batch; zero gradients for blocks without any survivor (as DDP), or no
+    gradient (``clear``: what clear_dropped_grads restores)."""
     model = sd.convert(gn_model(), p_last=0.5, rule="uniform", mode="row", seed=SEED).train()
-    sd.set_dropped_grads(model, "zero")
+    if not clear:
+        sd.set_dropped_grads(model, "zero")
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     counts = []
     for step in range(STEPS):
@@ -212,10 +243,12 @@ def assert_same(a, b, tol=None):
 # ============================================================================================================
 # Tests
 # ============================================================================================================
-@pytest.mark.parametrize("scenario", ["batch_bn", "row_gn", "row_bn"])
+@pytest.mark.parametrize("scenario", ["batch_bn", "row_gn", "row_bn", "row_gn_clear", "row_gn_uneven"])
 def test_ranks_agree_and_drop_before_the_last_step(ranks, scenario):
     r0, r1 = ranks[0][scenario], ranks[1][scenario]
     assert r0["counts"] == r1["counts"]  # the same (global) plan on both ranks, seeds SEED and SEED + 1
+    assert r0["steps"] == r1["steps"] == list(range(STEPS))  # in lockstep, unequal batches or not
+    assert r0["dropped"] == r1["dropped"]
     # Some block ran on no sample of some rank before the last step (what breaks default DDP).
     assert any(0 in counts for r in (r0, r1) for counts in r["local_counts"][:-1]), r0["local_counts"]
     if scenario.startswith("row"):  # the ranks' slices differ: independent gates per sample
@@ -233,13 +266,33 @@ def test_batch_mode_with_batchnorm_equals_single_process(ranks):
     assert_same(ranks[0]["batch_bn"]["buffers"], expected["buffers"], TOL)
 
 
-def test_row_mode_equals_single_process_over_concatenated_batch(ranks):
-    expected = reference_row_gn()
-    got = ranks[0]["row_gn"]
+@pytest.mark.parametrize("scenario", ["row_gn", "row_gn_clear"])
+def test_row_mode_equals_single_process_over_the_global_batch(ranks, scenario):
+    expected = reference_row_gn(clear=scenario.endswith("clear"))
+    got = ranks[0][scenario]
     assert got["counts"] == expected["counts"]
     # Some block has survivors on one rank only (else sharding would be untested).
     assert any(0 < c < WORLD * LOCAL_BATCH for counts in got["counts"] for c in counts)
     assert_same(got["params"], expected["params"], TOL)
+    if scenario.endswith("clear"):  # the units cleared are those without a survivor on any rank
+        assert got["dropped"] == [[l for l, c in enumerate(counts) if c == 0] for counts in got["counts"]]
+
+
+def test_unequal_batches_keep_the_ranks_in_lockstep(ranks):
+    """Rank 1 trained one step on 3 samples instead of 4: every later step's gates are still the ones the
+    stream defines for that step (nothing shifted), and the parameters stay equal on both ranks."""
+    for rank in range(WORLD):
+        got = ranks[rank]["row_gn_uneven"]
+        scheduler = sd.Scheduler(sd.uniform(4, 0.5), mode="row", seed=SEED)
+        for step, counts in enumerate(got["local_counts"]):
+            n = LOCAL_BATCH - 1 if (step == 1 and rank == 1) else LOCAL_BATCH
+            assert counts == scheduler.draw(step, n, rank=rank, world_size=WORLD).counts
+    assert_same(ranks[0]["row_gn_uneven"]["params"], ranks[1]["row_gn_uneven"]["params"])
+
+
+def test_sync_batchnorm_in_row_mode_is_refused_on_every_rank(ranks):
+    for r in ranks:
+        assert r["sync_bn_error"] is not None and "SyncBatchNorm" in r["sync_bn_error"]
 
 
 def test_without_ddp_ready_default_ddp_fails(ranks):
@@ -251,8 +304,10 @@ def test_without_ddp_ready_default_ddp_fails(ranks):
 # ============================================================================================================
 # Single process: what ddp_ready does to gradients and BatchNorm; optimizer semantics
 # ============================================================================================================
-def _dropped_step(policy, seed=3):
+def _dropped_step(policy, seed=None):
     """One training step of cifar_resnet(8) where some block is dropped; returns (model, dropped, before)."""
+    if seed is None:
+        seed = seed_where(drops_some_keeps_some, sd.uniform(3, 0.3), "batch", 4)
     torch.manual_seed(0)
     model = sd.convert(sd.cifar_resnet(8), p_last=0.3, rule="uniform", mode="batch", seed=seed).train()
     if policy == "ddp_ready":
@@ -264,7 +319,7 @@ def _dropped_step(policy, seed=3):
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     F.cross_entropy(model(x), y).backward()
     dropped = sd.dropped_blocks(model)
-    assert dropped and len(dropped) < 3  # seed 3 drops some blocks and keeps others
+    assert dropped and len(dropped) < 3  # the seed drops some blocks and keeps others
     return model, dropped, before
 
 
@@ -342,20 +397,37 @@ def test_dropped_identity_block_output_may_be_modified_in_place():
 
 
 def test_shard_plan_slices_the_global_plan():
-    from sdepth_ext.blocks import shard_plan
-
     scheduler = sd.Scheduler(sd.uniform(6, 0.5), mode="row", seed=5)
     for _ in range(20):
         plan = scheduler.sample(8)
-        rows = [list(range(8)) if plan.rows(l) is None else plan.rows(l).tolist() for l in range(6)]
         for rank in range(2):
             local = shard_plan(plan, rank, 2)
             assert local.batch_size == 4
             for l in range(6):
-                expected = [r - 4 * rank for r in rows[l] if 4 * rank <= r < 4 * rank + 4]
-                got = list(range(4)) if local.rows(l) is None else local.rows(l).tolist()
-                assert got == expected and local.counts[l] == len(expected)
+                expected = [g // 2 for g in plan.survivors(l) if g % 2 == rank]
+                assert local.survivors(l) == expected and local.counts[l] == len(expected)
             assert local.active == [l for l in range(6) if local.counts[l]]
     with pytest.raises(ValueError, match="world_size"):
         shard_plan(scheduler.sample(7), 0, 2)
+    with pytest.raises(ValueError, match="row-mode"):
+        shard_plan(sd.Scheduler([0.5], seed=0).sample(4), 0, 2)
+
+
+def test_dropped_blocks_of_a_shard_are_the_global_plans():
+    """Without a process group, a sharded model's dropped units are those of the global plan (zero survivors
+    in the whole batch), not of its own slice: clearing the local ones would drop gradients that other
+    ranks' samples produced."""
+    model = sd.convert(gn_model(), p_last=0.3, rule="uniform", mode="row", seed=3).train()
+    get_state(model).shard = (0, 2)
+    scheduler = sd.Scheduler(sd.uniform(4, 0.3), mode="row", seed=3)
+    differs = 0
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for step in range(60):
+            model(x)
+            global_plan = scheduler.draw(step, 4)
+            local = get_state(model).host_plan
+            assert sd.dropped_blocks(model) == [l for l, c in enumerate(global_plan.counts) if c == 0]
+            differs += [l for l, c in enumerate(local.counts) if c == 0] != sd.dropped_blocks(model)
+    assert differs > 0
 

@@ -1,4 +1,5 @@
-"""Tests of sdepth_ext.gated_residual_relu: Triton kernels (interpreter on CPU) and torch path vs a reference.
+"""Tests of sdepth_ext.gated_residual_add / gated_residual_relu: Triton kernels (interpreter on CPU) and torch
+path vs a reference, with and without the ReLU.
 
 Layout: a "PyTorch reference" section (the oracle), input makers, then forward/backward matrices, numerics
 (NaN/Inf), gradcheck, opcheck, torch.compile, input errors, backend selection, and CUDA-only cases.
@@ -15,7 +16,10 @@ if not torch.cuda.is_available():  # the lead's conftest does this too; it must 
 
 import sdepth_ext  # noqa: E402
 from sdepth_ext import functional as F  # noqa: E402
-from sdepth_ext.functional import GatedResidualReLUFunction, gated_residual_relu  # noqa: E402
+from sdepth_ext.functional import (  # noqa: E402
+    gated_residual_add,
+    gated_residual_relu,
+)
 from sdepth_ext.kernels import triton_available  # noqa: E402
 
 HAS_TRITON = triton_available()
@@ -32,7 +36,11 @@ def needs_cuda(fn):
 
 IMPLS = [pytest.param("triton", marks=needs_triton_cpu), "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-LAYOUTS = ["1x1x1x1", "3x5x7x11", "channels_last", "non_contiguous", "mixed"]
+# 3x5x31x29 and 4x16x32x32 span several programs per sample (fp32 blocks hold 2048 elements) and end in a
+# masked tail (4495 = 2 * 2048 + 399); flat launches of every shape span several programs too.
+LAYOUTS = ["1x1x1x1", "3x5x7x11", "3x5x31x29", "4x16x32x32", "channels_last", "channels_last_big",
+           "non_contiguous", "mixed"]
+ACTIVATIONS = [None, "relu"]
 ROWS = [None, "none_kept", "all_kept", "some"]
 
 
@@ -43,21 +51,24 @@ def _oracle_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reference_forward(shortcut, residual, scale, rows):
-    """relu(shortcut + scale * residual) computed in fp32 (fp64 for fp64) and rounded once to the dtype."""
+def reference_forward(shortcut, residual, scale, rows, activation="relu"):
+    """act(shortcut + scale * residual) computed in fp32 (fp64 for fp64) and rounded once to the dtype."""
     hi = _oracle_dtype(shortcut.dtype)
-    out = torch.relu(shortcut.to(hi) + scale * residual.to(hi)) if rows is None else None
+    act = torch.relu if activation == "relu" else (lambda t: t)
+    out = act(shortcut.to(hi) + scale * residual.to(hi)) if rows is None else None
     if rows is not None:
-        out = torch.relu(shortcut.to(hi))
-        out[rows] = torch.relu(shortcut.to(hi)[rows] + scale * residual.to(hi))
+        out = act(shortcut.to(hi))
+        out[rows] = act(shortcut.to(hi)[rows] + scale * residual.to(hi))
     return out.to(shortcut.dtype)
 
 
-def reference_backward(grad, out, scale, rows):
-    """Gradients of the epilogue given the output it produced (the mask is torch's threshold_backward:
+def reference_backward(grad, out, scale, rows, activation="relu"):
+    """Gradients of the epilogue given the output it produced (relu's mask is torch's threshold_backward:
     `out <= 0 ? 0 : grad`, so a NaN output passes its gradient), in fp32 then rounded once."""
     hi = _oracle_dtype(out.dtype)
-    grad_shortcut = torch.where(out.to(hi) <= 0, torch.zeros((), dtype=hi), grad.to(hi))
+    grad_shortcut = grad.to(hi)
+    if activation == "relu":
+        grad_shortcut = torch.where(out.to(hi) <= 0, torch.zeros((), dtype=hi), grad_shortcut)
     kept = grad_shortcut if rows is None else grad_shortcut[rows]
     return grad_shortcut.to(out.dtype), (scale * kept).to(out.dtype)
 
@@ -93,7 +104,7 @@ def assert_close(actual, expected, atol, rtol):
 # Inputs: fresh randn with a fixed seed, never zeros
 # --------------------------------------------------------------------------------------------------
 def _layout(t, layout, is_residual):
-    if layout == "channels_last" or (layout == "mixed" and is_residual):
+    if layout.startswith("channels_last") or (layout == "mixed" and is_residual):
         return t.contiguous(memory_format=torch.channels_last)
     if layout == "non_contiguous":  # every other element of the last dim: not dense, the kernels copy it
         wide = torch.repeat_interleave(t, 2, dim=-1)
@@ -115,7 +126,8 @@ def make_rows(rows_case, n, generator, device="cpu"):
 
 def make_inputs(layout, dtype, rows_case, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
-    shape = {"1x1x1x1": (1, 1, 1, 1), "3x5x7x11": (3, 5, 7, 11)}.get(layout, (4, 6, 5, 3))
+    shape = {"1x1x1x1": (1, 1, 1, 1), "3x5x7x11": (3, 5, 7, 11), "3x5x31x29": (3, 5, 31, 29),
+             "4x16x32x32": (4, 16, 32, 32), "channels_last_big": (3, 5, 31, 29)}.get(layout, (4, 6, 5, 3))
     # The layout is made on the target device: a copy to another device makes a non-dense tensor dense.
     shortcut = _layout(torch.randn(shape, generator=g).to(dtype).to(device), layout, False)
     rows = make_rows(rows_case, shape[0], g)
@@ -126,10 +138,10 @@ def make_inputs(layout, dtype, rows_case, device="cpu", seed=0):
     return shortcut, residual, None if rows is None else rows.to(device)
 
 
-def run_forward_backward(impl, shortcut, residual, scale, rows, grad_seed=1):
+def run_forward_backward(impl, shortcut, residual, scale, rows, grad_seed=1, activation="relu"):
     sc = shortcut.detach().clone().requires_grad_()
     res = residual.detach().clone().requires_grad_()
-    out = gated_residual_relu(sc, res, scale, rows, backend=impl)
+    out = gated_residual_add(sc, res, scale, rows, activation, backend=impl)
     g = torch.Generator().manual_seed(grad_seed)
     grad = torch.randn(out.shape, generator=g).to(out.dtype).to(out.device)
     out.backward(grad)
@@ -139,22 +151,24 @@ def run_forward_backward(impl, shortcut, residual, scale, rows, grad_seed=1):
 # --------------------------------------------------------------------------------------------------
 # Forward / backward vs the reference
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("rows_case", ROWS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_forward_backward_matches_reference(impl, dtype, layout, rows_case):
+def test_forward_backward_matches_reference(impl, dtype, layout, rows_case, activation):
     scale = 0.37
     shortcut, residual, rows = make_inputs(layout, dtype, rows_case)
-    out, grad, grad_sc, grad_res = run_forward_backward(impl, shortcut, residual, scale, rows)
+    out, grad, grad_sc, grad_res = run_forward_backward(impl, shortcut, residual, scale, rows,
+                                                        activation=activation)
     atol, rtol = tolerances(dtype, impl, scale, residual)
-    assert_close(out, reference_forward(shortcut, residual, scale, rows), atol, rtol)
-    exp_sc, exp_res = reference_backward(grad, out, scale, rows)
-    assert_close(grad_sc, exp_sc, 0.0, 0.0)  # a pure select: exact
+    assert_close(out, reference_forward(shortcut, residual, scale, rows, activation), atol, rtol)
+    exp_sc, exp_res = reference_backward(grad, out, scale, rows, activation)
+    assert_close(grad_sc, exp_sc, 0.0, 0.0)  # a pure select (or the gradient itself): exact
     # grad_residual = scale * masked grad: one rounding on either side, so the kernel tolerance applies
     assert_close(grad_res, exp_res, *tolerances(dtype, "triton", scale, residual))
     assert grad_res.shape == residual.shape
-    if layout == "channels_last":  # the output keeps the input layout, no copy
+    if layout.startswith("channels_last"):  # the output keeps the input layout, no copy
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -173,29 +187,58 @@ def test_scales(impl, dtype, scale, rows_case):
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("rows_case", ROWS)
-@pytest.mark.parametrize("layout", ["3x5x7x11", "channels_last", "1x1x1x1"])
+@pytest.mark.parametrize("layout", ["3x5x7x11", "3x5x31x29", "channels_last", "channels_last_big", "1x1x1x1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_launchers_write_every_element(dtype, layout, rows_case):
+def test_launchers_write_every_element(dtype, layout, rows_case, activation):
     """Outputs poisoned with NaN before the kernels run: any element left unwritten shows up as NaN."""
     epi = sdepth_ext.kernels.load_epilogue()
-    scale = 0.37
+    scale, relu = 0.37, activation == "relu"
     shortcut, residual, rows = make_inputs(layout, dtype, rows_case, seed=3)
     out = torch.full_like(shortcut, float("nan"))
-    epi.gated_residual_relu_forward(shortcut, residual, scale, rows, out=out)
+    _, slot = epi.gated_residual_add_forward(shortcut, residual, scale, rows, relu=relu, out=out)
     atol, rtol = tolerances(dtype, "triton", scale, residual)
     assert not out.isnan().any()
-    assert_close(out, reference_forward(shortcut, residual, scale, rows), atol, rtol)
+    assert_close(out, reference_forward(shortcut, residual, scale, rows, activation), atol, rtol)
 
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    # in the output's layout, as autograd hands it over (without an activation grad sets the layout)
+    grad = torch.empty_like(out).copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
     grad_sc = torch.full_like(out, float("nan"))
     grad_res = torch.full_like(residual.contiguous(memory_format=torch.channels_last)
-                               if layout == "channels_last" else residual, float("nan"))
-    epi.gated_residual_relu_backward(grad, out, scale, rows, grad_shortcut=grad_sc, grad_residual=grad_res)
-    assert not grad_sc.isnan().any() and not grad_res.isnan().any()
-    exp_sc, exp_res = reference_backward(grad, out, scale, rows)
-    assert_close(grad_sc, exp_sc, 0.0, 0.0)
+                               if layout.startswith("channels_last") else residual, float("nan"))
+    num_rows = None if rows is None else rows.numel()
+    got_sc, got_res = epi.gated_residual_add_backward(
+        grad, out if relu else None, scale, slot, num_rows, relu=relu,
+        grad_shortcut=grad_sc if relu else None, grad_residual=grad_res)
+    assert got_res is grad_res and not grad_res.isnan().any()
+    if relu:
+        assert got_sc is grad_sc and not grad_sc.isnan().any()
+    else:
+        assert got_sc is grad  # no activation: the incoming gradient itself, no copy
+    exp_sc, exp_res = reference_backward(grad, out, scale, rows, activation)
+    assert_close(got_sc, exp_sc, 0.0, 0.0)
     assert_close(grad_res, exp_res, atol, rtol)
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cached_launches_follow_shape_stride_and_dtype_changes(activation):
+    """The launchers cache their layout analysis per (shape, strides, dtype, device): going back and forth
+    between shapes, layouts, row counts and dtypes must give the reference every time."""
+    calls = [("3x5x31x29", torch.float32, None), ("channels_last_big", torch.float32, None),
+             ("3x5x31x29", torch.bfloat16, "some"), ("3x5x31x29", torch.float32, "some"),
+             ("channels_last_big", torch.float32, "all_kept"), ("3x5x31x29", torch.float32, "none_kept"),
+             ("4x16x32x32", torch.float16, "some")]
+    for layout, dtype, rows_case in calls + calls[::-1] + calls:
+        shortcut, residual, rows = make_inputs(layout, dtype, rows_case, seed=len(layout))
+        out, grad, grad_sc, grad_res = run_forward_backward("triton", shortcut, residual, 1.5, rows,
+                                                            activation=activation)
+        atol, rtol = tolerances(dtype, "triton", 1.5, residual)
+        assert_close(out, reference_forward(shortcut, residual, 1.5, rows, activation), atol, rtol)
+        exp_sc, exp_res = reference_backward(grad, out, 1.5, rows, activation)
+        assert_close(grad_sc, exp_sc, 0.0, 0.0)
+        assert_close(grad_res, exp_res, atol, rtol)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -213,15 +256,17 @@ def test_zero_size(impl, shape, rows):
 
 
 @needs_triton_cpu
-def test_registered_op_autograd_matches_reference():
-    """The custom op's own register_autograd path (used when calling torch.ops.sdepth_ext directly)."""
-    shortcut, residual, rows = make_inputs("channels_last", torch.float32, "some", seed=5)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("rows_case", [None, "some"])
+def test_registered_op_autograd_matches_reference(rows_case, activation):
+    """The custom op's own register_autograd path (what torch.compile traces; also torch.ops.sdepth_ext)."""
+    shortcut, residual, rows = make_inputs("channels_last_big", torch.float32, rows_case, seed=5)
     sc, res = shortcut.clone().requires_grad_(), residual.clone().requires_grad_()
-    out = torch.ops.sdepth_ext.gated_residual_relu(sc, res, 2.0, rows)
+    out = torch.ops.sdepth_ext.gated_residual_add(sc, res, 2.0, rows, None, activation == "relu")
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
     out.backward(grad)
-    assert_close(out, reference_forward(shortcut, residual, 2.0, rows), 1e-6, 1e-6)
-    exp_sc, exp_res = reference_backward(grad, out.detach(), 2.0, rows)
+    assert_close(out, reference_forward(shortcut, residual, 2.0, rows, activation), 1e-6, 1e-6)
+    exp_sc, exp_res = reference_backward(grad, out.detach(), 2.0, rows, activation)
     assert_close(sc.grad, exp_sc, 0.0, 0.0)
     assert_close(res.grad, exp_res, 1e-6, 1e-6)
 
@@ -268,16 +313,17 @@ def test_dropped_rows_never_see_the_residual(impl):
 # --------------------------------------------------------------------------------------------------
 # gradcheck (float64), opcheck, torch.compile
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("rows", [None, [0, 2]])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_gradcheck(impl, rows):
+def test_gradcheck(impl, rows, activation):
     g = torch.Generator().manual_seed(8)
     rows = None if rows is None else torch.tensor(rows)
     shortcut = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
     k = 3 if rows is None else 2
     residual = torch.randn(k, 2, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda s, r: gated_residual_relu(s, r, 0.37, rows, backend=impl),
-                                    (shortcut, residual))
+    assert torch.autograd.gradcheck(
+        lambda s, r: gated_residual_add(s, r, 0.37, rows, activation, backend=impl), (shortcut, residual))
 
 
 @needs_triton_cpu
@@ -289,65 +335,86 @@ def test_fp64_computes_in_fp64():
 
 
 @needs_triton_cpu
-def test_double_backward_raises():
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_double_backward_raises_naming_the_op_and_the_way_out(activation):
     x, y = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    out = GatedResidualReLUFunction.apply(x, y, 0.5, None)
-    (gx,) = torch.autograd.grad(out, x, v, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
-        gx.sum().backward()
-    out = torch.ops.sdepth_ext.gated_residual_relu(x, y, 0.5, None)
+    out = gated_residual_add(x, y, 0.5, None, activation, backend="triton")
+    with pytest.raises(RuntimeError, match="gated_residual_relu.*create_graph=True.*backend='torch'"):
+        torch.autograd.grad(out, x, v, create_graph=True)
+    out = gated_residual_add(x, y, 0.5, None, activation, backend="triton")  # first order still works
+    (gx,) = torch.autograd.grad(out, x, v)
+    assert gx.shape == x.shape
+    out = torch.ops.sdepth_ext.gated_residual_add(x, y, 0.5, None, None, True)
     (gx,) = torch.autograd.grad(out, x, v, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         gx.sum().backward()
+    # backend="torch" is the documented alternative: second order works there
+    out = gated_residual_add(x, y, 0.5, None, activation, backend="torch")
+    (gx,) = torch.autograd.grad(out, x, v, create_graph=True)
+    torch.autograd.grad(gx.sum(), v)
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("rows_case", [None, "some", "none_kept"])
 @pytest.mark.parametrize("layout", ["3x5x7x11", "channels_last"])
-def test_opcheck(layout, rows_case):
+def test_opcheck(layout, rows_case, relu):
     shortcut, residual, rows = make_inputs(layout, torch.float32, rows_case, seed=10)
     shortcut.requires_grad_()
     residual.requires_grad_()
-    torch.library.opcheck(torch.ops.sdepth_ext.gated_residual_relu.default, (shortcut, residual, 0.37, rows))
-    out = gated_residual_relu(shortcut, residual, 0.37, rows, backend="triton").detach()
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
-    torch.library.opcheck(torch.ops.sdepth_ext.gated_residual_relu_backward.default, (grad, out, 0.37, rows))
+    slot = None if rows is None else sdepth_ext.kernels.load_epilogue().inverse_map(rows, shortcut.shape[0])
+    for s in (None, slot):
+        torch.library.opcheck(torch.ops.sdepth_ext.gated_residual_add.default,
+                              (shortcut, residual, 0.37, rows, s, relu))
+    if relu:
+        out = gated_residual_relu(shortcut, residual, 0.37, rows, backend="triton").detach()
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
+        torch.library.opcheck(torch.ops.sdepth_ext.gated_residual_relu_backward.default,
+                              (grad, out, 0.37, rows, slot))
 
 
-def _compiled_matches_reference(backend_arg, rows, device="cpu"):
+def _compiled_matches_reference(backend_arg, rows_list, device="cpu", activation="relu"):
+    """torch.compile(fullgraph=True) of a block around the epilogue, for each rows in ``rows_list`` in turn
+    (the number of rows varies as in row mode), against the reference."""
     def block(x, shortcut, residual, rows):
-        return gated_residual_relu(shortcut, residual * x, 0.37, rows, backend=backend_arg).sum(dim=(2, 3))
+        out = gated_residual_add(shortcut, residual * x, 0.37, rows, activation, backend=backend_arg)
+        return out.sum(dim=(2, 3))
 
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True)  # fullgraph: any graph break is an error
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(1, 3, 1, 1, generator=g).to(device)
-    shortcut = torch.randn(4, 3, 5, 5, generator=g).to(device).to(memory_format=torch.channels_last)
-    k = 4 if rows is None else rows.numel()
-    residual = torch.randn(k, 3, 5, 5, generator=g).to(device).to(memory_format=torch.channels_last)
-    results = []
-    for use_compiled in (True, False):
-        x_, sc_, res_ = (t.clone().requires_grad_() for t in (x, shortcut, residual))
-        if use_compiled:
-            out = compiled(x_, sc_, res_, rows)
-        else:
-            out = F.gated_residual_relu_reference(sc_, res_ * x_, 0.37, rows).sum(dim=(2, 3))
-        out.backward(torch.ones_like(out))
-        results.append([out.detach(), x_.grad, sc_.grad, res_.grad])
-    for got, want in zip(*results):
-        assert_close(got, want, 1e-5, 1e-5)
+    for rows in rows_list:
+        g = torch.Generator().manual_seed(12)
+        x = torch.randn(1, 3, 1, 1, generator=g).to(device)
+        shortcut = torch.randn(4, 3, 5, 5, generator=g).to(device).to(memory_format=torch.channels_last)
+        k = 4 if rows is None else rows.numel()
+        residual = torch.randn(k, 3, 5, 5, generator=g).to(device).to(memory_format=torch.channels_last)
+        rows = None if rows is None else rows.to(device)
+        results = []
+        for use_compiled in (True, False):
+            x_, sc_, res_ = (t.clone().requires_grad_() for t in (x, shortcut, residual))
+            if use_compiled:
+                out = compiled(x_, sc_, res_, rows)
+            else:
+                out = F.gated_residual_add_reference(sc_, res_ * x_, 0.37, rows, activation).sum(dim=(2, 3))
+            out.backward(torch.ones_like(out))
+            results.append([out.detach(), x_.grad, sc_.grad, res_.grad])
+        for got, want in zip(*results):
+            assert_close(got, want, 1e-5, 1e-5)
 
 
 @needs_triton_cpu
-def test_torch_compile_fullgraph_triton_path():
-    """Inductor on CPU: the custom ops stay opaque nodes (Triton runs under the interpreter inside them)."""
-    _compiled_matches_reference("triton", torch.tensor([0, 2, 3]))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_torch_compile_fullgraph_triton_path(activation):
+    """Inductor on CPU: the custom ops stay opaque nodes (Triton runs under the interpreter inside them),
+    also as the number of rows changes from call to call."""
+    _compiled_matches_reference("triton", [torch.tensor([0, 2, 3]), torch.tensor([1]), torch.tensor([0, 3]),
+                                           None], activation=activation)
 
 
 def test_torch_compile_fullgraph_auto_backend():
     """backend=None on CPU is the torch path: inductor traces and fuses the plain ops itself."""
-    _compiled_matches_reference(None, None)
+    _compiled_matches_reference(None, [None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,13 +460,19 @@ ERROR_CASES = [
      ValueError, "rows.*device meta"),
     ("backend", lambda sc, r, r2: dict(shortcut=sc, residual=r, backend="cuda"), ValueError,
      "backend.*'triton', 'torch'"),
+    ("activation", lambda sc, r, r2: dict(shortcut=sc, residual=r, activation="gelu"), ValueError,
+     "activation.*None, 'relu'"),
 ]
 
 
 @pytest.mark.parametrize("build,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_input_errors(build, exc, match):
+    kwargs = build(*_err_inputs())
     with pytest.raises(exc, match=match):
-        gated_residual_relu(**build(*_err_inputs()))
+        gated_residual_add(**kwargs)
+    if "activation" not in kwargs:
+        with pytest.raises(exc, match=match):
+            gated_residual_relu(**kwargs)
 
 
 def test_trusted_rows_skips_value_checks():
@@ -417,20 +490,34 @@ def test_trusted_rows_skips_value_checks():
 def test_auto_backend_on_cpu_is_torch():
     sc, r, _ = _err_inputs()
     out = gated_residual_relu(sc.requires_grad_(), r, 0.5)
-    assert "GatedResidualReLU" not in type(out.grad_fn).__name__
+    assert "GatedResidualAdd" not in type(out.grad_fn).__name__
 
 
 @needs_triton_cpu
-def test_triton_backend_uses_the_function():
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_triton_backend_is_one_function_above_the_launchers(activation):
+    """Eager calls go Function -> launcher (no custom-op dispatch in between)."""
     sc, r, _ = _err_inputs()
-    out = gated_residual_relu(sc.requires_grad_(), r, 0.5, backend="triton")
-    assert "GatedResidualReLUFunction" in type(out.grad_fn).__name__
+    out = gated_residual_add(sc.requires_grad_(), r, 0.5, activation=activation, backend="triton")
+    assert type(out.grad_fn).__name__ == "GatedResidualAddFunctionBackward"
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+
+
+@needs_triton_cpu
+def test_no_activation_backward_saves_nothing():
+    sc, r, _ = _err_inputs()
+    out = gated_residual_add(sc.requires_grad_(), r.requires_grad_(), 0.5, backend="triton")
+    assert out.grad_fn.saved_tensors == ()
+    rows = torch.tensor([0, 3])
+    out = gated_residual_add(sc, r[:2].clone().requires_grad_(), 0.5, rows, backend="triton")
+    assert [t.dtype for t in out.grad_fn.saved_tensors] == [torch.int32]  # only the row map
 
 
 @needs_triton_cpu
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     epi = sdepth_ext.kernels.load_epilogue()
     monkeypatch.setattr(epi, "is_interpreted", lambda: False)
+    monkeypatch.setattr(epi, "_FORWARD_GEOMETRY", {})  # the check runs when a layout is first analysed
     sc, r, _ = _err_inputs()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*backend='torch'"):
         gated_residual_relu(sc, r, 0.5, backend="triton")
@@ -439,7 +526,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_without_triton(monkeypatch):
     """No triton: backend=None still works on CPU (torch path); backend='triton' says what is missing."""
     monkeypatch.setattr(sdepth_ext.kernels, "triton_available", lambda: False)
-    monkeypatch.setattr(F, "triton_available", lambda: False)
+    monkeypatch.setattr(F, "_triton_installed", lambda: False)
     sc, r, _ = _err_inputs()
     assert_close(gated_residual_relu(sc, r, 0.5), torch.relu(sc + 0.5 * r), 0.0, 0.0)
     with pytest.raises(RuntimeError, match="triton.*not installed.*backend='torch'"):
@@ -474,8 +561,11 @@ def test_cuda_gradcheck_opcheck_compile(rows_case):
     residual = torch.randn(k, 2, 2, 2, generator=g, dtype=torch.float64).cuda().requires_grad_()
     assert torch.autograd.gradcheck(lambda s, r: gated_residual_relu(s, r, 0.37, rows), (shortcut, residual))
     sc32, res32 = (t.detach().float().requires_grad_() for t in (shortcut, residual))
-    torch.library.opcheck(torch.ops.sdepth_ext.gated_residual_relu.default, (sc32, res32, 0.37, rows))
-    _compiled_matches_reference(None, None if rows is None else rows, device="cuda")
+    for relu in (False, True):
+        torch.library.opcheck(torch.ops.sdepth_ext.gated_residual_add.default,
+                              (sc32, res32, 0.37, rows, None, relu))
+    for activation in ACTIVATIONS:
+        _compiled_matches_reference(None, [rows], device="cuda", activation=activation)
 
 
 @needs_cuda

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(
     AOT_API is None, reason=f"triton {triton.__version__}: no ahead-of-time compile API this test knows")
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-CONSTEXPRS = ("HAS_ROWS", "IS_FP64", "BLOCK")
+CONSTEXPRS = ("HAS_ROWS", "IS_FP64", "RELU", "BLOCK")
 # Elements per sample of shapes the library launches on: ResNet-50 layer1 (256x56x56) and a CIFAR ResNet's
 # first stage (16x32x32), both multiples of 16; and an odd one (3x5x7x11 = 1155) that cannot vectorise.
 SAMPLES = {"resnet50-layer1": 256 * 56 * 56, "cifar-stage1": 16 * 32 * 32, "odd": 3 * 5 * 7 * 11}
@@ -57,7 +57,8 @@ def _jit_function(kernel):
     return triton.runtime.jit.JITFunction(kernel.fn)  # an InterpretedFunction keeps the Python function
 
 
-def _compile(kernel, dtype: torch.dtype, has_rows: bool, samples: int, batch: int, arch: int):
+def _compile(kernel, dtype: torch.dtype, has_rows: bool, samples: int, batch: int, arch: int,
+             relu: bool = True):
     """Compile ``kernel`` as the launcher would launch it on ``batch`` samples of ``samples`` elements."""
     from sdepth_ext.kernels import epilogue
 
@@ -65,7 +66,7 @@ def _compile(kernel, dtype: torch.dtype, has_rows: bool, samples: int, batch: in
     n_rows, m = (batch, samples) if has_rows else (1, batch * samples)  # the launcher's _geometry
     block, num_warps = epilogue._launch_config(m, torch.empty((), dtype=dtype).element_size())
     ints = {"M": m, "blocks_per_row": triton.cdiv(m, block)}
-    constexprs = {"HAS_ROWS": has_rows, "IS_FP64": dtype == torch.float64, "BLOCK": block}
+    constexprs = {"HAS_ROWS": has_rows, "IS_FP64": dtype == torch.float64, "RELU": relu, "BLOCK": block}
     types, aligned = {}, set()  # argument index -> type; indices Triton would specialise as 16-divisible
     for i, name in enumerate(fn.arg_names):
         if name in CONSTEXPRS:
@@ -105,23 +106,29 @@ def _global_memory_ops(ptx: str) -> collections.Counter:
 def _kernels():
     from sdepth_ext.kernels import epilogue
 
-    return {"forward": epilogue._gated_residual_relu_forward_kernel,
-            "backward": epilogue._gated_residual_relu_backward_kernel}
+    return {"forward": epilogue._gated_residual_add_forward_kernel,
+            "backward": epilogue._gated_residual_add_backward_kernel}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "add"])
 @pytest.mark.parametrize("has_rows", [False, True], ids=["flat", "rows"])
 @pytest.mark.parametrize("dtype", list(TYPES), ids=lambda d: TYPES[d])
 @pytest.mark.parametrize("which", ["forward", "backward"])
-def test_kernels_compile_to_vectorised_cubin(which, dtype, has_rows, arch):
-    compiled = _compile(_kernels()[which], dtype, has_rows, SAMPLES["resnet50-layer1"], batch=4, arch=arch)
+def test_kernels_compile_to_vectorised_cubin(which, dtype, has_rows, relu, arch):
+    compiled = _compile(_kernels()[which], dtype, has_rows, SAMPLES["resnet50-layer1"], batch=4, arch=arch,
+                        relu=relu)
     assert compiled.asm["cubin"], "ptxas produced no cubin"
     ops = _global_memory_ops(compiled.asm["ptx"])
     vector = "v2.b64" if dtype == torch.float64 else "v4.b32"  # 16 bytes either way
     bulk = {op: n for op, n in ops.items() if op != "ld.global.b32"}  # the scalar load is the row's slot
     assert bulk and all(op.endswith(vector) for op in bulk), ops
     # Each program moves 8 KiB per operand: 4 x 16 B per thread (128 threads) for each tensor read or written.
-    operands_read, operands_written = 2, (1 if which == "forward" else 2)
+    # Backward without an activation reads only the gradient and writes only grad_residual.
+    if which == "forward":
+        operands_read, operands_written = 2, 1
+    else:
+        operands_read, operands_written = (2, 2) if relu else (1, 1)
     per_thread = 8192 // (16 * 128)
     assert sum(n for op, n in bulk.items() if op.startswith("ld")) == operands_read * per_thread
     assert sum(n for op, n in bulk.items() if op.startswith("st")) == operands_written * per_thread

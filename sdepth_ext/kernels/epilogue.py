@@ -1,23 +1,33 @@
-# Fused stochastic-depth epilogue: out = relu(shortcut + scale * residual), optionally on a subset of rows.
+# Fused residual epilogue: out = act(shortcut + scale * residual), act = ReLU or nothing, optionally with the
+# residual given for a subset of rows only (row-mode stochastic depth).
 #
-# Design trade-off. The epilogue is purely memory-bound (2 FLOPs per element). Eager PyTorch runs it as
-# mul -> add -> relu: 3 kernels moving the tensor 7 times forward (read residual, write scaled; read scaled,
-# read shortcut, write sum; read sum, write out) = 28 B/elem fp32, and 2 kernels moving it 5 times backward
-# (threshold_backward reads grad + out, writes; mul reads, writes) = 20 B/elem. One fused forward pass reads
-# shortcut + residual and writes out once: 12 B/elem fp32, 6 B/elem bf16. One fused backward pass reads grad +
-# the saved output and writes both gradients: 16 B/elem fp32, 8 B/elem bf16. Forward + backward: 7 moves
-# instead of 12, 2 launches instead of 5. We save the *output* (not both inputs) for backward:
-# relu'(x) = [out > 0] is all the mask we need, and the next layer keeps out alive anyway.
+# Design trade-off. The epilogue is purely memory-bound (2 FLOPs per element). Eager PyTorch runs the ReLU
+# variant as mul -> add -> relu: 3 kernels moving the tensor 7 times forward (read residual, write scaled;
+# read scaled, read shortcut, write sum; read sum, write out) = 28 B/elem fp32, and 2 kernels moving it 5
+# times backward (threshold_backward reads grad + out, writes; mul reads, writes) = 20 B/elem. One fused
+# forward pass reads shortcut + residual and writes out once: 12 B/elem fp32, 6 B/elem bf16. One fused
+# backward pass reads grad + the saved output and writes both gradients: 16 B/elem fp32, 8 B/elem bf16. We
+# save the *output* (not both inputs) for backward: relu'(x) = [out > 0] is all the mask we need, and the next
+# layer keeps out alive anyway. Without an activation (ConvNeXt, Swin, ViT: nothing follows the add) nothing
+# is saved at all: grad_shortcut *is* the incoming gradient (no kernel, no copy), and the backward kernel only
+# writes grad_residual = scale * grad (gathered to the surviving rows in row mode). The activation is a
+# constexpr flag of one kernel pair, not a second file: the two variants differ in three lines.
 #
-# Row mode (per-sample stochastic depth): the residual branch ran on the K surviving samples only, so the
-# residual has K rows and `rows[k]` says where row k goes. Instead of `out = relu(sc); out[rows] = ...` (a
-# full extra read+write of the survivors plus an index kernel), a single launch covers all N output rows; a
-# tiny inverse map `slot[n] = k or -1` (N int32, built by the launcher on the device) tells each output row
-# whether it has a residual row. Survivors and dropped samples are each written exactly once, and a dropped
-# sample never reads any residual memory (so a NaN/Inf in unrelated memory cannot leak into it).
+# Row mode: the residual branch ran on the K surviving samples only, so the residual has K rows. Instead of
+# `out = relu(sc); out[rows] = ...` (a full extra read+write of the survivors plus an index kernel), a single
+# launch covers all N output rows; an inverse map `slot[n] = k or -1` (N int32) tells each output row whether
+# it has a residual row. The scheduler writes that map into the plan's packed index buffer (one host-to-device
+# copy per step, no index kernels); for user-given `rows` the launcher builds it once in forward and backward
+# reuses it. Survivors and dropped samples are each written exactly once, and a dropped sample never reads any
+# residual memory (so a NaN/Inf in unrelated memory cannot leak into it).
 #
-# Layering: PyTorch reference (in sdepth_ext.functional) -> @triton.jit kernels -> launchers (here) ->
-# custom ops / autograd.Function -> gated_residual_relu (sdepth_ext.functional).
+# Host cost. On a fast GPU a CIFAR-sized epilogue is a few microseconds of HBM time, comparable to the Python
+# above its launch, so the launchers do O(1) work per call: the layout analysis (density, strides, copies
+# needed, grid, block size) is computed once per (shape, strides, dtype, device) and cached; a call then does
+# a dict lookup, allocates its outputs and launches.
+#
+# Layering: PyTorch reference (sdepth_ext.functional) -> @triton.jit kernels -> launchers (here) ->
+# autograd.Function (eager) / custom ops (torch.compile) -> gated_residual_add (sdepth_ext.functional).
 #
 # Numerics: fp16/bf16 are cast to fp32 before any arithmetic (also required for correctness under
 # TRITON_INTERPRET=1), fp64 computes in fp64 (gradcheck). relu is `where(x < 0, 0, x)` so NaN propagates as
@@ -28,18 +38,17 @@
 # strings, which Triton 3.0's interpreter does not recognise (the BLOCK argument then reaches tl.arange as a
 # plain value and fails).
 
-import contextlib
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import kernel_strides, same_strides
+from . import contiguous_strides, kernel_strides, same_strides
 
-__all__ = ["gated_residual_relu_forward", "gated_residual_relu_backward", "is_interpreted"]
+__all__ = ["gated_residual_add_forward", "gated_residual_add_backward", "inverse_map", "is_interpreted"]
 
 # Each program handles BLOCK elements of one sample: 8 KiB per operand (2048 fp32, 4096 fp16/bf16, 1024 fp64).
 # With num_warps=4 (128 threads) that is 64 B per thread per operand = four 16-byte vector loads in flight,
@@ -56,7 +65,7 @@ _NUM_WARPS = 4
 # Kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _gated_residual_relu_forward_kernel(
+def _gated_residual_add_forward_kernel(
     OUT,  # [n_rows, M] output, same layout as SHORTCUT
     SHORTCUT,  # [n_rows, M]
     RESIDUAL,  # [n_rows, M], or [K, M] in row mode
@@ -67,6 +76,7 @@ def _gated_residual_relu_forward_kernel(
     blocks_per_row,
     HAS_ROWS: tl.constexpr,
     IS_FP64: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # A program owns one block of one row: row/col come from scalar math (no per-element division), and all
@@ -86,7 +96,7 @@ def _gated_residual_relu_forward_kernel(
     if HAS_ROWS:
         slot = tl.load(SLOT + row)
         # Dropped rows (slot < 0) load nothing: the masked load issues no memory access and yields 0, and
-        # scale * 0 == 0 for any finite scale, so out = relu(shortcut) exactly, NaN-free.
+        # scale * 0 == 0 for any finite scale, so out = act(shortcut) exactly, NaN-free.
         res_offs = tl.maximum(slot, 0).to(tl.int64) * M + cols
         r = tl.load(RESIDUAL + res_offs, mask=mask & (slot >= 0), other=0.0)
     else:
@@ -96,16 +106,17 @@ def _gated_residual_relu_forward_kernel(
         x = x + (scale_hi * r + scale_lo * r)  # the fp32 scalars promote exactly to fp64
     else:
         x = x + scale_hi * r
-    y = tl.where(x < 0, 0.0, x)  # not maximum(x, 0): NaN must stay NaN, as in torch.relu
-    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
+    if RELU:
+        x = tl.where(x < 0, 0.0, x)  # not maximum(x, 0): NaN must stay NaN, as in torch.relu
+    tl.store(OUT + offs, x.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gated_residual_relu_backward_kernel(
-    GRAD_SHORTCUT,  # [n_rows, M] output
+def _gated_residual_add_backward_kernel(
+    GRAD_SHORTCUT,  # [n_rows, M] output (RELU only; without an activation grad_shortcut is GRAD itself)
     GRAD_RESIDUAL,  # [n_rows, M] output, or [K, M] in row mode
     GRAD,  # [n_rows, M] incoming gradient, same layout as OUT
-    OUT,  # [n_rows, M] saved forward output
+    OUT,  # [n_rows, M] saved forward output (RELU only)
     SLOT,  # [n_rows] int32, row mode only
     scale_hi,
     scale_lo,
@@ -113,6 +124,7 @@ def _gated_residual_relu_backward_kernel(
     blocks_per_row,
     HAS_ROWS: tl.constexpr,
     IS_FP64: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -121,28 +133,33 @@ def _gated_residual_relu_backward_kernel(
     cols = col_block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < M
     offs = row.to(tl.int64) * M + cols
+    if HAS_ROWS:
+        slot = tl.load(SLOT + row)
+        store_mask = mask & (slot >= 0)
+        # Without an activation a dropped row has nothing to do: its loads are masked off too.
+        load_mask = mask if RELU else store_mask
+    else:
+        load_mask = mask
 
-    g = tl.load(GRAD + offs, mask=mask, other=0.0)
-    o = tl.load(OUT + offs, mask=mask, other=0.0)
+    g = tl.load(GRAD + offs, mask=load_mask, other=0.0)
     if IS_FP64:
         g = g.to(tl.float64)
-        o = o.to(tl.float64)
     else:
         g = g.to(tl.float32)
-        o = o.to(tl.float32)
-    # torch's threshold_backward(grad, out, 0): `out <= 0 ? 0 : grad` (a NaN output lets grad through).
-    gs = tl.where(o <= 0, 0.0, g)
-    tl.store(GRAD_SHORTCUT + offs, gs.to(GRAD_SHORTCUT.dtype.element_ty), mask=mask)
+    if RELU:
+        o = tl.load(OUT + offs, mask=mask, other=0.0)
+        # torch's threshold_backward(grad, out, 0): `out <= 0 ? 0 : grad` (a NaN output lets grad through).
+        g = tl.where(o.to(g.dtype) <= 0, 0.0, g)
+        tl.store(GRAD_SHORTCUT + offs, g.to(GRAD_SHORTCUT.dtype.element_ty), mask=mask)
     if IS_FP64:
-        gr = scale_hi * gs + scale_lo * gs
+        gr = scale_hi * g + scale_lo * g
     else:
-        gr = scale_hi * gs
+        gr = scale_hi * g
     if HAS_ROWS:
         # Only survivors own a residual-gradient row; every slot 0..K-1 appears exactly once, so each row of
         # GRAD_RESIDUAL is written once and dropped rows store nothing.
-        slot = tl.load(SLOT + row)
         res_offs = tl.maximum(slot, 0).to(tl.int64) * M + cols
-        tl.store(GRAD_RESIDUAL + res_offs, gr.to(GRAD_RESIDUAL.dtype.element_ty), mask=mask & (slot >= 0))
+        tl.store(GRAD_RESIDUAL + res_offs, gr.to(GRAD_RESIDUAL.dtype.element_ty), mask=store_mask)
     else:
         tl.store(GRAD_RESIDUAL + offs, gr.to(GRAD_RESIDUAL.dtype.element_ty), mask=mask)
 
@@ -151,7 +168,7 @@ def _gated_residual_relu_backward_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 # Fixed when the kernels are defined: triton.jit reads TRITON_INTERPRET then.
-_INTERPRETED = type(_gated_residual_relu_forward_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = type(_gated_residual_add_forward_kernel).__name__ == "InterpretedFunction"
 
 
 def is_interpreted() -> bool:
@@ -159,8 +176,8 @@ def is_interpreted() -> bool:
     return _INTERPRETED
 
 
-def _check_launchable(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not is_interpreted():
+def _check_launchable(device: torch.device) -> None:
+    if device.type == "cpu" and not is_interpreted():
         raise RuntimeError(
             "sdepth_ext: backend='triton' got CPU tensors, but the Triton kernels were not built for the "
             "interpreter. Set the environment variable TRITON_INTERPRET=1 before the first Triton call (it "
@@ -173,7 +190,7 @@ def _launch_config(M: int, element_size: int) -> tuple[int, int]:
     return max(block, _MIN_BLOCK), _NUM_WARPS
 
 
-@functools.lru_cache(maxsize=1024)  # a network uses a few dozen distinct scales (one p_l per block)
+@functools.lru_cache(maxsize=1024)  # a network uses a few dozen distinct scales (one p_l per unit)
 def _split_scale(scale: float) -> tuple[float, float]:
     # Triton passes a Python float as fp32. fp32/fp16/bf16 kernels use fp32(scale), as eager torch does (its
     # opmath for those dtypes is fp32); fp64 kernels rebuild ~48 mantissa bits from hi + lo.
@@ -182,22 +199,11 @@ def _split_scale(scale: float) -> tuple[float, float]:
     return hi, lo
 
 
-def _in_layout(t: torch.Tensor, shape, strides) -> torch.Tensor:
-    """``t`` itself if it already has ``strides`` (size-1 dims ignored), else a copy with those strides."""
-    if same_strides(shape, t.stride(), strides):
-        return t
-    return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+def inverse_map(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``slot[rows[k]] = k``, ``-1`` elsewhere: N int32 on the rows' device, no host sync.
 
-
-def _row_strides(ref: torch.Tensor, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shape and strides of an ``n``-row tensor laid out like the samples of ``ref`` (row mode)."""
-    shape = (n, *ref.shape[1:])
-    sample = math.prod(ref.shape[1:])
-    return shape, (sample, *ref.stride()[1:])
-
-
-def _inverse_map(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """``slot[rows[k]] = k``, ``-1`` elsewhere: N int32 on the device, built by tiny kernels, no host sync."""
+    Three tiny kernels; the library's own units never call it (the scheduler ships the map in the plan).
+    """
     slot = torch.full((n,), -1, dtype=torch.int32, device=rows.device)
     slot.scatter_(0, rows, torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device))
     return slot
@@ -211,105 +217,197 @@ def _check_buffer(buf: torch.Tensor, name: str, shape, strides, like: torch.Tens
         raise ValueError(f"{name}: expected strides {tuple(strides)}, got {tuple(buf.stride())}")
 
 
-def _geometry(t: torch.Tensor, row_mode: bool) -> tuple[int, int]:
-    """(n_rows, M) of the flat [n_rows, M] view the kernels use. Without rows the whole tensor is one row:
-    a flat streaming kernel with no row structure at all."""
-    if not row_mode:
-        return 1, t.numel()
-    return t.shape[0], t.numel() // t.shape[0]
+def _launch(kernel, geo: "_Geometry", device: torch.device, *args, **constexprs) -> None:
+    # Triton launches on the current GPU; a tensor on another one (multi-GPU processes) needs a switch. No
+    # context manager on the common path: a launch costs microseconds of host time, and so would the guard.
+    if geo.is_cuda and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[(geo.grid,)](*args, **constexprs, BLOCK=geo.block, num_warps=geo.num_warps)
+    else:
+        kernel[(geo.grid,)](*args, **constexprs, BLOCK=geo.block, num_warps=geo.num_warps)
 
 
-def _device_guard(t: torch.Tensor):
-    # Launch on the tensors' GPU, not the current one (multi-GPU processes).
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+class _Geometry(NamedTuple):
+    """Everything about a launch that follows from shapes, strides and dtype: computed once, then cached."""
+
+    out_shape: tuple  # the output (forward) / grad_shortcut (backward) allocation
+    out_strides: tuple
+    copy_main: bool  # the shortcut (forward) / saved output (backward) must be copied to out_strides
+    copy_second: bool  # the residual (forward) / incoming gradient (backward) must be copied
+    res_shape: tuple  # residual (forward input) / grad_residual (backward output)
+    res_strides: tuple
+    grid: int  # programs; 0 = nothing to launch (an empty tensor)
+    M: int
+    blocks_per_row: int
+    block: int
+    num_warps: int
+    is_fp64: bool
+    is_cuda: bool
 
 
-def gated_residual_relu_forward(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
-                                rows: Optional[torch.Tensor] = None, *, out: Optional[torch.Tensor] = None
-                                ) -> torch.Tensor:
-    """``relu(shortcut + scale * residual)``; with ``rows``, residual row k goes to output row ``rows[k]``
-    and the other rows get ``relu(shortcut)``. One launch over the whole output.
+def _row_layout(ref_shape, ref_strides, n: int) -> tuple[tuple, tuple]:
+    """Shape and strides of an ``n``-row tensor laid out like the samples of a ``ref`` tensor (row mode)."""
+    sample = math.prod(ref_shape[1:])
+    return (n, *ref_shape[1:]), (sample, *ref_strides[1:])
 
-    Inputs are trusted (validated by :func:`sdepth_ext.gated_residual_relu`); only metadata is checked here.
-    Shortcut and residual are used in place when they share a dense layout (contiguous, channels_last, ...;
-    in row mode with the batch dim outermost); otherwise they are copied to one. ``out`` (internal, for tests
-    that poison the buffer) must have the layout the launcher would allocate: ``torch.empty_like(shortcut)``
-    for a usable ``shortcut``, contiguous otherwise.
+
+def _geometry(main: torch.Tensor, num_residual_rows: int, row_mode: bool) -> _Geometry:
+    """Layout analysis of one launch (the slow part, hence cached by the callers).
+
+    ``main`` (the shortcut, or the saved output / incoming gradient in backward) fixes the layout: its own
+    strides when the kernels can read it in place (any dense layout; in row mode each sample one contiguous
+    chunk), else contiguous. The residual-sized operand gets the same per-sample layout. ``copy_second`` is
+    left False for the caller to decide.
+    """
+    _check_launchable(main.device)
+    shape = tuple(main.shape)
+    strides = kernel_strides(main, row_mode)
+    copy_main = strides is None
+    if copy_main:
+        strides = contiguous_strides(shape)
+    if row_mode:
+        res_shape, res_strides = _row_layout(shape, strides, num_residual_rows)
+        n_rows, M = shape[0], math.prod(shape[1:])
+    else:
+        res_shape, res_strides = shape, strides
+        n_rows, M = 1, math.prod(shape)  # the whole tensor is one row: a flat streaming kernel
+    block, num_warps = _launch_config(max(M, 1), main.element_size())
+    blocks_per_row = triton.cdiv(M, block)
+    grid = n_rows * blocks_per_row if math.prod(shape) > 0 else 0
+    return _Geometry(shape, strides, copy_main, False, res_shape, res_strides, grid, M, blocks_per_row,
+                     block, num_warps, main.dtype == torch.float64, main.is_cuda)
+
+
+_FORWARD_GEOMETRY: dict = {}
+_BACKWARD_GEOMETRY: dict = {}
+_MAX_CACHED = 4096  # row mode caches one entry per distinct survivor count: bounded by the batch sizes seen
+
+
+def _cached(cache: dict, key, make) -> _Geometry:
+    geometry = cache.get(key)
+    if geometry is None:
+        geometry = make()
+        if len(cache) >= _MAX_CACHED:
+            cache.clear()
+        cache[key] = geometry
+    return geometry
+
+
+def _empty(shape, strides, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
+
+
+def _copy_to(t: torch.Tensor, shape, strides) -> torch.Tensor:
+    return _empty(shape, strides, t).copy_(t)
+
+
+def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
+                               rows: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None, *,
+                               relu: bool, out: Optional[torch.Tensor] = None
+                               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``act(shortcut + scale * residual)``, ``act`` = ReLU if ``relu``; one launch over the whole output.
+
+    With ``rows`` (row mode), residual row k goes to output row ``rows[k]`` and the other rows get
+    ``act(shortcut)``; ``slot`` is the inverse map (:func:`inverse_map`), built here when not given. Returns
+    ``(out, slot)`` so that backward can reuse the map.
+
+    Inputs are trusted (validated by :func:`sdepth_ext.gated_residual_add`). Shortcut and residual are used in
+    place when they share a dense layout (contiguous, channels_last, [B, H, W, C], ...; in row mode with the
+    batch dim outermost); otherwise they are copied to one. ``out`` (internal, for tests that poison the
+    buffer) must have the layout the launcher would allocate: ``torch.empty_like(shortcut)`` for a usable
+    ``shortcut``, contiguous otherwise.
     """
     row_mode = rows is not None
-    _check_launchable(shortcut)
-    strides = kernel_strides(shortcut, row_mode)
-    sc = shortcut if strides is not None else shortcut.contiguous()
-    if row_mode:
-        if residual.shape[0] != rows.shape[0]:
-            raise ValueError(f"residual: expected {rows.shape[0]} rows (len(rows)), got {residual.shape[0]}")
-        res_shape, res_strides = _row_strides(sc, residual.shape[0])
-    else:
-        res_shape, res_strides = tuple(sc.shape), tuple(sc.stride())
-    if tuple(residual.shape) != tuple(res_shape):
-        raise ValueError(f"residual: expected shape {tuple(res_shape)}, got {tuple(residual.shape)}")
-    res = _in_layout(residual, res_shape, res_strides)
+    key = (shortcut.shape, shortcut.stride(), residual.shape, residual.stride(), shortcut.dtype,
+           shortcut.device, row_mode)
+    geo = _FORWARD_GEOMETRY.get(key)
+    if geo is None:
+        geo = _cached(_FORWARD_GEOMETRY, key, lambda: _forward_geometry(shortcut, residual, rows))
+    sc = _copy_to(shortcut, geo.out_shape, geo.out_strides) if geo.copy_main else shortcut
+    res = _copy_to(residual, geo.res_shape, geo.res_strides) if geo.copy_second else residual
     if out is None:
-        out = torch.empty_strided(sc.shape, sc.stride(), dtype=sc.dtype, device=sc.device)
+        # empty_like keeps a dense tensor's strides (preserve_format), and costs half of empty_strided
+        out = torch.empty_like(sc)
     else:
-        _check_buffer(out, "out", sc.shape, sc.stride(), sc)
-    if sc.numel() == 0:
-        return out
-
-    n_rows, M = _geometry(sc, row_mode)
-    slot = _inverse_map(rows, n_rows) if row_mode else sc  # unused pointer without rows
+        _check_buffer(out, "out", geo.out_shape, geo.out_strides, sc)
+    if row_mode and slot is None:
+        slot = inverse_map(rows, geo.out_shape[0])
+    if geo.grid == 0:
+        return out, slot
     if res.numel() == 0:
         res = sc  # no survivors: every slot is -1, the residual pointer is never dereferenced
-    block, num_warps = _launch_config(M, sc.element_size())
-    blocks_per_row = triton.cdiv(M, block)
     scale_hi, scale_lo = _split_scale(scale)
-    with _device_guard(sc):
-        _gated_residual_relu_forward_kernel[(n_rows * blocks_per_row,)](
-            out, sc, res, slot, scale_hi, scale_lo, M, blocks_per_row,
-            HAS_ROWS=row_mode, IS_FP64=sc.dtype == torch.float64, BLOCK=block, num_warps=num_warps,
-        )
-    return out
+    _launch(_gated_residual_add_forward_kernel, geo, sc.device,
+            out, sc, res, slot if row_mode else sc, scale_hi, scale_lo, geo.M, geo.blocks_per_row,
+            HAS_ROWS=row_mode, IS_FP64=geo.is_fp64, RELU=relu)
+    return out, slot
 
 
-def gated_residual_relu_backward(grad: torch.Tensor, out: torch.Tensor, scale: float,
-                                 rows: Optional[torch.Tensor] = None, *,
-                                 grad_shortcut: Optional[torch.Tensor] = None,
-                                 grad_residual: Optional[torch.Tensor] = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: ``grad_shortcut = grad * [out > 0]`` (torch's threshold_backward) and
-    ``grad_residual[k] = scale * grad_shortcut[rows[k]]`` (all rows without ``rows``).
-
-    ``out`` is the forward output (normally already in a kernel layout); ``grad`` is brought to its layout if
-    needed. ``grad_shortcut`` / ``grad_residual`` (internal, for tests) are preallocated outputs.
-    """
+def _forward_geometry(shortcut, residual, rows) -> _Geometry:
     row_mode = rows is not None
-    _check_launchable(out)
-    if tuple(grad.shape) != tuple(out.shape):
-        raise ValueError(f"grad: expected shape {tuple(out.shape)}, got {tuple(grad.shape)}")
-    o = out if kernel_strides(out, row_mode) is not None else out.contiguous()
-    g = _in_layout(grad, o.shape, o.stride())
-    num_res = rows.shape[0] if row_mode else o.shape[0]
-    res_shape, res_strides = _row_strides(o, num_res) if row_mode else (tuple(o.shape), tuple(o.stride()))
-    if grad_shortcut is None:
-        grad_shortcut = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device)
-    else:
-        _check_buffer(grad_shortcut, "grad_shortcut", o.shape, o.stride(), o)
-    if grad_residual is None:
-        grad_residual = torch.empty_strided(res_shape, res_strides, dtype=o.dtype, device=o.device)
-    else:
-        _check_buffer(grad_residual, "grad_residual", res_shape, res_strides, o)
-    if o.numel() == 0:
-        return grad_shortcut, grad_residual
+    k = rows.shape[0] if row_mode else shortcut.shape[0]
+    if row_mode and residual.shape[0] != k:
+        raise ValueError(f"residual: expected {k} rows (len(rows)), got {residual.shape[0]}")
+    geo = _geometry(shortcut, k, row_mode)
+    if tuple(residual.shape) != geo.res_shape:
+        raise ValueError(f"residual: expected shape {geo.res_shape}, got {tuple(residual.shape)}")
+    return geo._replace(copy_second=not same_strides(geo.res_shape, residual.stride(), geo.res_strides))
 
-    n_rows, M = _geometry(o, row_mode)
-    slot = _inverse_map(rows, n_rows) if row_mode else o
-    gr = grad_residual if grad_residual.numel() > 0 else grad_shortcut  # K = 0: never stored to
-    block, num_warps = _launch_config(M, o.element_size())
-    blocks_per_row = triton.cdiv(M, block)
+
+def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor], scale: float,
+                                slot: Optional[torch.Tensor] = None, num_rows: Optional[int] = None, *,
+                                relu: bool, grad_shortcut: Optional[torch.Tensor] = None,
+                                grad_residual: Optional[torch.Tensor] = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass: ``grad_shortcut = grad * act'(out)``, ``grad_residual[k] = scale * grad_shortcut[rows[k]]``.
+
+    With ``relu`` the mask is torch's threshold_backward on the saved forward output ``out``; without an
+    activation ``out`` is not needed (None) and ``grad_shortcut`` is ``grad`` itself. Row mode: ``slot`` is
+    the forward's inverse map and ``num_rows`` = K. ``grad_shortcut`` / ``grad_residual`` (internal, for
+    tests) are preallocated outputs.
+    """
+    row_mode = slot is not None
+    main = out if relu else grad
+    key = (main.shape, main.stride(), grad.shape, grad.stride(), main.dtype, main.device, row_mode, num_rows,
+           relu)
+    geo = _BACKWARD_GEOMETRY.get(key)
+    if geo is None:
+        geo = _cached(_BACKWARD_GEOMETRY, key,
+                      lambda: _backward_geometry(grad, main, num_rows, row_mode, relu))
+    o = _copy_to(out, geo.out_shape, geo.out_strides) if relu and geo.copy_main else out
+    if relu:
+        g = _copy_to(grad, geo.out_shape, geo.out_strides) if geo.copy_second else grad
+        if grad_shortcut is None:
+            grad_shortcut = torch.empty_like(o)
+        else:
+            _check_buffer(grad_shortcut, "grad_shortcut", geo.out_shape, geo.out_strides, g)
+    else:
+        g = _copy_to(grad, geo.out_shape, geo.out_strides) if geo.copy_main else grad
+        grad_shortcut = grad  # d(shortcut + s r)/d shortcut = 1: the incoming gradient, no copy
+        if not row_mode and scale == 1.0 and grad_residual is None:
+            return grad_shortcut, grad
+    if grad_residual is None:
+        grad_residual = _empty(geo.res_shape, geo.res_strides, g) if row_mode else torch.empty_like(g)
+    else:
+        _check_buffer(grad_residual, "grad_residual", geo.res_shape, geo.res_strides, g)
+    if geo.grid == 0:
+        return grad_shortcut, grad_residual
+    gr = grad_residual if grad_residual.numel() > 0 else g  # K = 0: never stored to
     scale_hi, scale_lo = _split_scale(scale)
-    with _device_guard(o):
-        _gated_residual_relu_backward_kernel[(n_rows * blocks_per_row,)](
-            grad_shortcut, gr, g, o, slot, scale_hi, scale_lo, M, blocks_per_row,
-            HAS_ROWS=row_mode, IS_FP64=o.dtype == torch.float64, BLOCK=block, num_warps=num_warps,
-        )
+    _launch(_gated_residual_add_backward_kernel, geo, g.device,
+            grad_shortcut if relu else g, gr, g, o if relu else g, slot if row_mode else g,
+            scale_hi, scale_lo, geo.M, geo.blocks_per_row, HAS_ROWS=row_mode, IS_FP64=geo.is_fp64, RELU=relu)
     return grad_shortcut, grad_residual
+
+
+def _backward_geometry(grad, main, num_rows, row_mode, relu) -> _Geometry:
+    if tuple(grad.shape) != tuple(main.shape):
+        raise ValueError(f"grad: expected shape {tuple(main.shape)}, got {tuple(grad.shape)}")
+    k = num_rows if row_mode else main.shape[0]
+    if row_mode and (num_rows is None or not 0 <= num_rows <= main.shape[0]):
+        raise ValueError(f"num_rows: expected an int in [0, {main.shape[0]}] with slot, got {num_rows!r}")
+    # With relu the saved output fixes the layout and grad follows it; without, grad is the main operand.
+    geo = _geometry(main, k, row_mode)
+    if not relu:
+        return geo
+    return geo._replace(copy_second=not same_strides(geo.out_shape, grad.stride(), geo.out_strides))

@@ -1,4 +1,7 @@
-"""The training command: smoke run, exact resumption, data loading and argument errors (CPU, tiny sizes)."""
+"""The training command: smoke run, exact resumption, data loading and argument errors (CPU, tiny sizes).
+
+More in test_train_resume.py, test_train_cli.py, test_train_data.py and test_faults_train.py.
+"""
 
 import csv
 import pickle
@@ -40,8 +43,8 @@ def test_smoke_run_writes_logs_and_plots(tmp_path, restore_rng_state):
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
 def test_resume_reproduces_next_epoch_exactly(tmp_path, restore_rng_state, mode):
-    # Explicit milestones: the default ones depend on --epochs, which differs between the two calls of
-    # the resumed run, and a resumed lr schedule keeps the checkpoint's milestones.
+    # Explicit milestones stay as given when --epochs grows on resume (tests/test_train_resume.py covers
+    # the default ones, which follow the new --epochs).
     args = [*TINY, "--runs", "stochastic", "--mode", mode, "--no-lesion", "--p-last", "0.3",
             "--milestones", "2"]
     train.main([*args, "--epochs", "3", "--out", str(tmp_path / "straight")])
@@ -137,6 +140,8 @@ def test_bad_arguments_exit_with_clear_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_missing_data_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no download is attempted"):
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         train.main(["--data", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    assert exc.value.code == 1
+    assert "no download is attempted" in capsys.readouterr().err

@@ -57,9 +57,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import sdepth_ext as sd
-from sdepth_ext.blocks import residual_branch, shortcut_branch
 from sdepth_ext.convert import get_state
-from sdepth_ext.flops import compute_fraction, residual_macs
+from sdepth_ext.families.tv_resnet import TorchvisionResNet
+from sdepth_ext.flops import compute_fraction, unit_macs
 
 from .common import (
     add_cpu_malloc_option,
@@ -87,6 +87,15 @@ HAND_MODES = {"batch": "hand-written skip", "row": "contiguous sub-batches"}
 def _hand_variant(mode: str, p_last: float) -> str:
     """The name of the hand-written comparator of ``sdepth <mode> p<p_last>``."""
     return f"{HAND_MODES[mode]} {mode} p{p_last}"
+
+
+def residual_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's residual branch, as sdepth_ext's ResNet adapter computes it (torchvision's modules)."""
+    return TorchvisionResNet.residual(block, 0, x)
+
+
+def shortcut_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return TorchvisionResNet.shortcut(block, 0, x)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
     x = torch.randn(batch, 3, size, size, device=device)
     num_classes = base.fc.out_features
     y = torch.randint(0, num_classes, (batch,), device=device)
-    per_block, total = residual_macs(base, x[:1])
+    per_block, total = unit_macs(base, x[:1])
     L = len(per_block)
 
     # name -> (model, mode, p_last, ideal ratio)

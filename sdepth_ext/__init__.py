@@ -1,17 +1,23 @@
-"""sdepth_ext: Stochastic Depth for PyTorch ResNets, with dropped blocks never computed."""
+"""sdepth_ext: stochastic depth for PyTorch residual networks, with dropped units never computed.
+
+Supported: torchvision ResNets, ConvNeXt, EfficientNet / EfficientNetV2, Swin v1/v2 and MaxViT (and timm's
+ResNet, ConvNeXt and ViT families where timm is installed); see :func:`convert`.
+"""
 
 from .checkpointing import checkpoint_blocks
+from .cifar import cifar_resnet
 from .compiled import compile_blocks, effective_survival, set_row_multiple
-from .convert import cifar_resnet, convert, get_scheduler, lesion, revert, survival_probs
+from .convert import convert, get_scheduler, lesion, revert, survival_probs
 from .distributed import clear_dropped_grads, ddp_ready, dropped_blocks, set_dropped_grads, sync_scheduler
-from .functional import gated_residual_relu
+from .functional import gated_residual_add, gated_residual_relu
 from .rules import linear_decay, uniform
 from .scheduler import Plan, Scheduler, has_compiled_scheduler
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["gated_residual_relu", "linear_decay", "uniform", "Plan", "Scheduler", "has_compiled_scheduler",
-           "convert", "revert", "survival_probs", "lesion", "cifar_resnet", "get_scheduler",
-           # training where users train: DDP, torch.compile, activation checkpointing, dropped-block grads
+__all__ = ["gated_residual_add", "gated_residual_relu", "linear_decay", "uniform", "Plan", "Scheduler",
+           "has_compiled_scheduler", "convert", "revert", "survival_probs", "lesion", "cifar_resnet",
+           "get_scheduler",
+           # training where users train: DDP, torch.compile, activation checkpointing, dropped-unit grads
            "ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks",
            "compile_blocks", "set_row_multiple", "effective_survival", "checkpoint_blocks"]

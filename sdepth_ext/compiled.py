@@ -4,9 +4,9 @@ Compiling the converted root with ``torch.compile(model)`` does not work well: t
 forward pre-hook) breaks the graph, and the per-block Python branches on the plan's gates become guards, so
 Dynamo recompiles for every new drop pattern and falls back to eager after ``recompile_limit`` (8) of them.
 
-``compile_blocks`` compiles what costs FLOPs -- each block's residual branch ``f`` (convs, BatchNorms, ReLUs)
+``compile_blocks`` compiles what costs FLOPs -- each unit's residual branch (convs, norms, attention, MLP)
 and its projection shortcut -- and keeps the gate decisions, the row gather and the fused epilogue in eager
-Python. The graphs then never depend on the plan: a dropped block calls no compiled code, a surviving one
+Python. The graphs then never depend on the plan: a dropped unit calls no compiled code, a surviving one
 calls the same graph whatever the other gates are. Identical blocks share one compiled graph (they run the
 same code; parameters are graph inputs), so compile time grows with the number of distinct block shapes,
 not with depth. That needs Dynamo to inline nn.Modules (``inline_inbuilt_nn_modules``, the default from
@@ -37,7 +37,6 @@ import warnings
 import torch
 from torch import nn
 
-from .blocks import residual_branch, shortcut_branch
 from .convert import get_state
 
 __all__ = ["compile_blocks", "set_row_multiple", "effective_survival"]
@@ -50,13 +49,18 @@ def set_row_multiple(model: nn.Module, multiple: int) -> nn.Module:
     """Row mode: round survivor counts K (0 < K < N) up to ``min(N, k * ceil(K / k))``, k = ``multiple``.
 
     The extra samples are dropped samples promoted to survivors (their residual is added like any
-    survivor's), so block l runs on a fraction ``effective_survival(p_l, N, k) >= p_l`` of the samples
-    instead of ``p_l``; blocks without survivors stay dropped. ``multiple=1`` switches rounding off. No effect
-    in batch mode (counts are 0 or N already). Works eagerly too; its point is few shapes for compiled code.
+    survivor's), so unit l runs on a fraction ``effective_survival(p_l, N, k) >= p_l`` of the samples
+    instead of ``p_l``; units without survivors stay dropped. ``multiple=1`` switches rounding off. Works
+    eagerly too; its point is few shapes for compiled code. A batch-mode model (counts are 0 or N already)
+    raises ``ValueError``: the setting would do nothing.
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
-    get_state(model).row_multiple = multiple
+    state = get_state(model)
+    if state.mode != "row" and multiple != 1:
+        raise ValueError(f"multiple: row_multiple={multiple} rounds row-mode survivor counts, but the model "
+                         "converts in batch mode (every unit runs on all samples or none)")
+    state.row_multiple = multiple
     return model
 
 
@@ -80,9 +84,7 @@ def effective_survival(p: float, batch_size: int, multiple: int) -> float:
     return total / n
 
 
-def _shape_key(module: nn.Module | None) -> tuple:
-    if module is None:
-        return ()
+def _shape_key(module: nn.Module) -> tuple:
     return tuple((type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False)),
                   getattr(m, "stride", None)) for m in module.modules())
 
@@ -134,17 +136,31 @@ def compile_blocks(model: nn.Module, *, row_multiple: int | None = None, **compi
         set_row_multiple(model, row_multiple)
     shapes = set()
     dynamic_batch = state.mode == "row" and compile_kwargs.get("dynamic") is not False
-    for block in state.blocks:
-        # Instance attributes stored in __dict__ directly: compiled wrappers are not registered as submodules,
-        # so state_dict keys and .modules() stay those of the plain model.
-        block.__dict__["_sd_compiled_residual"] = _region(torch.compile(
-            functools.partial(residual_branch, block), **compile_kwargs), dynamic_batch)
-        block.__dict__["_sd_compiled_shortcut"] = None if block.downsample is None else torch.compile(
-            functools.partial(shortcut_branch, block), **compile_kwargs)
+    blocks = state.blocks
+    for block in blocks:
+        adapter = block._sd_adapter
+        regions = []
+        for u in range(block._sd_num_units):
+            residual = _region(torch.compile(functools.partial(adapter.residual, block, u), **compile_kwargs),
+                               dynamic_batch)
+            shortcut = torch.compile(functools.partial(adapter.shortcut, block, u), **compile_kwargs) \
+                if adapter.has_projection(block, u) else None
+            regions.append((residual, shortcut))
+        # An instance attribute stored in __dict__ directly: compiled wrappers are not registered as
+        # submodules, so state_dict keys and .modules() stay those of the plain model.
+        block.__dict__["_sd_regions"] = regions
         shapes.add(_shape_key(block))
+    if not any(getattr(cleanup, "func", None) is _drop_regions for cleanup in state.cleanups):
+        state.cleanups.append(functools.partial(_drop_regions, state))
     buckets = _GRAPHS_PER_SHAPE
     if compile_kwargs.get("dynamic") is False and state.mode == "row":
         buckets = 64  # every sub-batch size is a graph; with row_multiple that is ceil(N / k) sizes
-    distinct = len(shapes) if _inlines_nn_modules() else len(state.blocks)
+    distinct = len(shapes) if _inlines_nn_modules() else len(blocks)
     _raise_recompile_limit(max(8, buckets * distinct))
     return model
+
+
+def _drop_regions(state) -> None:
+    """revert's cleanup: the blocks forget their compiled regions."""
+    for block in state.blocks:
+        block.__dict__.pop("_sd_regions", None)

@@ -1,16 +1,24 @@
-"""convert(): stochastic depth for torchvision ResNets in place; revert, survival_probs, lesion, cifar_resnet.
+"""convert(): real stochastic depth swapped into a model in place; revert, survival_probs, lesion.
 
 Design, in short:
 
-* Blocks are every torchvision ``BasicBlock``/``Bottleneck`` of the model in module registration order,
-  taken as forward order (true for torchvision's ResNets, ``cifar_resnet`` and any ``nn.Sequential`` stack);
-  block ``l`` (1-based) gets ``p_l`` from the survival rule. Downsampling blocks are included.
-* Each block's ``__class__`` becomes a subclass of its own class (:mod:`sdepth_ext.blocks`): no new
-  parameters, buffers or submodules, so weights and ``state_dict`` keys are the original model's.
-* The root holds one :class:`~sdepth_ext.blocks.StochasticDepthState` (a plain attribute, not a submodule)
-  with the Scheduler, mode, scaling and the current Plan. A forward pre-hook on the root draws one Plan per
-  training-mode call, before any block runs, and moves it to the input's device with one copy.
-* The scheduler's state (RNG state, seed, survival, mode) travels in the state_dict's *metadata*
+* Discovery by registry (:mod:`sdepth_ext.families`): the model's modules are walked from the root, each
+  module's class is looked up along its MRO, an optional ``filter_fn(module, fqn)`` may leave a block
+  unconverted, and nothing inside a converted block is visited. Everything is validated before anything is
+  mutated. A block's residual additions are its *units*, numbered in forward order (registration order,
+  checked against the order the first forward runs them; see :class:`~sdepth_ext.units.UnitsState`).
+* Each block's ``__class__`` becomes a subclass of its own class (:mod:`sdepth_ext.units`): no new
+  parameters, buffers or submodules, so object identity, weights and ``state_dict`` keys are the original
+  model's.
+* The root holds one :class:`~sdepth_ext.units.UnitsState` (a plain attribute, not a submodule) with the
+  Scheduler (which holds ``p_l``), the scaling and the current Plan. A forward pre-hook on the root draws one
+  Plan per training-mode call, before any unit runs, and moves it to the input's device with one copy.
+* Survival rates: a family without stochastic depth of its own (torchvision's ResNets) gets the paper's
+  defaults; a model that carries its own stochastic-depth modules (torchvision ``StochasticDepth``) keeps
+  their rates, their mode and their "inverted" scaling unless told otherwise. Either way the model's modules
+  stay in place (their keys, their repr) but no longer run in a converted unit: ours replaces them. ``revert``
+  gives them back their job.
+* The scheduler's state (seed, step, survival, mode) travels in the state_dict's *metadata*
   (``state_dict._metadata[prefix]["sdepth_scheduler"]``, where PyTorch keeps module versions), not under a
   key. So both directions load with ``strict=True`` and identical keys: a plain model ignores the metadata,
   a converted model restores its scheduler from it when present and keeps its own stream when absent. The
@@ -23,40 +31,71 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
-from .blocks import (
-    RESIDUAL_BLOCK_TYPES,
-    StochasticDepthState,
-    check_convertible,
-    is_stochastic_depth_block,
-    lesioned_class,
-    stochastic_depth_class,
-)
+from .families import UnitAdapter, adapter_for, registered_adapters
 from .rules import check_probability, linear_decay, uniform
-from .scheduler import Scheduler, check_u64
+from .scheduler import MODES, Scheduler, check_u64
+from .units import SCALINGS, UnitsState, gated_class, is_gated
 
-__all__ = ["convert", "revert", "survival_probs", "lesion", "cifar_resnet", "CifarResNet", "get_state",
-           "get_scheduler", "find_residual_blocks"]
+__all__ = ["convert", "revert", "survival_probs", "lesion", "get_state", "get_scheduler", "units_of",
+           "RULES", "SCALINGS", "MODES"]
 
 RULES = ("linear", "uniform")
-MODES = ("batch", "row")
-SCALINGS = ("paper", "inverted")
 METADATA_KEY = "sdepth_scheduler"
 _ROOT_ATTR = "_sdepth_controller"
+_BLOCK_ATTRS = ("_sd_index", "_sd_num_units", "_sd_state")
 
 
-def find_residual_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every torchvision ``BasicBlock``/``Bottleneck`` in ``model``, in module registration order."""
-    return [m for m in model.modules() if isinstance(m, RESIDUAL_BLOCK_TYPES)]
+# ------------------------------------------------------------------------------------------------------------
+# Discovery
+# ------------------------------------------------------------------------------------------------------------
+def _find_blocks(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module, type[UnitAdapter]]]:
+    """``(fqn, block, adapter)`` of every block with an adapter, registration order; not inside each other."""
+    found: list[tuple[str, nn.Module, type[UnitAdapter]]] = []
+
+    def visit(module: nn.Module, fqn: str) -> None:
+        adapter = adapter_for(module)
+        if adapter is not None and (filter_fn is None or filter_fn(module, fqn)):
+            if adapter.num_units(module) > 0:
+                found.append((fqn, module, adapter))
+            return  # never descend into a block (gated or not: an unguarded MBConv holds no units either)
+        for name, child in module.named_children():
+            visit(child, f"{fqn}.{name}" if fqn else name)
+
+    visit(model, "")
+    return found
 
 
-def get_state(model: nn.Module) -> StochasticDepthState:
-    """The shared state of a converted model (scheduler, mode, scaling, the current ``plan``).
+def _check_block(block: nn.Module, adapter: type[UnitAdapter]) -> None:
+    """A subclass that overrides ``forward`` computes something the adapter cannot know: refused."""
+    if is_gated(block):
+        raise ValueError(f"model: {type(block).__name__} is already converted as part of another module; "
+                         "sdepth_ext.revert() that module first")
+    registered = next(c for c in type(block).__mro__ if c in adapter.block_types)
+    if type(block).forward is not registered.forward:
+        raise TypeError(
+            f"model: {type(block).__qualname__} subclasses {registered.__qualname__} but overrides forward; "
+            f"sdepth_ext can only convert blocks that compute {registered.__name__}'s own forward")
+
+
+def units_of(model: nn.Module) -> list[tuple[nn.Module, int, type[UnitAdapter]]]:
+    """``(block, unit, adapter)`` of every residual unit of ``model`` (converted or not), in unit order."""
+    if _is_converted_root(model):
+        return [(block, u, block._sd_adapter) for block, u in get_state(model).units]
+    return [(block, u, adapter) for _, block, adapter in _find_blocks(model, None)
+            for u in range(adapter.num_units(block))]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# State lookup
+# ------------------------------------------------------------------------------------------------------------
+def get_state(model: nn.Module) -> UnitsState:
+    """The shared state of a converted model (scheduler, scaling, the current ``plan``).
 
     ``model`` is the root given to :func:`convert`, or a wrapper of it: DDP (``.module``) or ``torch.compile``
     (``._orig_mod``). Raises ``TypeError`` for a non-module, ``ValueError`` if it was not converted.
@@ -76,8 +115,8 @@ def get_state(model: nn.Module) -> StochasticDepthState:
 def get_scheduler(model: nn.Module) -> Scheduler:
     """The :class:`~sdepth_ext.Scheduler` of a converted model (or of its DDP / torch.compile wrapper).
 
-    Its ``state_dict()`` is the RNG state that ``model.state_dict()`` carries in its metadata; save it beside
-    checkpoints that lose that metadata (a plain ``dict`` copy, safetensors).
+    Its ``state_dict()`` is what ``model.state_dict()`` carries in its metadata; save it beside checkpoints
+    that lose that metadata (a plain ``dict`` copy, safetensors).
     """
     return get_state(model).scheduler
 
@@ -97,7 +136,6 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
 
@@ -110,12 +148,20 @@ def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if x is None or x.dim() == 0:
         raise RuntimeError("stochastic depth: the converted model's forward needs a tensor argument whose "
                            "dimension 0 is the batch, to draw the step's plan")
+    if isinstance(x, torch.fx.Proxy):
+        return None  # symbolic tracing: the units raise the explanation
     if _in_backward() and state.plan is not None and state.plan.batch_size == int(x.shape[0]):
         # The whole root runs inside torch.utils.checkpoint and is being recomputed during backward: the
         # recomputation must see the step's plan, not draw a new one (gradients would be wrong).
         return None
     state.sample(int(x.shape[0]), x.device)
     return None
+
+
+def _first_forward_post_hook(module: nn.Module, args: tuple, output) -> None:
+    state = module.__dict__.get(_ROOT_ATTR)
+    if state is not None and state.call_order is not None:
+        state.finish_first_forward()
 
 
 def _save_scheduler_state_hook(module: nn.Module, state_dict: dict, prefix: str,
@@ -141,7 +187,8 @@ def _load_scheduler_state_hook(module: nn.Module, state_dict: dict, prefix: str,
 
 
 def _install_hooks(model: nn.Module) -> list:
-    handles = [model.register_forward_pre_hook(_draw_plan_pre_hook, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(_draw_plan_pre_hook, with_kwargs=True),
+               model.register_forward_hook(_first_forward_post_hook)]
     # Public names where they exist (torch >= 2.5); the private ones (same signatures) on torch 2.4.
     if hasattr(model, "register_state_dict_post_hook"):
         handles.append(model.register_state_dict_post_hook(_save_scheduler_state_hook))
@@ -155,32 +202,78 @@ def _install_hooks(model: nn.Module) -> list:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Public API
+# Settings
 # ------------------------------------------------------------------------------------------------------------
 def _check_choice(value, name: str, allowed: tuple) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be one of {allowed} (or None for the model's default), got {value!r}")
     return value
 
 
-def convert(model: nn.Module, p_last: float = 0.5, rule: str = "linear", mode: str = "batch",
-            scaling: str = "paper", seed: int | None = None) -> nn.Module:
-    """Turn every residual block of ``model`` into a stochastic-depth block, in place; returns ``model``.
+def _settings(blocks, p_last, rule, mode, scaling) -> tuple[list[float], str, str, bool]:
+    """(survival per unit, mode, scaling, rates_from_model) from the arguments and the family's defaults."""
+    adapter = blocks[0][2]
+    defaults = adapter.defaults
+    units = [(block, u, a) for _, block, a in blocks for u in range(a.num_units(block))]
+    own = [a.own_drop(block, u) for block, u, a in units]
+    from_model = p_last is None and rule is None and defaults.rule is None
+    if from_model:
+        if any(o is None for o in own):
+            raise ValueError(f"model: its {adapter.family} blocks carry no stochastic-depth rate of their "
+                             "own; pass p_last= (and rule=)")
+        survival = [1.0 - p for p, _ in own]
+    else:
+        if p_last is None:
+            p_last = defaults.p_last
+            if p_last is None:
+                raise ValueError(f"p_last: rule={rule!r} replaces the model's own rates and needs p_last "
+                                 "(the last unit's survival probability, in [0, 1])")
+        p_last = check_probability(p_last, "p_last")
+        rule = _check_choice(rule if rule is not None else (defaults.rule or "linear"), "rule", RULES)
+        survival = (linear_decay if rule == "linear" else uniform)(len(units), p_last)
+    if mode is None:
+        mode = defaults.mode
+        if mode is None:
+            modes = {m for _, m in (o for o in own if o is not None)}
+            if len(modes) != 1:
+                raise ValueError(f"mode: the model's own stochastic-depth modules use modes {sorted(modes)}; "
+                                 f"pass mode= one of {MODES}")
+            mode = modes.pop()
+    _check_choice(mode, "mode", MODES)
+    scaling = _check_choice(scaling if scaling is not None else defaults.scaling, "scaling", SCALINGS)
+    return survival, mode, scaling, from_model
+
+
+def _supported_names() -> str:
+    """``BasicBlock (torchvision.models.resnet), ...``: block classes by name, with their module."""
+    return ", ".join(sorted({f"{cls.__name__} ({cls.__module__})" for cls in registered_adapters()}))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------------------
+def convert(model: nn.Module, p_last: float | None = None, rule: str | None = None, mode: str | None = None,
+            scaling: str | None = None, seed: int | None = None, *,
+            filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Turn every residual unit of ``model`` into a stochastic-depth unit, in place; returns ``model``.
 
     Args:
-        model: a torchvision ResNet-family model (resnet18..152, wide_resnet, resnext), :func:`cifar_resnet`,
-            or any module built from torchvision ``BasicBlock``/``Bottleneck`` (subclasses that override
-            ``forward`` are rejected with ``TypeError``). Blocks are numbered l = 1..L in registration order.
-        p_last: survival probability ``p_L`` of the last block, in [0, 1].
-        rule: ``"linear"`` (``p_l = 1 - l/L (1 - p_L)``, the paper's) or ``"uniform"`` (``p_l = p_L``).
-        mode: ``"batch"`` (one gate per block and step; a dropped block runs no residual at all) or ``"row"``
-            (one gate per block and sample; the residual runs on the surviving samples only, so BatchNorm
-            statistics are those of the survivors. A block with a single survivor whose BatchNorm would see
-            one value per channel is normalised together with one dropped sample; see
-            :mod:`sdepth_ext.blocks`).
-        scaling: ``"paper"`` (train with ``relu(id + f)``, evaluate ``relu(id + p_l f)``) or ``"inverted"``
-            (train with ``relu(id + f / p_l)``, evaluate the plain network, bit-identical to the original).
-        seed: int for a reproducible gate stream; ``None`` takes one from torch's default generator.
+        model: a model built from supported blocks: torchvision ResNets (``BasicBlock``/``Bottleneck``),
+            ConvNeXt (``CNBlock``), EfficientNet / EfficientNetV2 (``MBConv``/``FusedMBConv``), Swin v1/v2
+            and MaxViT, :func:`sdepth_ext.cifar_resnet`, or any module built from those blocks. Subclasses
+            that override ``forward`` and models mixing families are rejected naming the class.
+        p_last: survival probability of the last unit, in [0, 1]. None: the family's default (0.5 for
+            ResNets; for models with their own stochastic depth, their rates).
+        rule: ``"linear"`` (``p_l = 1 - l/L (1 - p_last)`` over the L units, the paper's) or ``"uniform"``
+            (``p_l = p_last``). None: linear, or the model's own rates when ``p_last`` is None too.
+        mode: ``"batch"`` (one gate per unit and step; a dropped unit runs no residual at all) or ``"row"``
+            (one gate per unit and sample; the residual runs on the surviving samples only, so BatchNorm
+            statistics are those of the survivors). None: batch for ResNets, the model's own mode otherwise.
+        scaling: ``"paper"`` (train with ``act(id + f)``, evaluate ``act(id + p_l f)``) or ``"inverted"``
+            (train with ``act(id + f / p_l)``, evaluate the plain network, bit-identical to the original).
+            None: paper for ResNets, inverted for models with their own stochastic depth.
+        seed: int in [0, 2^64) for a reproducible gate stream; ``None`` takes one from torch's generator.
+        filter_fn: optional ``filter_fn(module, fqn) -> bool``; blocks for which it is False stay as they are.
 
     Converting a converted model re-converts it: the old settings and scheduler state are replaced (as if
     :func:`revert` ran first). One plan is drawn per training-mode call of ``model`` (the root); state_dict
@@ -189,50 +282,72 @@ def convert(model: nn.Module, p_last: float = 0.5, rule: str = "linear", mode: s
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    p_last = check_probability(p_last, "p_last")
-    _check_choice(rule, "rule", RULES)
-    _check_choice(mode, "mode", MODES)
-    _check_choice(scaling, "scaling", SCALINGS)
     if seed is not None:
         seed = check_u64(seed, "seed")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+    for value, name in ((rule, "rule"), (mode, "mode"), (scaling, "scaling")):
+        if value is not None:
+            _check_choice(value, name, {"rule": RULES, "mode": MODES, "scaling": SCALINGS}[name])
+    if p_last is not None:
+        check_probability(p_last, "p_last")
 
     if _is_converted_root(model):
         revert(model)
-    blocks = find_residual_blocks(model)
+    blocks = _find_blocks(model, filter_fn)
     if not blocks:
-        raise ValueError(f"model: {type(model).__name__} has no residual blocks (torchvision BasicBlock or "
-                         "Bottleneck) to convert")
-    for block in blocks:  # validate everything before mutating anything
-        if is_stochastic_depth_block(block):
-            raise ValueError("model: contains blocks already converted as part of another module; "
-                             "sdepth_ext.revert() that module first")
-        check_convertible(block)
+        raise ValueError(f"model: {type(model).__name__} has no residual units sdepth_ext can convert "
+                         f"(supported blocks: {_supported_names()})")
+    families = {}
+    for _, block, adapter in blocks:  # validate everything before mutating anything
+        _check_block(block, adapter)
+        families.setdefault(adapter.family, type(block).__name__)
+    if len(families) > 1:
+        mixed = ", ".join(f"{family} ({name})" for family, name in families.items())
+        raise ValueError(f"model: mixes block families ({mixed}); convert each part on its own, or leave "
+                         "some out with filter_fn")
+    survival, mode, scaling, from_model = _settings(blocks, p_last, rule, mode, scaling)
+    if mode == "row" and dist.is_available() and dist.is_initialized():
+        _refuse_sync_batchnorm(blocks)
 
-    L = len(blocks)
-    survival = linear_decay(L, p_last) if rule == "linear" else uniform(L, p_last)
-    state = StochasticDepthState(blocks, survival, mode, scaling, Scheduler(survival, mode=mode, seed=seed))
-    for index, block in enumerate(blocks):
-        block.__class__ = stochastic_depth_class(type(block))
-        block.sd_index = index
-        block.sd_survival = survival[index]
-        block._sdepth_state = state
+    units = [(block, u) for _, block, adapter in blocks for u in range(adapter.num_units(block))]
+    state = UnitsState(units, Scheduler(survival, mode=mode, seed=seed), scaling, from_model)
+    index = 0
+    for _, block, adapter in blocks:
+        block.__class__ = gated_class(type(block), adapter)
+        block._sd_index = index
+        block._sd_num_units = adapter.num_units(block)
+        block._sd_state = state
+        index += block._sd_num_units
     model.__dict__[_ROOT_ATTR] = state
     state.hook_handles = _install_hooks(model)
     return model
 
 
+def _refuse_sync_batchnorm(blocks) -> None:
+    for fqn, block, adapter in blocks:
+        for u in range(adapter.num_units(block)):
+            for branch in adapter.branch_modules(block, u):
+                if any(isinstance(m, nn.SyncBatchNorm) for m in branch.modules()):
+                    raise ValueError(
+                        f"model: {fqn} ({type(block).__name__}) has SyncBatchNorm in a residual branch, "
+                        "which row mode cannot run under DDP: a unit with no survivor on one rank and some "
+                        "on another would skip the collective on the first rank only (a hang). Use "
+                        "mode='batch', or plain BatchNorm per rank")
+
+
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: original block classes and forward, hooks removed; returns ``model``.
 
-    Weights and state_dict keys are unchanged (they never changed). Raises ``ValueError`` if ``model`` is not
-    a converted root.
+    Weights and state_dict keys are unchanged (they never changed); the model's own stochastic-depth modules
+    run again. Raises ``ValueError`` if ``model`` is not a converted root.
     """
     state = get_state(model)
+    for cleanup in reversed(state.cleanups):  # what helpers attached (compiled regions, ...)
+        cleanup()
     for block in state.blocks:
         block.__class__ = type(block)._sd_base
-        # The last two are set by sdepth_ext.compile_blocks.
-        for attr in ("sd_index", "sd_survival", "_sdepth_state", "_sd_compiled_residual",
-                     "_sd_compiled_shortcut"):
+        for attr in _BLOCK_ATTRS:
             block.__dict__.pop(attr, None)
     for handle in state.hook_handles:
         handle.remove()
@@ -241,111 +356,59 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def survival_probs(model: nn.Module) -> list[float]:
-    """``[p_1, ..., p_L]`` of a converted model, in block (forward) order."""
+    """``[p_1, ..., p_L]`` of a converted model: one per unit (residual addition), forward order."""
     return list(get_state(model).survival)
+
+
+def _check_drop(drop, num_units: int) -> list[int]:
+    try:
+        drop_list = list(drop)
+    except TypeError:
+        raise TypeError(f"drop must be an iterable of unit indices, got {type(drop).__name__}") from None
+    for index in drop_list:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_units:
+            raise ValueError(f"drop must hold distinct int unit indices in [0, {num_units}), got {index!r}")
+    if len(set(drop_list)) != len(drop_list):
+        raise ValueError(f"drop must hold distinct int unit indices in [0, {num_units}), got duplicates in "
+                         f"{drop_list}")
+    return drop_list
 
 
 @contextlib.contextmanager
 def lesion(model: nn.Module, drop: Iterable[int]) -> Iterator[nn.Module]:
-    """Evaluate ``model`` with the residual blocks in ``drop`` (0-based, forward order) removed.
+    """Evaluate ``model`` with the residual units in ``drop`` (0-based, forward order) removed.
 
-    Inside the context the model is in eval mode and each removed block returns ``relu(x)`` (identity
-    shortcut) or ``relu(downsample(x))``; the other blocks run as usual (a converted model's eval forward).
-    Works on converted and plain models. On exit -- also when the body raises -- the block classes and every
-    module's train/eval flag are restored.
+    Inside the context the model is in eval mode and each removed unit returns ``act(shortcut(x))``
+    (``relu(x)`` or ``relu(downsample(x))`` for ResNets); the other units run as usual (a converted model's
+    eval forward). Works on converted and plain models (a plain one is converted for the duration, with
+    inverted scaling, and reverted on exit). On exit -- also when the body raises -- every module's train/eval
+    flag is restored.
 
     >>> with sd.lesion(model, drop=[3, 7]):
     ...     logits = model(images)
     """
-    blocks = list(get_state(model).blocks) if _is_converted_root(model) else find_residual_blocks(model)
-    if not blocks:
-        raise ValueError(f"model: {type(model).__name__} has no residual blocks to lesion")
-    try:
-        drop_list = list(drop)
-    except TypeError:
-        raise ValueError(f"drop must be an iterable of block indices, got {type(drop).__name__}") from None
-    for index in drop_list:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(blocks):
-            raise ValueError(f"drop must hold distinct int block indices in [0, {len(blocks)}), "
-                             f"got {index!r}")
-    if len(set(drop_list)) != len(drop_list):
-        raise ValueError(f"drop must hold distinct int block indices in [0, {len(blocks)}), got duplicates "
-                         f"in {drop_list}")
-
+    converted_here = not _is_converted_root(model)
+    if converted_here:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not _find_blocks(model, None):
+            raise ValueError(f"model: {type(model).__name__} has no residual units to lesion")
+    state = get_state(model) if not converted_here else None
+    num_units = len(state.units) if state is not None else len(units_of(model))
+    drop_list = _check_drop(drop, num_units)
     training_flags = [(m, m.training) for m in model.modules()]
-    swapped: list[tuple[nn.Module, type]] = []
     try:
+        if converted_here:
+            convert(model, p_last=1.0, rule="uniform", mode="batch", scaling="inverted", seed=0)
+            state = get_state(model)
+        previous, state.lesioned = state.lesioned, frozenset(drop_list)
         model.eval()
-        for index in drop_list:
-            block = blocks[index]
-            swapped.append((block, type(block)))
-            block.__class__ = lesioned_class(type(block))
-        yield model
+        try:
+            yield model
+        finally:
+            state.lesioned = previous
     finally:
-        for block, cls in reversed(swapped):
-            block.__class__ = cls
+        if converted_here and _is_converted_root(model):
+            revert(model)
         for module, flag in training_flags:
             module.training = flag
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The paper's CIFAR ResNet
-# ------------------------------------------------------------------------------------------------------------
-class CifarResNet(nn.Module):
-    """He et al.'s CIFAR ResNet (depth 6n+2) from torchvision ``BasicBlock``: the network of the paper.
-
-    Stem 3x3 conv (16) + BN + ReLU; three stages of n blocks with 16/32/64 channels (stages 2 and 3 start with
-    stride 2 and a 1x1-conv + BN projection shortcut); global average pool; linear classifier.
-    """
-
-    def __init__(self, depth: int = 110, num_classes: int = 10):
-        super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be an int of the form 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), "
-                             f"got {depth!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-        blocks_per_stage = (depth - 2) // 6
-        self.depth = depth
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU(inplace=True)
-        self.inplanes = 16
-        self.layer1 = self._make_stage(16, blocks_per_stage, stride=1)
-        self.layer2 = self._make_stage(32, blocks_per_stage, stride=2)
-        self.layer3 = self._make_stage(64, blocks_per_stage, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
-        # torchvision's ResNet initialisation.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers.extend(BasicBlock(planes, planes) for _ in range(1, blocks))
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def cifar_resnet(depth: int = 110, num_classes: int = 10) -> CifarResNet:
-    """The paper's CIFAR ResNet: ``(depth - 2) / 6`` torchvision BasicBlocks per stage (depth 110: 54 blocks).
-
-    ``depth`` must be 6n+2 with n >= 1 (else ``ValueError``). Kaiming-normal (fan_out) conv init, BN weight 1
-    and bias 0, as in torchvision's ResNets.
-    """
-    return CifarResNet(depth=depth, num_classes=num_classes)
-

@@ -91,25 +91,25 @@ def clear_dropped_grads(model: nn.Module, process_group=None) -> int:
     state = get_state(model)
     cleared = 0
     for l in dropped_blocks(model, process_group):
-        for name, p in state.blocks[l].named_parameters():
-            if not name.startswith("downsample.") and p.grad is not None:
+        for p in state.unit_parameters(l):  # the branch only: projection shortcuts always run
+            if p.grad is not None:
                 p.grad = None
                 cleared += 1
     return cleared
 
 
 def check_no_sync_batchnorm(state) -> None:
-    """Row mode with SyncBatchNorm in a unit would hang DDP: refuse it (ValueError naming the module)."""
+    """Row mode with SyncBatchNorm in a unit's branch would hang DDP: refuse it (ValueError naming it)."""
     if state.mode != "row":
         return
-    for index, block in enumerate(state.blocks):
-        for name, module in block.named_modules():
-            if isinstance(module, nn.SyncBatchNorm):
+    for l, (block, u) in enumerate(state.units):
+        for branch in block._sd_adapter.branch_modules(block, u):
+            if any(isinstance(m, nn.SyncBatchNorm) for m in branch.modules()):
                 raise ValueError(
-                    f"model: unit {index} contains SyncBatchNorm ({type(block).__name__}.{name}), which "
-                    "row mode cannot run under DDP: a unit with no survivor on one rank and some on another "
-                    "would skip the collective on the first rank only (a hang). Use mode='batch' (every rank "
-                    "drops the same units), or plain BatchNorm per rank")
+                    f"model: unit {l} ({type(block).__name__}) has SyncBatchNorm in its residual branch, "
+                    "which row mode cannot run under DDP: a unit with no survivor on one rank and some on "
+                    "another would skip the collective on the first rank only (a hang). Use mode='batch' "
+                    "(every rank drops the same units), or plain BatchNorm per rank")
 
 
 def _collective_device(group) -> torch.device:

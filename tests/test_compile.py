@@ -210,4 +210,34 @@ def test_revert_drops_compiled_regions():
     keys = list(model.state_dict())
     assert keys == list(cifar8().state_dict())  # compiled wrappers are not submodules
     sd.revert(model)
-    assert all("_sd_compiled_residual" not in b.__dict__ for b in model.modules())
+    for name, module in model.named_modules():  # nothing of sdepth_ext is left on any module
+        assert not [k for k in vars(module) if k.startswith(("_sd", "sd_"))], name
+    model.train()(torch.randn(2, 3, 16, 16))  # and the plain forward runs
+
+
+def test_recompile_limit_is_raised_for_every_block_shape(monkeypatch):
+    """The small test models need fewer than 8 graphs; a deep one in row mode with dynamic=False needs a graph
+    per block shape and sub-batch size: compile_blocks must raise Dynamo's limit, not fall back to eager."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, name, 8)
+    model = sd.convert(sd.cifar_resnet(20), mode="row", seed=0)
+    sd.compile_blocks(model, backend="aot_eager", dynamic=False)
+    blocks = get_state(model).blocks
+    keys = {graph_key(blocks, l) for l in range(len(blocks))}
+    assert len(keys) == (9 if PER_INSTANCE else 5)  # layer1 x1, layer2/3 first + rest
+    assert getattr(config, name) >= 64 * len(keys)  # every sub-batch size of a 64-sample batch, per shape
+
+
+def test_set_row_multiple_on_a_batch_mode_model_is_an_error():
+    with pytest.raises(ValueError, match="multiple.*batch mode"):
+        sd.set_row_multiple(sd.convert(cifar8(), mode="batch", seed=0), 4)
+
+
+def test_effective_survival_stays_a_probability():
+    assert sd.effective_survival(1.0, 10, 4) == pytest.approx(1.0)  # rounding up never exceeds the batch
+    for p in (0.0, 0.1, 0.5, 0.9, 1.0):
+        for n in (1, 3, 10, 33):
+            for k in (1, 2, 4, 8, 64):
+                value = sd.effective_survival(p, n, k)
+                assert 0.0 <= value <= 1.0 + 1e-12 and value >= p - 1e-12, (p, n, k, value)

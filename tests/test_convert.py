@@ -395,10 +395,38 @@ def test_row_mode_rejects_other_batch_in_block():
         model.layer1(torch.randn(2, 16, 8, 8))
 
 
-def test_block_without_plan_raises():
-    model = sd.convert(fresh_model("cifar_resnet20"), seed=0).train()
-    with pytest.raises(RuntimeError, match="plan"):
-        model.layer1(torch.randn(2, 16, 8, 8))
+def test_sub_models_train_on_a_fresh_plan_every_step():
+    """The feature-extractor idiom runs the root's children without the root: each of its training forwards
+    must still draw a new plan (it reused the root's last plan forever before), and a block called alone too."""
+    model = sd.convert(fresh_model("cifar_resnet20"), p_last=0.5, mode="batch", seed=0).train()
+    x = make_input("cifar_resnet20", batch=2)
+    model(x)
+    scheduler = sd.get_scheduler(model)
+    features = nn.Sequential(*list(model.children())[:-1])
+    patterns = set()
+    for step in range(1, 13):
+        features(x)
+        assert scheduler.step == step + 1  # one fresh draw per forward, never a reuse
+        patterns.add(tuple(get_state(model).host_plan.counts))
+    assert len(patterns) > 1
+    model.layer1(torch.randn(2, 16, 8, 8))  # a block alone: its own fresh plan
+    assert scheduler.step == 14
+
+
+def test_fx_tracing_a_unit_says_how_to_keep_it_a_leaf():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = sd.convert(fresh_model("cifar_resnet20"), p_last=0.5, mode="row", seed=0).train()
+    with pytest.raises(TypeError, match="leaf_modules.*GatedUnits"):
+        create_feature_extractor(model, ["layer3"])
+    extractor = create_feature_extractor(model, ["layer3"],
+                                         tracer_kwargs={"leaf_modules": [sd.units.GatedUnits]})
+    x = make_input("cifar_resnet20", batch=4)
+    scheduler = sd.get_scheduler(model)
+    before = scheduler.step
+    for _ in range(3):
+        extractor(x)["layer3"].sum().backward()
+    assert scheduler.step == before + 3
 
 
 # ============================================================================================================
@@ -631,7 +659,8 @@ def test_revert_restores_plain_model():
     plain = fresh_model("resnet50").eval()
     model = sd.revert(sd.convert(fresh_model("resnet50"), seed=0)).eval()
     assert all(type(b) in (BasicBlock, Bottleneck) for b in blocks_of(model))
-    assert not model._forward_pre_hooks and not hasattr(model.layer1[0], "sd_index")
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert_no_sdepth_attributes(model)
     assert list(model.state_dict()) == list(plain.state_dict())
     x = make_input("resnet50")
     with torch.no_grad():
@@ -640,6 +669,14 @@ def test_revert_restores_plain_model():
         sd.revert(model)
     with pytest.raises(ValueError, match="model"):
         sd.survival_probs(model)
+
+
+def assert_no_sdepth_attributes(model):
+    """After revert nothing of sdepth_ext is left on any module (instance attributes included)."""
+    for name, module in model.named_modules():
+        left = [key for key in vars(module) if key.startswith(("_sd", "sd_"))]
+        assert not left, (name, left)
+        assert type(module).__module__ != "sdepth_ext.units", name  # no generated class left
 
 
 def test_convert_twice_reconverts():
@@ -657,8 +694,10 @@ def test_convert_twice_reconverts():
 def test_survival_probs_follow_rule():
     model = sd.convert(fresh_model("resnet34"), p_last=0.5)
     assert sd.survival_probs(model) == sd.linear_decay(16, 0.5)
-    assert [b.sd_survival for b in blocks_of(model)] == sd.linear_decay(16, 0.5)
-    assert [b.sd_index for b in blocks_of(model)] == list(range(16))
+    # p_l lives in the scheduler's state only; a block holds its unit index and the shared state
+    assert get_state(model).survival is sd.get_scheduler(model).survival
+    assert not any("surviv" in key for b in blocks_of(model) for key in vars(b))
+    assert [b._sd_index for b in blocks_of(model)] == list(range(16))
     assert isinstance(model.layer1[0], BasicBlock)
     sd.convert(model, p_last=0.3, rule="uniform")
     assert sd.survival_probs(model) == [0.3] * 16
@@ -672,7 +711,7 @@ def test_deepcopy_and_pickle_of_converted_model():
     x = make_input("custom", batch=4)
     torch.testing.assert_close(twin(x), model(x))  # same weights, same scheduler state -> same plan
     sd.revert(twin)
-    assert sd.survival_probs(model) and type(blocks_of(model)[0]).__name__.startswith("StochasticDepth")
+    assert sd.survival_probs(model) and type(blocks_of(model)[0]).__name__.startswith("Gated")
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -707,8 +746,10 @@ def test_lesion_removes_blocks_and_restores(converted):
             del blocks[l].forward
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert model.training and all(m.training for m in model.modules())
-    expected_type = "StochasticDepthBasicBlock" if converted else "BasicBlock"
+    expected_type = "Gated_torchvision_models_resnet_BasicBlock" if converted else "BasicBlock"
     assert {type(b).__name__ for b in blocks_of(model)} == {expected_type}
+    if not converted:
+        assert_no_sdepth_attributes(model)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
@@ -718,16 +759,20 @@ def test_lesion_restores_on_exception():
     model = sd.cifar_resnet(20).train()
     classes = [type(b) for b in blocks_of(model)]
     with pytest.raises(KeyError), sd.lesion(model, drop=[0, 4]):
-        assert type(model.layer1[0]).__name__.startswith("Lesioned")
+        assert get_state(model).lesioned == {0, 4}  # a plain model is converted for the duration
         raise KeyError("body failed")
     assert [type(b) for b in blocks_of(model)] == classes and model.training
+    assert_no_sdepth_attributes(model)
 
 
-@pytest.mark.parametrize("drop", [[-1], [9], [1.0], ["a"], [True], [2, 2], 3])
-def test_lesion_rejects_bad_indices(drop):
+@pytest.mark.parametrize("drop,error", [([-1], ValueError), ([9], ValueError), ([1.0], ValueError),
+                                        (["a"], ValueError), ([True], ValueError), ([2, 2], ValueError),
+                                        (3, TypeError)])
+def test_lesion_rejects_bad_indices(drop, error):
     model = sd.cifar_resnet(20)
-    with pytest.raises(ValueError, match="drop"), sd.lesion(model, drop=drop):
+    with pytest.raises(error, match="drop"), sd.lesion(model, drop=drop):
         pass
+    assert_no_sdepth_attributes(model)
 
 
 # ============================================================================================================
@@ -757,7 +802,7 @@ def test_cifar_resnet_rejects_bad_depth(depth):
     ({"p_last": "0.5"}, TypeError, "p_last"),
     ({"rule": "cosine"}, ValueError, "rule.*linear.*uniform"),
     ({"mode": "sample"}, ValueError, "mode.*batch.*row"),
-    ({"scaling": "none"}, ValueError, "scaling.*paper.*inverted"),
+    ({"scaling": "sqrt"}, ValueError, "scaling.*paper.*inverted"),
     ({"seed": 1.5}, TypeError, "seed"),
     ({"seed": "1"}, TypeError, "seed"),
 ])
@@ -769,7 +814,7 @@ def test_convert_rejects_bad_arguments(kwargs, error, name):
 
 
 def test_convert_rejects_models_without_blocks_and_custom_forwards():
-    with pytest.raises(ValueError, match="model.*no residual blocks"):
+    with pytest.raises(ValueError, match="model.*no residual units.*supported blocks.*BasicBlock"):
         sd.convert(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
 
     class OwnForward(BasicBlock):

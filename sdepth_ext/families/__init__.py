@@ -1,0 +1,178 @@
+"""Block families: one small adapter per family says where a residual unit's branch and shortcut are.
+
+A *unit* is one residual addition ``out = act(shortcut(x) + scale * residual(x))``: a ResNet, ConvNeXt or
+MBConv block has one, a Swin or ViT block two (attention, then MLP). An adapter (a :class:`UnitAdapter`
+subclass in a file of its own, e.g. :mod:`sdepth_ext.families.tv_resnet`) declares, for its block classes:
+how many units a block has and whether it is gated at all, how to compute each unit's residual (layer scale
+included) and shortcut, what follows the add, the names of each unit's branch (its parameters get the
+dropped-unit gradient policy, its modules are what a dropped unit skips), and where the model keeps its own
+drop rate. It registers itself with ``@register_adapter(BlockClass, ...)``; :func:`adapter_for` finds it
+along ``type(block).__mro__``. Adapters do not copy upstream forwards: they call the block's own modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["UnitAdapter", "register_adapter", "register_unsupported", "adapter_for", "registered_adapters",
+           "Defaults", "ACTIVATION_RELU"]
+
+ACTIVATION_RELU = "relu"
+
+
+class Defaults:
+    """What ``sd.convert(model)`` uses for a family when an argument is None (the model's own settings)."""
+
+    def __init__(self, p_last: float | None, rule: str | None, mode: str | None, scaling: str):
+        self.p_last, self.rule, self.mode, self.scaling = p_last, rule, mode, scaling
+
+    def __repr__(self) -> str:
+        return (f"Defaults(p_last={self.p_last}, rule={self.rule!r}, mode={self.mode!r}, "
+                f"scaling={self.scaling!r})")
+
+
+class UnitAdapter:
+    """How to run the blocks of one family as gated residual units. Subclasses override what differs.
+
+    Class attributes:
+        family: a readable name ("torchvision ResNet", ...), used in errors and docs.
+        block_types: set by :func:`register_adapter`.
+        defaults: the family's :class:`Defaults`. ``rule=None`` means "the model's own rates".
+    """
+
+    family: str = "?"
+    block_types: tuple[type, ...] = ()
+    defaults = Defaults(0.5, "linear", "batch", "paper")
+
+    # -- structure ---------------------------------------------------------------------------------------
+    @staticmethod
+    def num_units(block: nn.Module) -> int:
+        """Residual additions in ``block``, in forward order; 0 = the block has no gated residual."""
+        return 1
+
+    @staticmethod
+    def residual(block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
+        """The unit's residual branch on ``x`` (layer scale included), before any gate."""
+        raise NotImplementedError
+
+    @staticmethod
+    def shortcut(block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
+        """The unit's shortcut: ``x`` itself, or the block's projection."""
+        return x
+
+    @staticmethod
+    def has_projection(block: nn.Module, unit: int) -> bool:
+        """True when the shortcut computes something (it then runs even when the unit is dropped)."""
+        return False
+
+    @staticmethod
+    def enter(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What the block does before its first unit (a layout change, e.g. MaxViT's window partition)."""
+        return x
+
+    @staticmethod
+    def exit(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What the block does after its last unit (the inverse of :meth:`enter`)."""
+        return x
+
+    @staticmethod
+    def activation(block: nn.Module):
+        """What follows the add: None, ``"relu"`` (fused into the epilogue), or a module applied after it."""
+        return None
+
+    @staticmethod
+    def branch(block: nn.Module, unit: int) -> tuple[str, ...]:
+        """Attribute names (submodules or parameters of ``block``) that make up the unit's residual branch."""
+        raise NotImplementedError
+
+    @classmethod
+    def dropped(cls, block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
+        """A dropped unit's output, ``act(shortcut(x))``: nothing of the branch runs."""
+        out = cls.shortcut(block, unit, x)
+        act = cls.activation(block)
+        if act is None:
+            return out
+        return torch.relu(out) if act == ACTIVATION_RELU else act(out)
+
+    # -- the model's own stochastic depth -----------------------------------------------------------------
+    @staticmethod
+    def own_drop(block: nn.Module, unit: int) -> tuple[float, str] | None:
+        """``(drop probability, mode)`` of the model's own stochastic-depth module for this unit, if any."""
+        return None
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    @classmethod
+    def branch_parameters(cls, block: nn.Module, unit: int) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the unit's branch (names relative to ``block``)."""
+        for attr in cls.branch(block, unit):
+            value = getattr(block, attr)
+            if isinstance(value, nn.Parameter):
+                yield attr, value
+            elif isinstance(value, nn.Module):
+                for name, p in value.named_parameters():
+                    yield f"{attr}.{name}", p
+
+    @classmethod
+    def branch_modules(cls, block: nn.Module, unit: int) -> list[nn.Module]:
+        return [m for m in (getattr(block, a) for a in cls.branch(block, unit)) if isinstance(m, nn.Module)]
+
+
+_ADAPTERS: dict[type, type[UnitAdapter]] = {}
+_UNSUPPORTED: dict[type, str] = {}
+_FAMILY_MODULES = ("tv_resnet", "tv_convnext", "tv_mbconv", "tv_swin", "tv_maxvit", "timm_resnet",
+                   "timm_convnext", "timm_vit")
+_loaded = False
+
+
+def register_adapter(*block_types: type):
+    """Class decorator: ``adapter`` serves ``block_types`` (and their subclasses). Duplicates are refused."""
+    def register(adapter: type[UnitAdapter]) -> type[UnitAdapter]:
+        for block_type in block_types:
+            if block_type in _ADAPTERS:
+                raise ValueError(f"block_types: {block_type.__qualname__} already has an adapter "
+                                 f"({_ADAPTERS[block_type].__name__})")
+        adapter.block_types = tuple(block_types)
+        for block_type in block_types:
+            _ADAPTERS[block_type] = adapter
+        return adapter
+    return register
+
+
+def register_unsupported(block_type: type, why: str) -> None:
+    """A known residual block class that sdepth_ext cannot convert, and why (for a clear error)."""
+    _UNSUPPORTED[block_type] = why
+
+
+def _load_families() -> None:
+    """Import every family module once; one whose library is missing (torchvision, timm) is skipped."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in _FAMILY_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ImportError:  # the optional library of that family is not installed
+            continue
+
+
+def adapter_for(module: nn.Module) -> type[UnitAdapter] | None:
+    """The adapter of ``module``'s class (along its MRO), or None. Raises TypeError for unsupported blocks."""
+    _load_families()
+    for cls in type(module).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+        if cls in _UNSUPPORTED:
+            raise TypeError(f"model: {type(module).__qualname__} is not supported by sdepth_ext.convert: "
+                            f"{_UNSUPPORTED[cls]}")
+    return None
+
+
+def registered_adapters() -> dict[type, type[UnitAdapter]]:
+    """Every registered block class and its adapter (the test suite checks each has fixtures)."""
+    _load_families()
+    return dict(_ADAPTERS)

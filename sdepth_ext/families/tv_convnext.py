@@ -1,0 +1,37 @@
+"""torchvision's ConvNeXt block, ``CNBlock`` (convnext_tiny/small/base/large).
+
+The forward reproduced (torchvision ``CNBlock.forward``)::
+
+    result = layer_scale * block(x)     # depthwise 7x7 conv, permute, LayerNorm, MLP, permute
+    result = stochastic_depth(result)   # the model's own gate: mask-multiply, "row" mode
+    out = result + x
+
+One unit; the gate replaces ``stochastic_depth`` on the layer-scaled residual; nothing follows the add. The
+branch normalises per sample (LayerNorm), so row mode on the survivors alone is exact. Defaults: each unit
+keeps the model's own ``stochastic_depth.p`` and mode, with "inverted" scaling (as torchvision trains).
+"""
+
+from __future__ import annotations
+
+from torchvision.models.convnext import CNBlock
+
+from . import UnitAdapter, register_adapter
+from ._torchvision_sd import OWN_DEFAULTS, own_drop
+
+
+@register_adapter(CNBlock)
+class TorchvisionConvNeXt(UnitAdapter):
+    family = "torchvision ConvNeXt"
+    defaults = OWN_DEFAULTS
+
+    @staticmethod
+    def residual(block, unit, x):
+        return block.layer_scale * block.block(x)
+
+    @staticmethod
+    def branch(block, unit):
+        return ("block", "layer_scale")
+
+    @staticmethod
+    def own_drop(block, unit):
+        return own_drop(block.stochastic_depth)

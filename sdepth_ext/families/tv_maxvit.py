@@ -1,0 +1,83 @@
+"""torchvision's MaxViT blocks: its ``MBConv`` and ``PartitionAttentionLayer`` (maxvit_t).
+
+The forwards reproduced (torchvision ``maxvit.MBConv.forward``, ``PartitionAttentionLayer.forward``)::
+
+    # MBConv: one unit, a projection shortcut (avg-pool + 1x1 conv) where the stride or width changes
+    out = proj(x) + stochastic_depth(layers(x))
+
+    # PartitionAttentionLayer: two units in the partitioned layout [B, windows, tokens, C]
+    x = partition_swap(partition_op(x, p))
+    x = x + stochastic_dropout(attn_layer(x))
+    x = x + stochastic_dropout(mlp_layer(x))
+    x = departition_op(departition_swap(x), p, gh, gw)
+
+The partition keeps the batch dimension outermost, so a unit's survivors are still whole samples; the
+adapter does the partition before the first unit and undoes it after the last. Nothing follows the adds.
+MBConv's branch holds BatchNorm (statistics of the survivors in row mode); attention and MLP normalise per
+sample (exact in row mode). Defaults: the model's own stochastic-depth rates and mode, "inverted" scaling.
+"""
+
+from __future__ import annotations
+
+from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
+
+from . import UnitAdapter, register_adapter
+from ._torchvision_sd import OWN_DEFAULTS, own_drop
+
+
+@register_adapter(MBConv)
+class TorchvisionMaxViTMBConv(UnitAdapter):
+    family = "torchvision MaxViT"
+    defaults = OWN_DEFAULTS
+
+    @staticmethod
+    def residual(block, unit, x):
+        return block.layers(x)
+
+    @staticmethod
+    def shortcut(block, unit, x):
+        return block.proj(x)
+
+    @staticmethod
+    def has_projection(block, unit):
+        return len(list(block.proj.parameters())) > 0
+
+    @staticmethod
+    def branch(block, unit):
+        return ("layers",)
+
+    @staticmethod
+    def own_drop(block, unit):
+        # p_stochastic_dropout = 0 builds an nn.Identity in place of StochasticDepth: never dropped
+        return own_drop(block.stochastic_depth) or (0.0, "row")
+
+
+@register_adapter(PartitionAttentionLayer)
+class TorchvisionMaxViTAttention(UnitAdapter):
+    family = "torchvision MaxViT"
+    defaults = OWN_DEFAULTS
+
+    @staticmethod
+    def num_units(block):
+        return 2
+
+    @staticmethod
+    def enter(block, x):
+        return block.partition_swap(block.partition_op(x, block.p))
+
+    @staticmethod
+    def exit(block, x):
+        gh, gw = block.grid_size[0] // block.p, block.grid_size[1] // block.p
+        return block.departition_op(block.departition_swap(x), block.p, gh, gw)
+
+    @staticmethod
+    def residual(block, unit, x):
+        return block.attn_layer(x) if unit == 0 else block.mlp_layer(x)
+
+    @staticmethod
+    def branch(block, unit):
+        return ("attn_layer",) if unit == 0 else ("mlp_layer",)
+
+    @staticmethod
+    def own_drop(block, unit):
+        return own_drop(block.stochastic_dropout)

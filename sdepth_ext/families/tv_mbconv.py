@@ -1,0 +1,44 @@
+"""torchvision's EfficientNet blocks, ``MBConv`` and ``FusedMBConv`` (efficientnet_b0..b7, efficientnet_v2_*).
+
+The forward reproduced (torchvision ``MBConv.forward``)::
+
+    result = block(x)                   # expand, depthwise, squeeze-excitation, project (BatchNorm)
+    if use_res_connect:                 # stride 1 and as many channels out as in
+        result = stochastic_depth(result)
+        result += x
+    return result
+
+A block is one unit when ``use_res_connect`` holds, and not a unit at all otherwise (its residual is not
+guarded by a gate; it stays as it is). Nothing follows the add. The branch holds BatchNorm layers, so in row
+mode their statistics are those of the surviving samples, as in ResNet row mode. Defaults: the model's own
+``stochastic_depth.p`` and mode per unit, "inverted" scaling.
+"""
+
+from __future__ import annotations
+
+from torchvision.models.efficientnet import FusedMBConv, MBConv
+
+from . import UnitAdapter, register_adapter
+from ._torchvision_sd import OWN_DEFAULTS, own_drop
+
+
+@register_adapter(MBConv, FusedMBConv)
+class TorchvisionMBConv(UnitAdapter):
+    family = "torchvision EfficientNet"
+    defaults = OWN_DEFAULTS
+
+    @staticmethod
+    def num_units(block):
+        return 1 if block.use_res_connect else 0
+
+    @staticmethod
+    def residual(block, unit, x):
+        return block.block(x)
+
+    @staticmethod
+    def branch(block, unit):
+        return ("block",)
+
+    @staticmethod
+    def own_drop(block, unit):
+        return own_drop(block.stochastic_depth)

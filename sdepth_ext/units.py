@@ -1,0 +1,451 @@
+"""The generic forward of a converted block: its units read their gates from the step's plan.
+
+:func:`sdepth_ext.convert` swaps each block's ``__class__`` to a class made here (:func:`gated_class`): the
+block's own class with :class:`GatedUnits` in front and the family adapter as a class attribute. It adds no
+parameters, buffers or submodules, so ``isinstance``, ``state_dict`` keys, object identity (optimizers, DDP
+hooks) and weights stay those of the original block; only ``forward`` changes. Nothing here knows a family:
+the adapter (:mod:`sdepth_ext.families`) says where each unit's branch and shortcut are and what follows the
+add.
+
+A unit never samples its own gate. The root module draws one :class:`~sdepth_ext.scheduler.Plan` per
+training step (a forward pre-hook, outside every unit) into the shared :class:`UnitsState`, and unit ``l``
+reads ``plan.counts[l]`` / ``plan.rows(l)`` / ``plan.slot(l)``. In training mode, per unit:
+
+* no survivor (dropped): nothing of the branch runs (no module call, nothing in the autograd graph); the
+  output is ``act(shortcut(x))`` (the adapter's :meth:`~sdepth_ext.families.UnitAdapter.dropped`);
+* every sample survives: ``act(shortcut + scale * residual(x))``, one fused epilogue;
+* some samples survive (row mode): the branch runs on ``x.index_select(0, rows)`` only and the epilogue
+  scatters the result back. Normalisation layers in the branch see the survivors alone: exact for LayerNorm
+  (per sample), survivors' statistics for BatchNorm.
+
+``scale`` is 1 ("paper" scaling) or ``1 / p_l`` ("inverted"). In eval mode every unit runs: "paper" fuses
+``act(shortcut + p_l * residual)``; "inverted" calls the original block's forward, so the network is
+bit-identical to the unconverted one.
+
+A training forward that does not go through the root (a sub-model built from the root's children, a
+feature extractor) still gets a fresh plan: a unit that finds the plan already used by itself draws the
+next one. Recomputation by activation checkpointing (inside backward) reuses the plan it ran with.
+
+Options on the shared state, set by the helpers of :mod:`sdepth_ext.distributed`, :mod:`sdepth_ext.compiled`
+and :mod:`sdepth_ext.checkpointing` (all off by default):
+
+* ``dropped_grads="zero"``: a dropped unit's branch parameters get exact zero gradients through autograd
+  (:class:`_ZeroGradTouch`, no activation work), so DDP's default ``find_unused_parameters=False`` sees every
+  parameter each step. Normalisation layers of the dropped branch still do not run.
+* ``shard=(rank, world_size)`` (row mode): the rank draws its own samples' gates, as samples
+  ``i * world_size + rank`` of the global batch.
+* ``row_multiple=k`` (row mode): survivor counts rounded up to a multiple of k by promoting dropped samples
+  (:func:`~sdepth_ext.scheduler.round_plan_rows`), so compiled regions see few shapes.
+* ``checkpoint``: each surviving unit's branch runs under ``torch.utils.checkpoint`` with the plan bound at
+  forward time; BatchNorm running statistics are not updated a second time by the recomputation.
+* compiled regions (``compile_blocks``): a unit's residual and projection shortcut run through compiled
+  functions kept in ``regions``; the gate decisions, the row gather and the epilogue stay in eager Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .families import ACTIVATION_RELU, UnitAdapter
+from .functional import fused_epilogue
+from .scheduler import MODES, Plan, Scheduler, mix64, round_plan_rows
+
+__all__ = ["GatedUnits", "UnitsState", "gated_class", "is_gated", "SCALINGS", "MODES"]
+
+SCALINGS = ("paper", "inverted")
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class UnitsState:
+    """What all converted blocks of one model share: the scheduler, mode, scaling and the current plan.
+
+    Held by the root module as a plain attribute (not a submodule, so it adds no ``state_dict`` keys) and by
+    every converted block. ``units[l] = (block, u)``: unit ``l`` (forward order) is unit ``u`` of ``block``.
+    ``p_l`` lives in the scheduler (:attr:`survival`); blocks hold only their first unit's index.
+    """
+
+    def __init__(self, units: list[tuple[nn.Module, int]], scheduler: Scheduler, scaling: str,
+                 rates_from_model: bool):
+        self.units = units
+        self.scheduler = scheduler
+        self.scaling = scaling
+        self.rates_from_model = rates_from_model  # the survival list came from the model's own modules
+        self.plan: Plan | None = None
+        self.host_plan: Plan | None = None
+        self.consumed = bytearray(len(units))  # which units already ran on the current plan
+        self.hook_handles: list = []
+        self.cleanups: list[Callable[[], None]] = []  # run by revert (compiled regions register theirs)
+        self.lesioned: frozenset = frozenset()
+        self.call_order: list[nn.Module] | None = []  # blocks in call order during the first forward
+        # Options (module docstring); the defaults reproduce the plain converted model.
+        self.dropped_grads = "none"  # "none" | "zero"
+        self.shard: tuple[int, int] | None = None  # (rank, world_size), row mode only
+        self.row_multiple = 1
+        self.checkpoint: dict | None = None  # kwargs of torch.utils.checkpoint.checkpoint, or None
+
+    @property
+    def mode(self) -> str:
+        return self.scheduler.mode
+
+    @property
+    def survival(self) -> list[float]:
+        return self.scheduler.survival
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The converted blocks in unit order (a two-unit block appears once)."""
+        seen: dict[int, nn.Module] = {}
+        for block, _ in self.units:
+            seen.setdefault(id(block), block)
+        return list(seen.values())
+
+    def sample(self, batch_size: int, device: torch.device) -> Plan:
+        """Draw the plan of one step and move it to ``device`` (one copy of the packed buffer).
+
+        The buffer is allocated pinned only when it is going to a GPU (decided here, per draw: nothing about
+        pinning is stored, so a model pickled on a GPU machine trains on a CPU-only one).
+        """
+        pin = device.type == "cuda"
+        if self.shard is not None and self.mode == "row":
+            rank, world_size = self.shard  # this rank's samples of the global batch
+            host_plan = self.scheduler.sample(batch_size, rank=rank, world_size=world_size, pin_memory=pin)
+        else:
+            # Batch mode's gate does not depend on the batch size: every rank draws the same gates.
+            host_plan = self.scheduler.sample(batch_size, pin_memory=pin)
+        if self.row_multiple > 1 and self.mode == "row":
+            # The salt is derived from the seed and step: deterministic (resumes exactly), the same on every
+            # rank, but different each step, so the promoted samples rotate.
+            salt = mix64(self.scheduler.seed ^ mix64(host_plan.step))
+            host_plan = round_plan_rows(host_plan, self.row_multiple, salt)
+        self.host_plan = host_plan
+        self.plan = host_plan.to(device)
+        self.consumed = bytearray(len(self.units))
+        return self.plan
+
+    def plan_for(self, l: int, x: torch.Tensor) -> Plan:
+        """The plan unit ``l`` runs on: the step's, or a fresh one if this unit already used it."""
+        if _in_backward() and self.plan is not None:
+            return self.plan  # recomputation (checkpointing) reruns the forward it belongs to
+        if self.plan is None or self.consumed[l]:
+            # A training forward that did not start at the root (whose pre-hook draws the step's plan): a
+            # sub-model of the root's children, a feature extractor, a block called alone.
+            self.sample(int(x.shape[0]), x.device)
+        self.consumed[l] = 1
+        return self.plan
+
+    def train_scale(self, l: int) -> float:
+        if self.scaling == "paper":
+            return 1.0
+        p = self.survival[l]
+        # p_l = 0 means the unit never survives a training step, so its scale is never used.
+        return 1.0 / p if p > 0.0 else 0.0
+
+    def eval_scale(self, l: int) -> float:
+        return self.survival[l] if self.scaling == "paper" else 1.0
+
+    def unit_parameters(self, l: int) -> list[nn.Parameter]:
+        block, u = self.units[l]
+        return [p for _, p in block._sd_adapter.branch_parameters(block, u)]
+
+    # -- numbering in forward order -------------------------------------------------------------------------
+    def record_call(self, block: nn.Module) -> None:
+        if self.call_order is not None and not any(block is b for b in self.call_order):
+            self.call_order.append(block)
+
+    def finish_first_forward(self) -> None:
+        """After the root's first forward: renumber the units in the order they ran, if that differs."""
+        order, self.call_order = self.call_order, None
+        if not order:
+            return
+        blocks = self.blocks
+        ran = [b for b in order if any(b is c for c in blocks)]
+        ran += [b for b in blocks if not any(b is c for c in ran)]
+        if all(a is b for a, b in zip(ran, blocks)):
+            return
+        old = {(id(block), u): l for l, (block, u) in enumerate(self.units)}
+        units = [(block, u) for block in ran for u in range(block._sd_num_units)]
+        survival = self.survival
+        if self.rates_from_model:  # each unit keeps its own rate
+            survival = [survival[old[(id(b), u)]] for b, u in units]
+        warnings.warn(
+            "sdepth_ext.convert: the model registers its residual blocks in another order than its forward "
+            "runs them; units are renumbered in forward order (survival_probs, lesion and prune indices "
+            "follow the forward)", UserWarning, stacklevel=3)
+        first: dict[int, int] = {}
+        for l, (block, _) in enumerate(units):
+            first.setdefault(id(block), l)
+        for block in ran:
+            block._sd_index = first[id(block)]
+        self.units = units
+        scheduler = self.scheduler
+        self.scheduler = Scheduler(survival, mode=scheduler.mode, seed=scheduler.seed,
+                                   backend=scheduler.backend)
+        self.scheduler.step = scheduler.step
+        self.plan = self.host_plan = None
+
+    def __repr__(self) -> str:
+        return (f"UnitsState(units={len(self.units)}, mode={self.mode!r}, scaling={self.scaling!r}, "
+                f"scheduler={self.scheduler!r})")
+
+
+class GatedUnits:
+    """``forward`` of a converted block; mixed in front of the block's own class.
+
+    Set by :func:`sdepth_ext.convert` on the instance: ``_sd_index`` (its first unit's index, forward order),
+    ``_sd_num_units`` and ``_sd_state`` (the shared :class:`UnitsState`); on the class: ``_sd_adapter`` and
+    ``_sd_base`` (the original class, restored by :func:`sdepth_ext.revert`).
+    """
+
+    _sd_adapter: type[UnitAdapter]
+    _sd_base: type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state: UnitsState = self._sd_state
+        if state.call_order is not None:
+            state.record_call(self)
+        adapter = self._sd_adapter
+        first = self._sd_index
+        if not self.training:
+            lesioned = state.lesioned
+            if state.scaling == "inverted" and not self.__dict__.get("_sd_regions") and not (
+                    lesioned and any(first + u in lesioned for u in range(self._sd_num_units))):
+                return self._sd_base.forward(self, x)
+            _refuse_symbolic(self, x)
+            x = adapter.enter(self, x)
+            for u in range(self._sd_num_units):
+                l = first + u
+                if l in lesioned:
+                    x = adapter.dropped(self, u, x)
+                else:
+                    x = self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x),
+                                          state.eval_scale(l))
+            return adapter.exit(self, x)
+
+        _refuse_symbolic(self, x)
+        x = adapter.enter(self, x)
+        for u in range(self._sd_num_units):
+            l = first + u
+            plan = state.plan_for(l, x)
+            if plan.counts[l] == 0:
+                x = adapter.dropped(self, u, x)
+                if state.dropped_grads == "zero" and torch.is_grad_enabled():
+                    params = state.unit_parameters(l)
+                    x = _ZeroGradTouch.apply(x, *params) if params else x
+            elif state.checkpoint is not None and torch.is_grad_enabled():
+                x = self._sd_checkpointed(u, x, plan, state.host_plan, state)
+            else:
+                x = self._sd_active(u, x, plan, state.host_plan, state)
+        return adapter.exit(self, x)
+
+    def _sd_active(self, u: int, x: torch.Tensor, plan: Plan, host_plan: Plan | None,
+                   state: UnitsState) -> torch.Tensor:
+        """A unit with at least one survivor under ``plan`` (an argument: recomputation passes the same)."""
+        l = self._sd_index + u
+        count = plan.counts[l]
+        scale = state.train_scale(l)
+        if count == plan.batch_size:
+            # Batch mode's survivors, or row mode with every sample kept: no gather, no scatter.
+            return self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x), scale)
+        if x.shape[0] != plan.batch_size:
+            raise RuntimeError(
+                f"row-mode plan was drawn for a batch of {plan.batch_size} samples but unit {l} "
+                f"({type(self).__name__}) got {x.shape[0]}: the converted model's first tensor argument must "
+                "carry the batch in dimension 0, and the blocks must keep it")
+        rows = plan.rows(l)
+        shortcut = self._sd_shortcut(u, x)
+        if count == 1 and self._sd_bn_needs_two_samples(u, x):
+            residual = self._sd_single_survivor_residual(u, x, host_plan or plan, l)
+        else:
+            residual = self._sd_residual(u, x.index_select(0, rows))
+        # Scheduler rows are sorted, unique and in range by construction, and the plan carries their map.
+        return self._sd_epilogue(u, shortcut, residual, scale, rows, plan.slot(l))
+
+    def _sd_epilogue(self, u: int, shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
+                     rows: torch.Tensor | None = None, slot: torch.Tensor | None = None) -> torch.Tensor:
+        act = self._sd_adapter.activation(self)
+        out = fused_epilogue(_like(shortcut, residual), residual, scale, rows, slot,
+                             relu=act == ACTIVATION_RELU)
+        return out if act is None or act == ACTIVATION_RELU else act(out)
+
+    # -- compiled regions (sdepth_ext.compile_blocks) ------------------------------------------------------
+    def _sd_residual(self, u: int, x: torch.Tensor) -> torch.Tensor:
+        regions = self.__dict__.get("_sd_regions")
+        if regions is not None:
+            return regions[u][0](x)
+        return self._sd_adapter.residual(self, u, x)
+
+    def _sd_shortcut(self, u: int, x: torch.Tensor) -> torch.Tensor:
+        regions = self.__dict__.get("_sd_regions")
+        if regions is not None and regions[u][1] is not None:
+            return regions[u][1](x)
+        return self._sd_adapter.shortcut(self, u, x)
+
+    # -- activation checkpointing (sdepth_ext.checkpoint_blocks) -------------------------------------------
+    def _sd_checkpointed(self, u: int, x: torch.Tensor, plan: Plan, host_plan: Plan | None,
+                         state: UnitsState) -> torch.Tensor:
+        calls = [0]
+
+        def run(inp: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == 1:
+                return self._sd_active(u, inp, plan, host_plan, state)
+            # Recomputation: same plan (bound above); BatchNorm must not update its running statistics a
+            # second time (plain torch.utils.checkpoint would apply the momentum twice per step).
+            with _frozen_batchnorm_stats(self):
+                return self._sd_active(u, inp, plan, host_plan, state)
+
+        return torch.utils.checkpoint.checkpoint(run, x, **state.checkpoint)
+
+    # -- the one-survivor BatchNorm case ----------------------------------------------------------------
+    def _sd_bn_needs_two_samples(self, u: int, x: torch.Tensor) -> bool:
+        """True when a training-mode BatchNorm in the unit's branch would see one value per channel for one
+        sample: BatchNorm raises on that (e.g. resnet18's layer4 at 1x1 for 32x32 inputs).
+
+        Host arithmetic on the geometry of the branch's convolutions (in registration order, which is their
+        order of use in every supported family); no tensor is touched.
+        """
+        if x.dim() != 4:
+            return False
+        modules = [m for branch in self._sd_adapter.branch_modules(self, u) for m in branch.modules()]
+        if not any(isinstance(m, _BatchNorm) and m.training for m in modules):
+            return False
+        size = tuple(x.shape[-2:])
+        for m in modules:
+            if isinstance(m, nn.Conv2d):
+                size = _conv_output_size(m, size)
+                if size[0] * size[1] == 1:
+                    return True
+        return False
+
+    def _sd_single_survivor_residual(self, u: int, x: torch.Tensor, host_plan: Plan, l: int) -> torch.Tensor:
+        """The single survivor's branch, computed on a 2-sample sub-batch: the survivor and a dropped one.
+
+        BatchNorm cannot normalise one value per channel. Rather than change the gate (treating the unit as
+        dropped would lower its survival rate below ``p_l`` for small batches), the survivor is normalised
+        together with the lowest-index dropped sample, as if the sub-batch were one sample wider. Only the
+        survivor's residual reaches the output; the extra sample's residual feeds the BatchNorm statistics
+        alone (so, as in batch mode, its input gets gradient only through those statistics).
+        """
+        survivor = host_plan.survivors(l)[0]
+        extra = 1 if survivor == 0 else 0
+        pair = sorted((survivor, extra))
+        pair_rows = torch.tensor(pair, dtype=torch.int64, pin_memory=x.is_cuda)  # pinned: a truly async copy
+        pair_rows = pair_rows.to(x.device, non_blocking=True)
+        residual_pair = self._sd_residual(u, x.index_select(0, pair_rows))
+        return residual_pair.narrow(0, pair.index(survivor), 1)
+
+
+def _refuse_symbolic(block: nn.Module, x) -> None:
+    """torch.fx tracing would bake one step's gates into the graph (the same units dropped forever)."""
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(
+            f"{type(block).__name__}: a stochastic-depth unit cannot be traced by torch.fx (the trace would "
+            "freeze one step's gates); keep converted blocks as leaf modules, e.g. torchvision's "
+            "create_feature_extractor(model, nodes, "
+            "tracer_kwargs={'leaf_modules': [sdepth_ext.units.GatedUnits]})")
+
+
+def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(conv.padding, str):  # "same" keeps the size (stride 1 only), "valid" pads nothing
+        if conv.padding == "same":
+            return size
+        padding = (0, 0)
+    else:
+        padding = conv.padding
+    return tuple(
+        (size[d] + 2 * padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
+        for d in range(2))
+
+
+def _like(shortcut: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The shortcut in the residual's dtype, as torchvision's ``out += identity`` (in place on the residual).
+
+    Under autocast the two can differ (e.g. an fp32 identity with a bf16 residual); the fused epilogue needs
+    one dtype. torchvision adds in fp32 and rounds once; casting the shortcut first rounds it once more, so
+    the result can differ from torchvision's by one unit in the last place of the residual's dtype (tested).
+    """
+    return shortcut if shortcut.dtype == residual.dtype else shortcut.to(residual.dtype)
+
+
+class _ZeroGradTouch(torch.autograd.Function):
+    """``out`` unchanged in forward; in backward, exact zero gradients for ``params`` (a dropped unit's).
+
+    The parameters thereby take part in autograd, so DDP's per-parameter hooks fire with
+    ``find_unused_parameters=False``, at the cost of one parameter-sized zero fill each in backward and no
+    activation work. ``out.detach()`` (not ``out`` itself) is returned so that autograd treats the result as a
+    fresh tensor: an input returned as-is becomes a view that may not be modified in place. It still shares
+    memory and version counter with ``out``, exactly like the un-touched dropped unit returning its input.
+    """
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        zeros = (torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.param_meta)
+        return (grad, *zeros)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module):
+    """Inside, BatchNorm layers of ``module`` update stand-in copies of their buffers; originals untouched.
+
+    Swapping in clones (rather than restoring values with ``copy_`` afterwards) leaves the originals' version
+    counters alone: the recomputed graph saves the running statistics for BatchNorm's backward, and an
+    in-place restore would make autograd reject that graph.
+    """
+    swapped = []
+    for m in module.modules():
+        if isinstance(m, _BatchNorm):
+            for name, buf in list(m._buffers.items()):
+                if buf is not None:
+                    swapped.append((m, name, buf))
+                    m._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        for m, name, buf in swapped:
+            m._buffers[name] = buf
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Generated classes
+# ------------------------------------------------------------------------------------------------------------
+_GATED_CLASSES: dict[type, type] = {}
+
+
+def _register_generated(cls: type) -> type:
+    # Module-level names let pickle (torch.save(model)) find generated classes within this process.
+    cls.__module__ = __name__
+    cls.__qualname__ = cls.__name__
+    globals()[cls.__name__] = cls
+    return cls
+
+
+def gated_class(cls: type, adapter: type[UnitAdapter]) -> type:
+    """The converted subclass of block class ``cls``: :class:`GatedUnits` first, the adapter attached."""
+    gated = _GATED_CLASSES.get(cls)
+    if gated is None:
+        name = f"Gated_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
+        gated = _register_generated(type(name, (GatedUnits, cls), {"_sd_adapter": adapter, "_sd_base": cls}))
+        _GATED_CLASSES[cls] = gated
+    return gated
+
+
+def is_gated(module: nn.Module) -> bool:
+    return isinstance(module, GatedUnits)

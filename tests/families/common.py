@@ -1,0 +1,165 @@
+"""What every family's test file provides, and the references the shared suite (test_suite.py) uses.
+
+A :class:`FamilyCase` holds a model maker (a small, CPU-sized instance with non-trivial normalisation
+parameters), an input maker and ``reference_block(block, x, units)``: the block's forward written again by
+hand, with each unit's gate given explicitly -- ``units[u] = (rows, scale)``, ``rows`` None for "every sample
+survives", a list of surviving sample indices otherwise (``[]``: dropped). The branches call the block's own
+submodules (torchvision's layers are not what is under test); the gating, the gather, the scatter and the
+add are written here, independently of sdepth_ext's adapters and units.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sdepth_ext.convert import get_state
+from sdepth_ext.units import is_gated
+
+
+@dataclass
+class FamilyCase:
+    name: str
+    make: Callable[[], nn.Module]
+    input: Callable[[int, int], torch.Tensor]  # (batch, seed) -> input
+    reference_block: Callable  # (block, x, units) -> output
+    block_types: tuple[type, ...]  # the block classes this case's model exercises
+    own_rates: bool  # the model carries its own stochastic-depth modules
+    exact_row_mode: bool  # per-sample normalisation: row mode equals the masked original
+    batch: int = 4
+    extra: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def randomize_norms(model: nn.Module, seed: int = 1234) -> nn.Module:
+    """Non-trivial affine parameters and running statistics, so scale or statistics errors show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5, generator=g))
+                m.bias.copy_(torch.empty_like(m.bias).uniform_(-0.2, 0.2, generator=g))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.empty_like(m.running_mean).uniform_(-0.1, 0.1, generator=g))
+                m.running_var.copy_(torch.empty_like(m.running_var).uniform_(0.5, 2.0, generator=g))
+    return model
+
+
+def cached_maker(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A deepcopy of one instance per maker: the same weights every call, built once."""
+    cache: list[nn.Module] = []
+
+    def fresh() -> nn.Module:
+        if not cache:
+            torch.manual_seed(1234)
+            cache.append(randomize_norms(make()))
+        return copy.deepcopy(cache[0])
+
+    return fresh
+
+
+def image_input(size: int) -> Callable[[int, int], torch.Tensor]:
+    def make(batch: int, seed: int) -> torch.Tensor:
+        return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return make
+
+
+def gated_add(shortcut: torch.Tensor, x: torch.Tensor, branch: Callable, rows, scale: float) -> torch.Tensor:
+    """``shortcut + scale * branch(x)`` for the samples in ``rows`` (None: all), ``shortcut`` elsewhere."""
+    if rows is None:
+        return shortcut + scale * branch(x)
+    if len(rows) == 0:
+        return shortcut
+    index = torch.tensor(rows, dtype=torch.int64)
+    return shortcut.index_add(0, index, scale * branch(x.index_select(0, index)))
+
+
+def gated_blocks(converted: nn.Module) -> list[str]:
+    """Names of the converted blocks, in unit order."""
+    names = {id(m): n for n, m in converted.named_modules()}
+    return [names[id(block)] for block in get_state(converted).blocks]
+
+
+def unit_gates(converted: nn.Module, plan) -> list[tuple]:
+    """Per unit: (rows or None, train scale) of the plan, as the converted model reads them."""
+    state = get_state(converted)
+    gates = []
+    for l in range(len(state.units)):
+        rows = plan.rows(l)
+        gates.append((None if rows is None else rows.cpu().tolist(), state.train_scale(l)))
+    return gates
+
+
+def reference_forward(case: FamilyCase, converted: nn.Module, plain: nn.Module, x: torch.Tensor,
+                      gates: list[tuple]) -> torch.Tensor:
+    """``plain`` (an unconverted copy) with each converted block's forward replaced by the case's reference,
+    given the per-unit gates ``[(rows, scale), ...]`` in unit order."""
+    state = get_state(converted)
+    modules = dict(plain.named_modules())
+    blocks = []
+    for name, block in zip(gated_blocks(converted), state.blocks):
+        first, count = block._sd_index, block._sd_num_units
+        target = modules[name]
+        target.forward = functools.partial(case.reference_block, target, units=gates[first:first + count])
+        blocks.append(target)
+    try:
+        return plain(x)
+    finally:
+        for target in blocks:
+            del target.forward
+
+
+@functools.cache
+def stochastic_depth_classes() -> tuple[type, ...]:
+    from torchvision.ops import StochasticDepth
+    return (StochasticDepth,)
+
+
+def masked_original(plain: nn.Module, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """The original model's own forward, its stochastic-depth modules multiplying by ``masks`` in call order
+    (one per unit, forward order): what row mode must equal for per-sample-normalised families."""
+    pending = list(masks)
+    originals = {}
+    for cls in stochastic_depth_classes():
+        originals[cls] = cls.forward
+        cls.forward = lambda self, t: t * pending.pop(0).view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
+    try:
+        out = plain(x)
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
+    assert not pending, f"{len(pending)} masks unused: the model called its modules fewer times than units"
+    return out
+
+
+def masks_of(gates: list[tuple], batch: int) -> list[torch.Tensor]:
+    out = []
+    for rows, scale in gates:
+        mask = torch.zeros(batch)
+        mask[list(range(batch)) if rows is None else rows] = scale
+        out.append(mask)
+    return out
+
+
+def branch_modules(converted: nn.Module) -> list[list[nn.Module]]:
+    """Per unit: the modules of its branch (what a dropped unit must not run)."""
+    state = get_state(converted)
+    return [block._sd_adapter.branch_modules(block, u) for block, u in state.units]
+
+
+def assert_tree_close(got, want, exact: bool, msg: str = ""):
+    if exact:
+        assert torch.equal(got, want), f"{msg}: max diff {(got - want).abs().max().item()}"
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=msg)
+
+
+__all__ = ["FamilyCase", "cached_maker", "image_input", "gated_add", "reference_forward", "unit_gates",
+           "masked_original", "masks_of", "branch_modules", "gated_blocks", "is_gated", "assert_tree_close"]

@@ -1,0 +1,310 @@
+"""One suite for every block family, parametrized over the cases the family test files provide.
+
+For each case: eval with "inverted" scaling is bit-identical to the original; training with nothing
+dropped equals the original with its drop probabilities at 0; batch and row mode equal the hand-written
+reference for the gates the model drew (and, for per-sample-normalised families, row mode equals the
+original's own masked forward with its mask set to those gates); a dropped unit runs nothing; state_dict
+keys are unchanged and load strictly both ways; revert restores; lesion; checkpointing and compiled regions
+give the eager gradients. A completeness test checks that every registered adapter has a case.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sdepth_ext as sd
+from sdepth_ext.convert import get_state
+from sdepth_ext.families import registered_adapters
+
+from . import test_tv_convnext, test_tv_maxvit, test_tv_mbconv, test_tv_resnet, test_tv_swin
+from .common import (
+    branch_modules,
+    masked_original,
+    masks_of,
+    reference_forward,
+    unit_gates,
+)
+
+CASES = [*test_tv_resnet.CASES, *test_tv_convnext.CASES, *test_tv_mbconv.CASES, *test_tv_swin.CASES,
+         *test_tv_maxvit.CASES]
+CASE_IDS = [c.name for c in CASES]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Results stay bit-stable on a loaded 2-core machine with one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_registered_adapter_has_a_case():
+    covered = {t for case in CASES for t in case.block_types}
+    missing = [cls.__qualname__ for cls in registered_adapters() if cls not in covered
+               and cls.__module__.startswith("torchvision")]
+    assert not missing, f"adapters without a test case: {missing}"
+    for case in CASES:  # and each case's model really holds the classes it claims
+        found = {type(m) for m in case.make().modules()}
+        assert set(case.block_types) <= found, case.name
+
+
+def convert_case(case, **kwargs):
+    kwargs.setdefault("seed", 0)
+    if not case.own_rates:
+        kwargs.setdefault("scaling", "inverted")
+    return sd.convert(case.make(), **kwargs)
+
+
+def set_own_drop_to_zero(model):
+    from torchvision.ops import StochasticDepth
+
+    for m in model.modules():
+        if isinstance(m, StochasticDepth):
+            m.p = 0.0
+    return model
+
+
+def param_grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_grads(got: nn.Module, want: nn.Module, exact: bool = False, none_is_zero: bool = False):
+    """``none_is_zero``: the reference multiplies a dropped branch by 0 (zero gradients) where the converted
+    model never ran it (no gradient)."""
+    expected = param_grads(want)
+    for name, grad in param_grads(got).items():
+        if none_is_zero and grad is None and expected[name] is not None:
+            assert not expected[name].any(), name
+            continue
+        if expected[name] is None:
+            assert grad is None, name
+        elif exact:
+            assert grad is not None and torch.equal(grad, expected[name]), name
+        else:
+            assert grad is not None, name
+            torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Eval and "nothing dropped"
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_eval_inverted_is_bit_identical(case):
+    plain = case.make().eval()
+    converted = convert_case(case, scaling="inverted").eval()
+    x = case.input(case.batch, 1)
+    with torch.no_grad():
+        assert torch.equal(converted(x), plain(x))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_eval_paper_scales_each_residual_by_its_survival(case):
+    plain = case.make().eval()
+    converted = convert_case(case, p_last=0.5, scaling="paper").eval()
+    x = case.input(case.batch, 2)
+    with torch.no_grad():
+        got = converted(x)
+        gates = [(None, p) for p in sd.survival_probs(converted)]
+        expected = reference_forward(case, converted, plain, x, gates)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_train_nothing_dropped_equals_the_original_at_drop_zero(case):
+    plain = set_own_drop_to_zero(case.make()).train()
+    converted = convert_case(case, p_last=1.0, scaling="inverted").train()
+    x = case.input(case.batch, 3)
+    out, expected = converted(x), plain(x)
+    assert torch.equal(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_grads(converted, plain, exact=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training against the references
+# ------------------------------------------------------------------------------------------------------------
+def drawn_gates(case, mode, seed_offset=0):
+    """A converted model and a seed whose first plan drops a unit, keeps another (row: some samples)."""
+    probe = convert_case(case, p_last=0.5, rule="uniform", mode=mode)
+    survival = sd.survival_probs(probe)
+    from tests.conftest import drops_some_keeps_some, seed_where
+
+    seed = seed_where(drops_some_keeps_some, survival, mode, case.batch) + seed_offset
+    return seed
+
+
+@pytest.mark.parametrize("scaling", ["paper", "inverted"])
+@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_train_matches_the_reference(case, mode, scaling):
+    seed = drawn_gates(case, mode)
+    converted = convert_case(case, p_last=0.5, rule="uniform", mode=mode, scaling=scaling, seed=seed).train()
+    plain = case.make().train()
+    x = case.input(case.batch, 4)
+    out = converted(x)
+    gates = unit_gates(converted, get_state(converted).host_plan)
+    assert any(rows == [] for rows, _ in gates) and any(rows != [] for rows, _ in gates)
+    expected = reference_forward(case, converted, plain, x, gates)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_grads(converted, plain)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.exact_row_mode], ids=lambda c: c.name)
+def test_row_mode_equals_the_masked_original(case):
+    """Per-sample normalisation: the branch on the survivors alone is the original's masked forward, outputs
+    and gradients, for the same gates (fp32 to ~1e-6; sub-batch GEMMs may round differently)."""
+    seed = drawn_gates(case, "row")
+    converted = convert_case(case, mode="row", seed=seed).train()
+    plain = case.make().train()
+    x = case.input(case.batch, 5)
+    out = converted(x)
+    gates = unit_gates(converted, get_state(converted).host_plan)
+    expected = masked_original(plain, x, masks_of(gates, case.batch))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_grads(converted, plain, none_is_zero=True)
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_a_dropped_unit_runs_nothing_of_its_branch(case, mode):
+    seed = drawn_gates(case, mode)
+    converted = convert_case(case, p_last=0.5, rule="uniform", mode=mode, seed=seed).train()
+    calls: dict[int, int] = defaultdict(int)
+    branches = branch_modules(converted)
+    for modules in branches:
+        for module in modules:
+            for m in module.modules():
+                m.register_forward_hook(lambda m, *_: calls.__setitem__(id(m), calls[id(m)] + 1))
+    converted(case.input(case.batch, 6)).sum().backward()
+    plan = get_state(converted).host_plan
+    for l, modules in enumerate(branches):
+        ran = any(calls[id(m)] for module in modules for m in module.modules())
+        assert ran == (plan.counts[l] > 0), l
+        if plan.counts[l] == 0:
+            assert all(p.grad is None for p in get_state(converted).unit_parameters(l)), l
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints, revert, lesion
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_state_dict_keys_unchanged_and_strict_both_ways(case):
+    plain = case.make()
+    converted = convert_case(case)
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    other = case.make()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    converted.load_state_dict(other.state_dict(), strict=True)
+    plain.load_state_dict(converted.state_dict(), strict=True)
+    for (name, a), b in zip(plain.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    buffer = io.BytesIO()
+    torch.save(converted.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = convert_case(case, seed=99)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    assert sd.get_scheduler(resumed).state_dict() == sd.get_scheduler(converted).state_dict()
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_revert_restores_the_original(case):
+    plain = case.make().train()
+    model = sd.revert(convert_case(case))
+    for name, module in model.named_modules():
+        assert not [k for k in vars(module) if k.startswith(("_sd", "sd_"))], name
+        assert type(module).__module__ != "sdepth_ext.units", name
+    set_own_drop_to_zero(plain)
+    set_own_drop_to_zero(model)
+    x = case.input(case.batch, 7)
+    assert torch.equal(model.train()(x), plain(x))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_lesion_removes_the_units_given(case):
+    converted = convert_case(case, scaling="inverted")
+    plain = case.make().eval()
+    num_units = len(sd.survival_probs(converted))
+    drop = sorted({0, num_units // 2, num_units - 1})
+    x = case.input(case.batch, 8)
+    with torch.no_grad(), sd.lesion(converted, drop):
+        got = converted(x)
+    gates = [([] if l in drop else None, 1.0) for l in range(num_units)]
+    with torch.no_grad():
+        expected = reference_forward(case, converted, plain, x, gates)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), sd.lesion(case.make(), drop) as lesioned_plain:  # a plain model works too
+        torch.testing.assert_close(lesioned_plain(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Where users train: activation checkpointing, compiled regions, autocast, DDP's zero gradients
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_checkpoint_blocks_gives_the_eager_gradients(case):
+    seed = drawn_gates(case, "row")
+    model = convert_case(case, p_last=0.5, rule="uniform", mode="row", seed=seed).train()
+    twin = copy.deepcopy(model)
+    sd.checkpoint_blocks(model)
+    x = case.input(case.batch, 9)
+    for m in (model, twin):
+        m(x).square().sum().backward()
+    assert_grads(model, twin, exact=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_compile_blocks_gives_the_eager_results(case):
+    seed = drawn_gates(case, "batch")
+    model = convert_case(case, p_last=0.5, rule="uniform", mode="batch", seed=seed).train()
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    sd.compile_blocks(model, backend="aot_eager")
+    x = case.input(case.batch, 10)
+    outs = [m(x) for m in (model, twin)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for out in outs:
+        out.square().sum().backward()
+    assert_grads(model, twin)
+    sd.revert(model)
+    assert not any("_sd_regions" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_bf16_autocast_at_p_last_1_matches_the_original(case):
+    plain = set_own_drop_to_zero(case.make()).train()
+    converted = convert_case(case, p_last=1.0, scaling="inverted").train()
+    x = case.input(case.batch, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = converted(x), plain(x)
+    # the converted unit casts the shortcut to the residual's dtype before the add: one rounding more
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 * 2**-7, atol=2 * 2**-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_zero_gradients_for_dropped_units(case):
+    seed = drawn_gates(case, "batch")
+    model = convert_case(case, p_last=0.5, rule="uniform", mode="batch", seed=seed).train()
+    sd.set_dropped_grads(model, "zero")
+    F.relu(model(case.input(case.batch, 12))).sum().backward()
+    state = get_state(model)
+    dropped = sd.dropped_blocks(model)
+    assert dropped
+    for l in dropped:
+        assert all(p.grad is not None and not p.grad.any() for p in state.unit_parameters(l)), l
+    assert sd.clear_dropped_grads(model) > 0
+    assert all(p.grad is None for l in dropped for p in state.unit_parameters(l))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -397,7 +398,7 @@ def test_row_mode_rejects_other_batch_in_block():
 
 def test_sub_models_train_on_a_fresh_plan_every_step():
     """The feature-extractor idiom runs the root's children without the root: each of its training forwards
-    must still draw a new plan (it reused the root's last plan forever before), and a block called alone too."""
+    must still draw a new plan (it reused the root's last plan forever before); a block called alone too."""
     model = sd.convert(fresh_model("cifar_resnet20"), p_last=0.5, mode="batch", seed=0).train()
     x = make_input("cifar_resnet20", batch=2)
     model(x)
@@ -849,3 +850,61 @@ def test_cuda_train_step_never_waits_for_the_device(mode):
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
     assert any(p.grad is not None for p in model.parameters())
+
+
+# ============================================================================================================
+# Inputs a user passes: NumPy scalars, meta-device construction, registration order, corrupt metadata
+# ============================================================================================================
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    import numpy as np
+
+    model = sd.convert(sd.cifar_resnet(8), p_last=np.float32(0.5), seed=np.int64(3))
+    assert sd.survival_probs(model) == sd.linear_decay(3, 0.5) and sd.get_scheduler(model).seed == 3
+    for bad in (-1, 2**64, np.int64(-5)):
+        with pytest.raises(ValueError, match="seed"):
+            sd.convert(sd.cifar_resnet(8), seed=bad)
+
+
+def test_convert_under_a_meta_default_device(torch_rng):
+    with torch.device("meta"):
+        model = sd.cifar_resnet(8)
+        sd.convert(model)  # seed=None draws from torch's CPU generator, not on the default device
+    assert sd.get_scheduler(model).seed >= 0
+    assert next(model.parameters()).is_meta
+
+
+class RunsInReverse(nn.Module):
+    """Registers its blocks in one order and runs them in the other."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.late = BasicBlock(4, 4)
+        self.early = BasicBlock(4, 4)
+
+    def forward(self, x):
+        return self.late(self.early(torch.relu(self.stem(x))))
+
+
+def test_units_are_numbered_in_forward_order():
+    model = sd.convert(RunsInReverse(), p_last=0.2, seed=0)
+    assert get_state(model).blocks[0] is model.late  # registration order until the model has run
+    with pytest.warns(UserWarning, match="renumbered in forward order"):
+        model.eval()(torch.randn(1, 3, 8, 8))
+    blocks = get_state(model).blocks
+    assert blocks[0] is model.early and model.early._sd_index == 0 and model.late._sd_index == 1
+    assert sd.survival_probs(model) == sd.linear_decay(2, 0.2)  # the decay follows the forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(1, 3, 8, 8))  # once only
+
+
+def test_corrupt_scheduler_metadata_warns_and_loads_the_weights():
+    model = sd.convert(fresh_model("cifar_resnet20"), seed=1)
+    state_dict = model.state_dict()
+    state_dict._metadata[""]["sdepth_scheduler"] = {"version": 2, "seed": "abc", "step": 1}
+    other = sd.convert(fresh_model("cifar_resnet20"), seed=2)
+    with pytest.warns(UserWarning, match="not restored"):
+        other.load_state_dict(state_dict, strict=True)
+    assert sd.get_scheduler(other).seed == 2

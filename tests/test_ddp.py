@@ -302,6 +302,54 @@ def test_without_ddp_ready_default_ddp_fails(ranks):
 
 
 # ============================================================================================================
+# A rank dies mid-run: the survivor fails fast with an error instead of hanging
+# ============================================================================================================
+def _killed_rank_worker(rank, port, out_dir, mode):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    model = sd.convert(gn_model(), p_last=0.5, rule="uniform", mode=mode, seed=SEED).train()
+    sd.ddp_ready(model)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    start = None
+    try:
+        for step in range(8):
+            if step == 3:
+                if rank == 1:
+                    os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no goodbye to the process group
+                start = time.monotonic()
+            x, y = (local_slice(t, rank) for t in global_batch(step))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(x), y).backward()
+            sd.clear_dropped_grads(ddp)  # row mode: a collective of its own
+            opt.step()
+        outcome = {"error": None}
+    except Exception as err:  # noqa: BLE001 - whatever the collective raises is the observation
+        outcome = {"error": f"{type(err).__name__}: {err}"}
+    outcome["seconds"] = None if start is None else time.monotonic() - start
+    torch.save(outcome, os.path.join(out_dir, f"killed-rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_a_killed_rank_makes_the_other_fail_fast(tmp_path, mode):
+    context = mp.start_processes(_killed_rank_worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    survivor = context.processes[0]
+    survivor.join(timeout=90)
+    try:
+        assert not survivor.is_alive(), "rank 0 hung after rank 1 was killed"
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    assert context.processes[1].exitcode == -9
+    outcome = torch.load(tmp_path / "killed-rank0.pt", weights_only=False)
+    assert outcome["error"] is not None, "rank 0 trained on alone without noticing"
+    assert outcome["seconds"] < 30, outcome
+
+
+# ============================================================================================================
 # Single process: what ddp_ready does to gradients and BatchNorm; optimizer semantics
 # ============================================================================================================
 def _dropped_step(policy, seed=None):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -148,14 +149,14 @@ def main(argv=None) -> dict:
         with handle_interrupts():
             return _run(cfg, out_dir, resume, argv)
     except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", 2)
+        signum = getattr(err, "signum", signal.SIGINT)
         saved = any((out_dir / name / "checkpoint.pt").is_file() for name in cfg.runs)
         if saved:
             message = f"every finished epoch is saved; resume with: {_resume_command(argv)}"
         else:
             rerun = " ".join([PROG, *map(shlex.quote, (a for a in argv if a != "--resume"))])
             message = f"no epoch had finished, nothing was saved; start again with: {rerun}"
-        name = "Ctrl-C" if signum == 2 else "SIGTERM"
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\ninterrupted ({name}): {message}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
 

@@ -7,17 +7,18 @@ ResNet, ConvNeXt and ViT families where timm is installed); see :func:`convert`.
 from .checkpointing import checkpoint_blocks
 from .cifar import cifar_resnet
 from .compiled import compile_blocks, effective_survival, set_row_multiple
-from .convert import convert, get_scheduler, lesion, revert, survival_probs
+from .convert import convert, get_scheduler, lesion, revert, set_drop_scale, survival_probs
 from .distributed import clear_dropped_grads, ddp_ready, dropped_blocks, set_dropped_grads, sync_scheduler
+from .flops import compute_stats
 from .functional import gated_residual_add, gated_residual_relu
-from .rules import linear_decay, uniform
+from .rules import drop_schedule, linear_decay, uniform
 from .scheduler import Plan, Scheduler, has_compiled_scheduler
 
 __version__ = "0.2.0"
 
 __all__ = ["gated_residual_add", "gated_residual_relu", "linear_decay", "uniform", "Plan", "Scheduler",
            "has_compiled_scheduler", "convert", "revert", "survival_probs", "lesion", "cifar_resnet",
-           "get_scheduler",
+           "get_scheduler", "set_drop_scale", "drop_schedule", "compute_stats",
            # training where users train: DDP, torch.compile, activation checkpointing, dropped-unit grads
            "ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks",
            "compile_blocks", "set_row_multiple", "effective_survival", "checkpoint_blocks"]

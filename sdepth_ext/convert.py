@@ -42,7 +42,8 @@ from .rules import check_probability, linear_decay, uniform
 from .scheduler import MODES, Scheduler, check_u64
 from .units import SCALINGS, UnitsState, gated_class, is_gated
 
-__all__ = ["convert", "revert", "survival_probs", "lesion", "get_state", "get_scheduler", "units_of",
+__all__ = ["convert", "revert", "survival_probs", "set_drop_scale", "lesion", "get_state", "get_scheduler",
+           "units_of",
            "RULES", "SCALINGS", "MODES"]
 
 RULES = ("linear", "uniform")
@@ -155,6 +156,7 @@ def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # recomputation must see the step's plan, not draw a new one (gradients would be wrong).
         return None
     state.sample(int(x.shape[0]), x.device)
+    state.input_meta = (tuple(x.shape[1:]), x.dtype, x.device)
     return None
 
 
@@ -358,6 +360,18 @@ def revert(model: nn.Module) -> nn.Module:
 def survival_probs(model: nn.Module) -> list[float]:
     """``[p_1, ..., p_L]`` of a converted model: one per unit (residual addition), forward order."""
     return list(get_state(model).survival)
+
+
+def set_drop_scale(model: nn.Module, s: float) -> nn.Module:
+    """Scale every unit's drop probability by ``s`` in [0, 1]: ``p_l(s) = 1 - s (1 - p_l)``. Returns model.
+
+    ``s = 0`` trains the full network, ``s = 1`` the configured rates (:func:`survival_probs`). The scale is
+    part of the scheduler's state (saved in the state_dict metadata, restored exactly on resume, broadcast by
+    :func:`sdepth_ext.sync_scheduler`); "inverted" and "paper" scaling use the rates in force. Call it with a
+    :func:`sdepth_ext.drop_schedule`'s value before each training step, with the same step on every rank.
+    """
+    get_state(model).scheduler.set_drop_scale(s)
+    return model
 
 
 def _check_drop(drop, num_units: int) -> list[int]:

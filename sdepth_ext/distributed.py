@@ -36,6 +36,8 @@ Optimizer semantics
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -119,7 +121,7 @@ def _collective_device(group) -> torch.device:
 
 
 def sync_scheduler(model: nn.Module, src: int = 0, process_group=None) -> None:
-    """Give every rank the scheduler state (seed and RNG state) of rank ``src``: a collective, call on all.
+    """Give every rank the scheduler state (seed, step, drop scale) of rank ``src``; a collective.
 
     Call it after conversion and after loading a checkpoint on only some ranks (``ddp_ready`` calls it once).
     """
@@ -127,13 +129,14 @@ def sync_scheduler(model: nn.Module, src: int = 0, process_group=None) -> None:
         raise RuntimeError("sync_scheduler needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")
     scheduler = get_state(model).scheduler
-    # Unsigned 64-bit words travel as int64 bit patterns.
-    words = [scheduler.seed, scheduler.step]
+    # Unsigned 64-bit words travel as int64 bit patterns; the drop scale's float64 as its bits too.
+    words = [scheduler.seed, scheduler.step, struct.unpack("<Q", struct.pack("<d", scheduler.drop_scale))[0]]
     signed = [w - _U64 if w >= 1 << 63 else w for w in words]
     buf = torch.tensor(signed, dtype=torch.int64, device=_collective_device(process_group))
     dist.broadcast(buf, src=src, group=process_group)
-    seed, step = [int(v) % _U64 for v in buf.cpu().tolist()]
+    seed, step, scale_bits = [int(v) % _U64 for v in buf.cpu().tolist()]
     scheduler.reseed(seed, step)
+    scheduler.set_drop_scale(struct.unpack("<d", struct.pack("<Q", scale_bits))[0])
 
 
 def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool = True) -> nn.Module:

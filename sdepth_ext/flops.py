@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .convert import units_of
+from .convert import get_state, units_of
 
-__all__ = ["unit_macs", "compute_fraction", "expected_compute_fraction"]
+__all__ = ["unit_macs", "compute_fraction", "expected_compute_fraction", "compute_stats"]
 
 
 @torch.no_grad()
@@ -33,14 +33,15 @@ def unit_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[float
     if not units:
         raise ValueError(f"model: {type(model).__name__} has no residual units")
     names = {id(m): n for n, m in model.named_modules()}
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     counter = FlopCounterMode(display=False, depth=None)
     try:
         model.eval()
         with counter:
             model(example_input)
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
     counts = counter.get_flop_counts()
     root = type(model).__name__
 
@@ -66,3 +67,46 @@ def expected_compute_fraction(model: nn.Module, example_input: torch.Tensor,
     """The ideal train-step time ratio of ``model`` at survival probabilities ``survival``."""
     per_unit, total = unit_macs(model, example_input)
     return compute_fraction(per_unit, total, survival)
+
+
+def compute_stats(model: nn.Module, example_input: torch.Tensor | None = None, reset: bool = False) -> dict:
+    """What share of the residual-branch work actually ran: the last training step, and since conversion (or
+    the last ``reset``), next to the expected share.
+
+    Work is counted in FLOPs: unit l's branch MACs times the samples it ran on (sub-batches in row mode,
+    promoted samples of ``row_multiple`` included), over what every unit on every sample would cost. The
+    ``model_*`` entries are the same over the whole model's MACs (stem, shortcuts and head always run): the
+    ideal train-step time ratio. The per-unit MACs are counted once per input shape, on one sample of the
+    shape the last training step saw (or of ``example_input``), with an eval-mode forward under no_grad.
+
+    Returns ``{"steps", "last_step", "cumulative", "expected", "model_last_step", "model_cumulative",
+    "model_expected"}`` (fractions in [0, 1]). ``reset=True`` starts a new cumulative count after reading.
+    """
+    state = get_state(model)
+    tally = state.tally
+    if example_input is None:
+        if state.input_meta is None:
+            raise ValueError("compute_stats: no training step has run yet; pass example_input= (one batch) "
+                             "to count the units' FLOPs")
+        shape, dtype, device = state.input_meta
+        example_input = torch.zeros((1, *shape), dtype=dtype, device=device)
+    key = tuple(example_input.shape[1:])
+    cached = state.macs_cache.get(key)
+    if cached is None:
+        cached = state.macs_cache[key] = unit_macs(model, example_input[:1])
+    per_unit, total = cached
+    branch = sum(per_unit)
+
+    def ran(counts, samples):
+        return sum(m * c for m, c in zip(per_unit, counts)) / samples if samples else float("nan")
+
+    expected = sum(m * p for m, p in zip(per_unit, state.effective_survival))
+    last, cumulative = ran(tally.last, tally.last_batch), ran(tally.total, tally.samples)
+    stats = {"steps": tally.steps, "last_step": last / branch, "cumulative": cumulative / branch,
+             "expected": expected / branch,
+             "model_last_step": 1 - (branch - last) / total,
+             "model_cumulative": 1 - (branch - cumulative) / total,
+             "model_expected": 1 - (branch - expected) / total}
+    if reset:
+        state.reset_tally()
+    return stats

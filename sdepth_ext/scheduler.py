@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .rules import check_survival
+from .rules import check_probability, check_survival
 
 __all__ = ["Scheduler", "Plan", "has_compiled_scheduler", "shard_plan", "round_plan_rows", "MODES"]
 
@@ -402,6 +402,10 @@ class Scheduler:
         backend: ``None`` (compiled if built, else NumPy), ``"cpp"`` or ``"python"``.
 
     ``sample`` is safe to call from several threads: each call claims its own step.
+
+    ``drop_scale`` (:meth:`set_drop_scale`, in [0, 1], default 1) scales every unit's drop probability:
+    the gates are drawn with ``p_l(s) = 1 - s (1 - p_l)`` (:attr:`effective_survival`), so ``s = 0`` trains
+    the full network and ``s = 1`` the configured rates. It is part of :meth:`state_dict`.
     """
 
     def __init__(self, survival, mode: str = "batch", seed: int | None = None, backend: str | None = None):
@@ -418,12 +422,30 @@ class Scheduler:
         self.survival = survival
         self.mode = mode
         self.backend = "cpp" if backend == "cpp" or (backend is None and _C is not None) else "python"
+        self.drop_scale = 1.0
+        self.effective_survival = list(survival)
         self._sampler = self._make_sampler(seed, 0)
 
     def _make_sampler(self, seed: int, step: int):
         if self.backend == "cpp":
-            return _C.GateSampler(self.survival, self.mode == "row", seed, step)
-        return _PythonGateSampler(self.survival, self.mode == "row", seed, step)
+            return _C.GateSampler(self.effective_survival, self.mode == "row", seed, step)
+        return _PythonGateSampler(self.effective_survival, self.mode == "row", seed, step)
+
+    def set_drop_scale(self, scale: float) -> None:
+        """Draw from now on with ``p_l(s) = 1 - s (1 - p_l)``; ``s`` in [0, 1] (a drop schedule's value).
+
+        The stream itself (seed, step) is untouched: the gates of a step depend on the scale in force when
+        it is drawn, so a schedule that is a function of the step resumes exactly.
+        """
+        scale = check_probability(scale, "scale")
+        if scale != self.drop_scale:
+            self._set_scale(scale)
+            self._sampler = self._make_sampler(self.seed, self.step)
+
+    def _set_scale(self, scale: float) -> None:
+        self.drop_scale = scale
+        # Written as 1 - s (1 - p) so that s = 1 gives p_l exactly, and s = 0 exactly 1.
+        self.effective_survival = [p if scale == 1.0 else 1.0 - scale * (1.0 - p) for p in self.survival]
 
     # copy.deepcopy(model) and pickling (EMA copies, spawn-based workers) must not choke on the compiled
     # sampler object: it is rebuilt from the survival list, the seed and the step. No device or pinning
@@ -486,7 +508,7 @@ class Scheduler:
     def state_dict(self) -> dict:
         """Everything needed to resume: a resumed scheduler draws exactly the plans this one would."""
         return {"version": 2, "mode": self.mode, "survival": list(self.survival), "seed": self.seed,
-                "step": self.step}
+                "step": self.step, "drop_scale": self.drop_scale}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`'s seed and step; validates everything first (on error, no change)."""
@@ -509,11 +531,13 @@ class Scheduler:
                              f"units); this scheduler has {self.num_units} units with other p_l")
         seed = check_u64(state_dict["seed"], "state_dict['seed']")
         step = check_u64(state_dict["step"], "state_dict['step']")
+        scale = check_probability(state_dict.get("drop_scale", 1.0), "state_dict['drop_scale']")
+        self._set_scale(scale)
         self.reseed(seed, step)
 
     def __repr__(self) -> str:
         return (f"Scheduler(num_units={self.num_units}, mode={self.mode!r}, seed={self.seed}, "
-                f"step={self.step}, backend={self.backend!r})")
+                f"step={self.step}, drop_scale={self.drop_scale}, backend={self.backend!r})")
 
 
 def _check_count(value, name: str, minimum: int) -> int:

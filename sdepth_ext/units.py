@@ -94,6 +94,9 @@ class UnitsState:
         self.shard: tuple[int, int] | None = None  # (rank, world_size), row mode only
         self.row_multiple = 1
         self.checkpoint: dict | None = None  # kwargs of torch.utils.checkpoint.checkpoint, or None
+        self.tally = WorkTally(len(units))  # what ran, for sdepth_ext.compute_stats
+        self.input_meta: tuple | None = None  # (shape without the batch, dtype, device) of the last step
+        self.macs_cache: dict = {}
 
     @property
     def mode(self) -> str:
@@ -132,7 +135,11 @@ class UnitsState:
         self.host_plan = host_plan
         self.plan = host_plan.to(device)
         self.consumed = bytearray(len(self.units))
+        self.tally.add(host_plan)
         return self.plan
+
+    def reset_tally(self) -> None:
+        self.tally = WorkTally(len(self.units))
 
     def plan_for(self, l: int, x: torch.Tensor) -> Plan:
         """The plan unit ``l`` runs on: the step's, or a fresh one if this unit already used it."""
@@ -145,15 +152,20 @@ class UnitsState:
         self.consumed[l] = 1
         return self.plan
 
+    @property
+    def effective_survival(self) -> list[float]:
+        """``p_l(s)``: the rates the gates are drawn with under the scheduler's drop scale ``s``."""
+        return self.scheduler.effective_survival
+
     def train_scale(self, l: int) -> float:
         if self.scaling == "paper":
             return 1.0
-        p = self.survival[l]
+        p = self.effective_survival[l]  # the rate the gate was drawn with: an unbiased residual
         # p_l = 0 means the unit never survives a training step, so its scale is never used.
         return 1.0 / p if p > 0.0 else 0.0
 
     def eval_scale(self, l: int) -> float:
-        return self.survival[l] if self.scaling == "paper" else 1.0
+        return self.effective_survival[l] if self.scaling == "paper" else 1.0
 
     def unit_parameters(self, l: int) -> list[nn.Parameter]:
         block, u = self.units[l]
@@ -193,11 +205,32 @@ class UnitsState:
         self.scheduler = Scheduler(survival, mode=scheduler.mode, seed=scheduler.seed,
                                    backend=scheduler.backend)
         self.scheduler.step = scheduler.step
+        self.scheduler.set_drop_scale(scheduler.drop_scale)
+        self.reset_tally()
+        self.macs_cache = {}
         self.plan = self.host_plan = None
 
     def __repr__(self) -> str:
         return (f"UnitsState(units={len(self.units)}, mode={self.mode!r}, scaling={self.scaling!r}, "
                 f"scheduler={self.scheduler!r})")
+
+
+class WorkTally:
+    """Samples each unit ran on, for the last step and in all, and the samples seen (compute_stats)."""
+
+    def __init__(self, num_units: int):
+        self.last = [0] * num_units
+        self.total = [0] * num_units
+        self.last_batch = 0
+        self.samples = 0
+        self.steps = 0
+
+    def add(self, plan: Plan) -> None:
+        self.last = list(plan.counts)
+        self.total = [t + c for t, c in zip(self.total, plan.counts)]
+        self.last_batch = plan.batch_size
+        self.samples += plan.batch_size
+        self.steps += 1
 
 
 class GatedUnits:

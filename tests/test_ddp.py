@@ -136,6 +136,12 @@ def _worker(rank, port, out_dir):
             # row mode, unequal per-rank batches at step 1
             "row_gn_uneven": ddp_train("gn", "row", rank, clear=True, uneven_step=1),
         }
+        # sync_scheduler gives every rank rank 0's seed, step and drop scale (a schedule's value)
+        synced = sd.convert(gn_model(), mode="row", seed=SEED + rank)
+        sd.set_drop_scale(synced, 0.25 if rank == 0 else 0.75)
+        sd.get_scheduler(synced).step = 10 + rank
+        sd.sync_scheduler(synced)
+        results["synced_state"] = sd.get_scheduler(synced).state_dict()
         # SyncBatchNorm in row mode would hang (a rank without survivors skips the collective): refused on
         # every rank, before any collective of the model runs.
         try:
@@ -288,6 +294,11 @@ def test_unequal_batches_keep_the_ranks_in_lockstep(ranks):
             n = LOCAL_BATCH - 1 if (step == 1 and rank == 1) else LOCAL_BATCH
             assert counts == scheduler.draw(step, n, rank=rank, world_size=WORLD).counts
     assert_same(ranks[0]["row_gn_uneven"]["params"], ranks[1]["row_gn_uneven"]["params"])
+
+
+def test_sync_scheduler_broadcasts_seed_step_and_drop_scale(ranks):
+    a, b = ranks[0]["synced_state"], ranks[1]["synced_state"]
+    assert a == b and (a["seed"], a["step"], a["drop_scale"]) == (SEED, 10, 0.25)
 
 
 def test_sync_batchnorm_in_row_mode_is_refused_on_every_rank(ranks):

@@ -56,20 +56,47 @@ _BLOCK_ATTRS = ("_sd_index", "_sd_num_units", "_sd_state")
 # Discovery
 # ------------------------------------------------------------------------------------------------------------
 def _find_blocks(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module, type[UnitAdapter]]]:
-    """``(fqn, block, adapter)`` of every block with an adapter, registration order; not inside each other."""
+    """``(fqn, block, adapter)`` of every block with an adapter, registration order; not inside each other.
+
+    A stochastic-depth module (torchvision's StochasticDepth, timm's DropPath) outside every known block is
+    the sign of a residual block sdepth_ext has no adapter for: refused naming that block's class (unless
+    ``filter_fn`` left it out).
+    """
     found: list[tuple[str, nn.Module, type[UnitAdapter]]] = []
+    drop_types = _drop_module_types()
 
-    def visit(module: nn.Module, fqn: str) -> None:
+    def visit(module: nn.Module, fqn: str, parent: nn.Module | None) -> None:
         adapter = adapter_for(module)
-        if adapter is not None and (filter_fn is None or filter_fn(module, fqn)):
-            if adapter.num_units(module) > 0:
-                found.append((fqn, module, adapter))
+        if adapter is not None:
+            if filter_fn is None or filter_fn(module, fqn):
+                if adapter.num_units(module) > 0:
+                    found.append((fqn, module, adapter))
             return  # never descend into a block (gated or not: an unguarded MBConv holds no units either)
+        if isinstance(module, drop_types) and parent is not None and (
+                filter_fn is None or filter_fn(parent, fqn.rpartition(".")[0])):
+            raise TypeError(f"model: {type(parent).__qualname__} ({type(parent).__module__}) holds "
+                            f"{type(module).__name__} but sdepth_ext has no adapter for it (supported "
+                            f"blocks: {_supported_names()}); leave it out with filter_fn")
         for name, child in module.named_children():
-            visit(child, f"{fqn}.{name}" if fqn else name)
+            visit(child, f"{fqn}.{name}" if fqn else name, module)
 
-    visit(model, "")
+    visit(model, "", None)
     return found
+
+
+def _drop_module_types() -> tuple[type, ...]:
+    types = []
+    try:
+        from torchvision.ops import StochasticDepth
+        types.append(StochasticDepth)
+    except ImportError:  # pragma: no cover - torchvision is a requirement of the torchvision families
+        pass
+    try:
+        from timm.layers import DropPath
+        types.append(DropPath)
+    except ImportError:
+        pass
+    return tuple(types)
 
 
 def _check_block(block: nn.Module, adapter: type[UnitAdapter]) -> None:
@@ -224,6 +251,10 @@ def _settings(blocks, p_last, rule, mode, scaling) -> tuple[list[float], str, st
             raise ValueError(f"model: its {adapter.family} blocks carry no stochastic-depth rate of their "
                              "own; pass p_last= (and rule=)")
         survival = [1.0 - p for p, _ in own]
+        if all(p == 1.0 for p in survival):
+            warnings.warn(f"sdepth_ext.convert: the model's own drop rates are all 0 ({adapter.family}, e.g. "
+                          "timm without drop_path_rate): nothing will be dropped; pass p_last= to set rates",
+                          UserWarning, stacklevel=3)
     else:
         if p_last is None:
             p_last = defaults.p_last
@@ -242,7 +273,15 @@ def _settings(blocks, p_last, rule, mode, scaling) -> tuple[list[float], str, st
                                  f"pass mode= one of {MODES}")
             mode = modes.pop()
     _check_choice(mode, "mode", MODES)
-    scaling = _check_choice(scaling if scaling is not None else defaults.scaling, "scaling", SCALINGS)
+    if scaling is None:
+        scaling = defaults.scaling
+        if scaling is None:  # the model's own modules say (timm: DropPath's scale_by_keep)
+            own_scalings = {a.own_scaling(block, u) for block, u, a in units} - {None}
+            if len(own_scalings) > 1:
+                raise ValueError(f"scaling: the model's own stochastic-depth modules scale differently "
+                                 f"({sorted(own_scalings)}); pass scaling= one of {SCALINGS}")
+            scaling = own_scalings.pop() if own_scalings else "inverted"
+    _check_choice(scaling, "scaling", SCALINGS)
     return survival, mode, scaling, from_model
 
 
@@ -271,9 +310,10 @@ def convert(model: nn.Module, p_last: float | None = None, rule: str | None = No
         mode: ``"batch"`` (one gate per unit and step; a dropped unit runs no residual at all) or ``"row"``
             (one gate per unit and sample; the residual runs on the surviving samples only, so BatchNorm
             statistics are those of the survivors). None: batch for ResNets, the model's own mode otherwise.
-        scaling: ``"paper"`` (train with ``act(id + f)``, evaluate ``act(id + p_l f)``) or ``"inverted"``
-            (train with ``act(id + f / p_l)``, evaluate the plain network, bit-identical to the original).
-            None: paper for ResNets, inverted for models with their own stochastic depth.
+        scaling: ``"paper"`` (train with ``act(id + f)``, evaluate ``act(id + p_l f)``), ``"inverted"``
+            (train with ``act(id + f / p_l)``, evaluate the plain network, bit-identical to the original) or
+            ``"none"`` (train ``act(id + f)``, evaluate the plain network: timm's ``scale_by_keep=False``).
+            None: paper for ResNets, the model's own for models with their own stochastic depth.
         seed: int in [0, 2^64) for a reproducible gate stream; ``None`` takes one from torch's generator.
         filter_fn: optional ``filter_fn(module, fqn) -> bool``; blocks for which it is False stay as they are.
 

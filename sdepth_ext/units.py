@@ -18,9 +18,9 @@ reads ``plan.counts[l]`` / ``plan.rows(l)`` / ``plan.slot(l)``. In training mode
   scatters the result back. Normalisation layers in the branch see the survivors alone: exact for LayerNorm
   (per sample), survivors' statistics for BatchNorm.
 
-``scale`` is 1 ("paper" scaling) or ``1 / p_l`` ("inverted"). In eval mode every unit runs: "paper" fuses
-``act(shortcut + p_l * residual)``; "inverted" calls the original block's forward, so the network is
-bit-identical to the unconverted one.
+``scale`` is 1 ("paper" and "none" scaling) or ``1 / p_l`` ("inverted"). In eval mode every unit runs:
+"paper" fuses ``act(shortcut + p_l * residual)``; "inverted" and "none" call the original block's forward, so
+the network is bit-identical to the unconverted one.
 
 A training forward that does not go through the root (a sub-model built from the root's children, a
 feature extractor) still gets a fresh plan: a unit that finds the plan already used by itself draws the
@@ -59,7 +59,9 @@ from .scheduler import MODES, Plan, Scheduler, mix64, round_plan_rows
 
 __all__ = ["GatedUnits", "UnitsState", "gated_class", "is_gated", "SCALINGS", "MODES"]
 
-SCALINGS = ("paper", "inverted")
+# "paper": train act(id + f), evaluate act(id + p f); "inverted": train act(id + f / p), evaluate the plain
+# network; "none": neither (timm's DropPath with scale_by_keep=False): train act(id + f), evaluate plain.
+SCALINGS = ("paper", "inverted", "none")
 
 
 def _in_backward() -> bool:
@@ -158,7 +160,7 @@ class UnitsState:
         return self.scheduler.effective_survival
 
     def train_scale(self, l: int) -> float:
-        if self.scaling == "paper":
+        if self.scaling != "inverted":
             return 1.0
         p = self.effective_survival[l]  # the rate the gate was drawn with: an unbiased residual
         # p_l = 0 means the unit never survives a training step, so its scale is never used.
@@ -244,15 +246,25 @@ class GatedUnits:
     _sd_adapter: type[UnitAdapter]
     _sd_base: type
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state: UnitsState = self._sd_state
+        if args or kwargs:
+            # Extra arguments of the block's own forward (timm ViT's attn_mask): the plain network accepts
+            # them; a gated unit would have to gather them with the survivors. Unset values are fine.
+            extra = [repr(a) for a in args if a is not None and a is not False] + [
+                k for k, v in kwargs.items() if v is not None and v is not False]
+            if extra and (self.training or state.scaling == "paper" or state.lesioned):
+                raise TypeError(f"{type(self).__name__}: a converted unit takes only its input, got also "
+                                f"{', '.join(extra)}; call it without them (or revert the model)")
+            if not self.training and state.scaling != "paper" and not state.lesioned:
+                return self._sd_base.forward(self, x, *args, **kwargs)
         if state.call_order is not None:
             state.record_call(self)
         adapter = self._sd_adapter
         first = self._sd_index
         if not self.training:
             lesioned = state.lesioned
-            if state.scaling == "inverted" and not self.__dict__.get("_sd_regions") and not (
+            if state.scaling != "paper" and not self.__dict__.get("_sd_regions") and not (
                     lesioned and any(first + u in lesioned for u in range(self._sd_num_units))):
                 return self._sd_base.forward(self, x)
             _refuse_symbolic(self, x)

@@ -104,6 +104,11 @@ class UnitAdapter:
         """``(drop probability, mode)`` of the model's own stochastic-depth module for this unit, if any."""
         return None
 
+    @staticmethod
+    def own_scaling(block: nn.Module, unit: int) -> str | None:
+        """The scaling the model's own module applies ("inverted", "none"), if its family defers to it."""
+        return None
+
     # -- helpers --------------------------------------------------------------------------------------------
     @classmethod
     def branch_parameters(cls, block: nn.Module, unit: int) -> Iterator[tuple[str, nn.Parameter]]:

@@ -31,6 +31,7 @@ class FamilyCase:
     block_types: tuple[type, ...]  # the block classes this case's model exercises
     own_rates: bool  # the model carries its own stochastic-depth modules
     exact_row_mode: bool  # per-sample normalisation: row mode equals the masked original
+    drop_slots: tuple[str, ...] = ()  # the blocks' attributes holding their own drop modules, in call order
     batch: int = 4
     extra: dict = field(default_factory=dict)
 
@@ -116,26 +117,39 @@ def reference_forward(case: FamilyCase, converted: nn.Module, plain: nn.Module, 
             del target.forward
 
 
-@functools.cache
-def stochastic_depth_classes() -> tuple[type, ...]:
-    from torchvision.ops import StochasticDepth
-    return (StochasticDepth,)
+class _Masker(nn.Module):
+    """Stands in for a block's own drop modules: multiplies by the block's unit masks, in call order."""
+
+    def __init__(self, masks: list[torch.Tensor]):
+        super().__init__()
+        self.pending = list(masks)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.pending.pop(0).view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
 
 
-def masked_original(plain: nn.Module, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """The original model's own forward, its stochastic-depth modules multiplying by ``masks`` in call order
-    (one per unit, forward order): what row mode must equal for per-sample-normalised families."""
-    pending = list(masks)
-    originals = {}
-    for cls in stochastic_depth_classes():
-        originals[cls] = cls.forward
-        cls.forward = lambda self, t: t * pending.pop(0).view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
+def masked_original(case: FamilyCase, converted: nn.Module, plain: nn.Module, x: torch.Tensor,
+                    masks: list[torch.Tensor]) -> torch.Tensor:
+    """The original model's own forward, each block's drop modules (``case.drop_slots``) multiplying by its
+    units' masks: what row mode must equal for per-sample-normalised families."""
+    from sdepth_ext.convert import get_state
+
+    modules = dict(plain.named_modules())
+    swapped, maskers = [], []
+    for name, block in zip(gated_blocks(converted), get_state(converted).blocks):
+        target = modules[name]
+        first, count = block._sd_index, block._sd_num_units
+        masker = _Masker(masks[first:first + count])
+        maskers.append(masker)
+        for slot in case.drop_slots:
+            swapped.append((target, slot, getattr(target, slot)))
+            target.__dict__[slot] = masker  # shadows the submodule for this forward only
     try:
         out = plain(x)
     finally:
-        for cls, forward in originals.items():
-            cls.forward = forward
-    assert not pending, f"{len(pending)} masks unused: the model called its modules fewer times than units"
+        for target, slot, _ in swapped:
+            target.__dict__.pop(slot, None)
+    assert not any(m.pending for m in maskers), "masks left: the model ran fewer drop modules than units"
     return out
 
 

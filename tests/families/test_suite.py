@@ -34,6 +34,15 @@ from .common import (
 
 CASES = [*test_tv_resnet.CASES, *test_tv_convnext.CASES, *test_tv_mbconv.CASES, *test_tv_swin.CASES,
          *test_tv_maxvit.CASES]
+try:  # timm is optional: its families join the suite where it is installed
+    import timm  # noqa: F401
+except ImportError:
+    HAS_TIMM = False
+else:
+    HAS_TIMM = True
+    from . import test_timm_convnext, test_timm_resnet, test_timm_vit
+
+    CASES += [*test_timm_resnet.CASES, *test_timm_convnext.CASES, *test_timm_vit.CASES]
 CASE_IDS = [c.name for c in CASES]
 
 
@@ -48,8 +57,9 @@ def one_thread():
 
 def test_every_registered_adapter_has_a_case():
     covered = {t for case in CASES for t in case.block_types}
-    missing = [cls.__qualname__ for cls in registered_adapters() if cls not in covered
-               and cls.__module__.startswith("torchvision")]
+    libraries = ("torchvision", "timm") if HAS_TIMM else ("torchvision",)
+    missing = [f"{cls.__module__}.{cls.__qualname__}" for cls in registered_adapters() if cls not in covered
+               and cls.__module__.startswith(libraries)]
     assert not missing, f"adapters without a test case: {missing}"
     for case in CASES:  # and each case's model really holds the classes it claims
         found = {type(m) for m in case.make().modules()}
@@ -69,6 +79,8 @@ def set_own_drop_to_zero(model):
     for m in model.modules():
         if isinstance(m, StochasticDepth):
             m.p = 0.0
+        elif type(m).__name__ == "DropPath":  # timm's
+            m.drop_prob = 0.0
     return model
 
 
@@ -170,7 +182,7 @@ def test_row_mode_equals_the_masked_original(case):
     x = case.input(case.batch, 5)
     out = converted(x)
     gates = unit_gates(converted, get_state(converted).host_plan)
-    expected = masked_original(plain, x, masks_of(gates, case.batch))
+    expected = masked_original(case, converted, plain, x, masks_of(gates, case.batch))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     out.square().sum().backward()
     expected.square().sum().backward()

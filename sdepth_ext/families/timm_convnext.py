@@ -1,0 +1,58 @@
+"""timm's ConvNeXt block, ``timm.models.convnext.ConvNeXtBlock`` (convnext_*, ConvNeXt-V2 with GRN).
+
+The forward reproduced (timm ``ConvNeXtBlock.forward``)::
+
+    x = conv_dw(x)
+    x = mlp(norm(x))                          # NHWC with a permute around it, or 1x1 convs (conv_mlp)
+    x = x * gamma                             # layer scale, when present
+    out = drop_path(x) + shortcut(input)      # shortcut: identity, or Downsample where the shape changes
+
+One unit; the gate replaces ``drop_path``; nothing follows the add. Normalisation is per sample (LayerNorm,
+GRN), so row mode on the survivors is exact. Defaults: timm's per-block drop_path_rate, row mode,
+DropPath's scale_by_keep.
+"""
+
+from __future__ import annotations
+
+from timm.models.convnext import ConvNeXtBlock
+from torch import nn
+
+from . import UnitAdapter, register_adapter
+from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+
+
+@register_adapter(ConvNeXtBlock)
+class TimmConvNeXt(UnitAdapter):
+    family = "timm ConvNeXt"
+    defaults = OWN_DEFAULTS
+
+    @staticmethod
+    def residual(block, unit, x):
+        x = block.conv_dw(x)
+        if block.use_conv_mlp:
+            x = block.mlp(block.norm(x))
+        else:
+            x = block.mlp(block.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return x if block.gamma is None else x.mul(block.gamma.reshape(1, -1, 1, 1))
+
+    @staticmethod
+    def shortcut(block, unit, x):
+        shortcut = getattr(block, "shortcut", None)
+        return x if shortcut is None else shortcut(x)
+
+    @staticmethod
+    def has_projection(block, unit):
+        shortcut = getattr(block, "shortcut", None)
+        return shortcut is not None and not isinstance(shortcut, nn.Identity)
+
+    @staticmethod
+    def branch(block, unit):
+        return ("conv_dw", "norm", "mlp") + (("gamma",) if block.gamma is not None else ())
+
+    @staticmethod
+    def own_drop(block, unit):
+        return own_drop(block.drop_path)
+
+    @staticmethod
+    def own_scaling(block, unit):
+        return own_scaling(block.drop_path)

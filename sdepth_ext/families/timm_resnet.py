@@ -1,0 +1,83 @@
+"""timm's ResNet blocks, ``timm.models.resnet.BasicBlock`` / ``Bottleneck`` (resnet*, resnet*d, seresnet*,
+resnext*, wide_resnet*: SE / attention / anti-aliasing layers sit inside the branch).
+
+The forward reproduced (timm ``Bottleneck.forward``; BasicBlock has two convolutions)::
+
+    x = bn3(conv3(aa(act2(drop_block(bn2(conv2(act1(bn1(conv1(x)))))))))
+    x = se(x)                     # attention / squeeze-excitation, when present
+    x = drop_path(x)              # the model's own gate: DropPath, or None at drop_path_rate 0
+    out = act3(x + (downsample(shortcut) or shortcut))
+
+One unit per block; the gate replaces ``drop_path``; the block's last activation module follows the add
+(fused into the epilogue when it is a ReLU). A dropped unit is ``act(downsample(x))``, or ``x`` itself for an
+identity shortcut when the activation is a ReLU (the block input is a ReLU output, as in torchvision's
+ResNets); any other activation is applied to the shortcut as the original would. Defaults: timm's per-block
+``drop_path_rate`` schedule (a block without DropPath never drops), row mode, and DropPath's
+``scale_by_keep`` ("inverted", or "none" when False).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import nn
+
+from . import ACTIVATION_RELU, UnitAdapter, register_adapter
+from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+
+
+def _last_act(block):
+    return block.act3 if isinstance(block, Bottleneck) else block.act2
+
+
+@register_adapter(BasicBlock, Bottleneck)
+class TimmResNet(UnitAdapter):
+    family = "timm ResNet"
+    defaults = OWN_DEFAULTS
+
+    @staticmethod
+    def residual(block, unit, x):
+        if isinstance(block, BasicBlock):
+            x = block.aa(block.act1(block.drop_block(block.bn1(block.conv1(x)))))
+            x = block.bn2(block.conv2(x))
+        else:
+            x = block.act1(block.bn1(block.conv1(x)))
+            x = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(x)))))
+            x = block.bn3(block.conv3(x))
+        return x if block.se is None else block.se(x)
+
+    @staticmethod
+    def shortcut(block, unit, x):
+        return x if block.downsample is None else block.downsample(x)
+
+    @staticmethod
+    def has_projection(block, unit):
+        return block.downsample is not None
+
+    @staticmethod
+    def activation(block):
+        act = _last_act(block)
+        return ACTIVATION_RELU if type(act) is nn.ReLU else act
+
+    @staticmethod
+    def branch(block, unit):
+        names = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2")
+        if isinstance(block, Bottleneck):
+            names += ("act2", "conv3", "bn3")
+        return names + (("se",) if block.se is not None else ())
+
+    @classmethod
+    def dropped(cls, block, unit, x):
+        act = cls.activation(block)
+        if block.downsample is None and act == ACTIVATION_RELU:
+            return x  # relu(x) == x: the input is a ReLU output (module docstring)
+        out = cls.shortcut(block, unit, x)
+        return torch.relu(out) if act == ACTIVATION_RELU else act(out)
+
+    @staticmethod
+    def own_drop(block, unit):
+        return own_drop(block.drop_path)
+
+    @staticmethod
+    def own_scaling(block, unit):
+        return own_scaling(block.drop_path)

@@ -1,0 +1,57 @@
+"""timm's Vision Transformer block, ``timm.models.vision_transformer.Block`` (vit_*, deit_*).
+
+The forward reproduced (timm ``Block.forward``), on tokens [B, N, C]::
+
+    x = x + drop_path1(ls1(attn(norm1(x))))
+    x = x + drop_path2(ls2(mlp(norm2(x))))
+
+Two units per block, attention then MLP, with their layer scales (``ls1``, ``ls2``) inside the residual. The
+gates replace ``drop_path1`` / ``drop_path2``; nothing follows the adds. LayerNorm and attention work per
+sample, so row mode runs the two branches on the surviving samples only, exactly, with a Bernoulli gate
+per sample (not a fixed count of them) and no device sync. Calls with an attention mask are not converted
+(the mask would need the same gather): they raise, naming the argument. Defaults: timm's drop_path_rate
+schedule, row mode, DropPath's scale_by_keep. ViT variants built from other block classes (ResPostBlock,
+ParallelScalingBlock, ...) are refused naming the class.
+"""
+
+from __future__ import annotations
+
+from timm.models import vision_transformer as vit
+
+from . import UnitAdapter, register_adapter, register_unsupported
+from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+
+
+@register_adapter(vit.Block)
+class TimmViT(UnitAdapter):
+    family = "timm ViT"
+    defaults = OWN_DEFAULTS
+
+    @staticmethod
+    def num_units(block):
+        return 2
+
+    @staticmethod
+    def residual(block, unit, x):
+        if unit == 0:
+            return block.ls1(block.attn(block.norm1(x)))
+        return block.ls2(block.mlp(block.norm2(x)))
+
+    @staticmethod
+    def branch(block, unit):
+        return ("norm1", "attn", "ls1") if unit == 0 else ("norm2", "mlp", "ls2")
+
+    @staticmethod
+    def own_drop(block, unit):
+        return own_drop(block.drop_path1 if unit == 0 else block.drop_path2)
+
+    @staticmethod
+    def own_scaling(block, unit):
+        return own_scaling(block.drop_path1 if unit == 0 else block.drop_path2)
+
+
+for _name in ("ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"):
+    _cls = getattr(vit, _name, None)
+    if _cls is not None:
+        register_unsupported(_cls, "its residual layout (post-norm or parallel branches) has no adapter; "
+                                   "vit_*/deit_* models built from timm's Block are supported")

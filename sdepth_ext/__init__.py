@@ -8,6 +8,7 @@ from .checkpointing import checkpoint_blocks
 from .cifar import cifar_resnet
 from .compiled import compile_blocks, effective_survival, set_row_multiple
 from .convert import convert, get_scheduler, lesion, revert, set_drop_scale, survival_probs
+from .deploy import depth_frontier, prune, recalibrate_bn
 from .distributed import clear_dropped_grads, ddp_ready, dropped_blocks, set_dropped_grads, sync_scheduler
 from .flops import compute_stats
 from .functional import gated_residual_add, gated_residual_relu
@@ -18,7 +19,8 @@ __version__ = "0.2.0"
 
 __all__ = ["gated_residual_add", "gated_residual_relu", "linear_decay", "uniform", "Plan", "Scheduler",
            "has_compiled_scheduler", "convert", "revert", "survival_probs", "lesion", "cifar_resnet",
-           "get_scheduler", "set_drop_scale", "drop_schedule", "compute_stats",
+           "get_scheduler", "set_drop_scale", "drop_schedule", "compute_stats", "prune", "recalibrate_bn",
+           "depth_frontier",
            # training where users train: DDP, torch.compile, activation checkpointing, dropped-unit grads
            "ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks",
            "compile_blocks", "set_row_multiple", "effective_survival", "checkpoint_blocks"]

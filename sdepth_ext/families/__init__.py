@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["UnitAdapter", "register_adapter", "register_unsupported", "adapter_for", "registered_adapters",
-           "Defaults", "ACTIVATION_RELU"]
+           "Defaults", "ACTIVATION_RELU", "scale_affine"]
 
 ACTIVATION_RELU = "relu"
 
@@ -109,6 +109,24 @@ class UnitAdapter:
         """The scaling the model's own module applies ("inverted", "none"), if its family defers to it."""
         return None
 
+    # -- deployment (sdepth_ext.prune) ----------------------------------------------------------------------
+    @classmethod
+    def fold_scale(cls, block: nn.Module, unit: int, scale: float) -> None:
+        """Multiply the unit's residual by ``scale`` inside its weights (its branch's last affine layer).
+
+        What "paper" scaling's eval-time ``p_l`` becomes in a pruned model. Families whose branch ends in a
+        non-linear layer cannot fold it: they raise ``ValueError``.
+        """
+        raise ValueError(f"{type(block).__name__}: {cls.family} units cannot fold a 'paper' scale into their "
+                         "weights; convert with scaling='inverted' to prune them")
+
+    @classmethod
+    def removed(cls, block: nn.Module) -> nn.Module:
+        """A plain torch module for the block with all its units removed: ``act(shortcut(x))``."""
+        if cls.has_projection(block, 0) or cls.activation(block) is not None:
+            raise ValueError(f"{type(block).__name__}: {cls.family} has no plain form of a removed block")
+        return nn.Identity()
+
     # -- helpers --------------------------------------------------------------------------------------------
     @classmethod
     def branch_parameters(cls, block: nn.Module, unit: int) -> Iterator[tuple[str, nn.Parameter]]:
@@ -124,6 +142,18 @@ class UnitAdapter:
     @classmethod
     def branch_modules(cls, block: nn.Module, unit: int) -> list[nn.Module]:
         return [m for m in (getattr(block, a) for a in cls.branch(block, unit)) if isinstance(m, nn.Module)]
+
+
+@torch.no_grad()
+def scale_affine(module: nn.Module, scale: float) -> None:
+    """Multiply an affine layer's output by ``scale`` through its weight and bias (BatchNorm, LayerNorm,
+    Linear, Conv): ``(w x + b) * s = (s w) x + (s b)``."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if weight is None:
+        raise ValueError(f"{type(module).__name__}: no affine weight to fold a scale into")
+    weight.mul_(scale)
+    if bias is not None:
+        bias.mul_(scale)
 
 
 _ADAPTERS: dict[type, type[UnitAdapter]] = {}

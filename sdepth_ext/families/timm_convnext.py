@@ -14,10 +14,11 @@ DropPath's scale_by_keep.
 
 from __future__ import annotations
 
+import torch
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from . import UnitAdapter, register_adapter
+from . import UnitAdapter, register_adapter, scale_affine
 from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
 
 
@@ -56,3 +57,16 @@ class TimmConvNeXt(UnitAdapter):
     @staticmethod
     def own_scaling(block, unit):
         return own_scaling(block.drop_path)
+
+    @staticmethod
+    def fold_scale(block, unit, scale):
+        if block.gamma is not None:
+            with torch.no_grad():
+                block.gamma.mul_(scale)
+        else:
+            scale_affine(block.mlp.fc2, scale)
+
+    @staticmethod
+    def removed(block):
+        shortcut = getattr(block, "shortcut", None)
+        return nn.Identity() if shortcut is None else shortcut

@@ -22,7 +22,7 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from . import ACTIVATION_RELU, UnitAdapter, register_adapter
+from . import ACTIVATION_RELU, UnitAdapter, register_adapter, scale_affine
 from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
 
 
@@ -81,3 +81,19 @@ class TimmResNet(UnitAdapter):
     @staticmethod
     def own_scaling(block, unit):
         return own_scaling(block.drop_path)
+
+    @classmethod
+    def fold_scale(cls, block, unit, scale):
+        if block.se is not None:  # x * gate(x): the gate would see the scaled x
+            return super().fold_scale(block, unit, scale)
+        scale_affine(block.bn3 if isinstance(block, Bottleneck) else block.bn2, scale)
+
+    @classmethod
+    def removed(cls, block):
+        act = cls.activation(block)
+        layers = [] if block.downsample is None else [block.downsample]
+        if act != ACTIVATION_RELU:
+            layers.append(act)
+        elif layers:
+            layers.append(nn.ReLU())
+        return nn.Sequential(*layers) if layers else nn.Identity()  # relu of a ReLU output: the identity

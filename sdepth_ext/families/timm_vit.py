@@ -16,9 +16,10 @@ ParallelScalingBlock, ...) are refused naming the class.
 
 from __future__ import annotations
 
+import torch
 from timm.models import vision_transformer as vit
 
-from . import UnitAdapter, register_adapter, register_unsupported
+from . import UnitAdapter, register_adapter, register_unsupported, scale_affine
 from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
 
 
@@ -48,6 +49,15 @@ class TimmViT(UnitAdapter):
     @staticmethod
     def own_scaling(block, unit):
         return own_scaling(block.drop_path1 if unit == 0 else block.drop_path2)
+
+    @staticmethod
+    def fold_scale(block, unit, scale):
+        layer_scale = block.ls1 if unit == 0 else block.ls2
+        if hasattr(layer_scale, "gamma"):
+            with torch.no_grad():
+                layer_scale.gamma.mul_(scale)
+        else:
+            scale_affine(block.attn.proj if unit == 0 else block.mlp.fc2, scale)
 
 
 for _name in ("ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"):

@@ -13,6 +13,7 @@ keeps the model's own ``stochastic_depth.p`` and mode, with "inverted" scaling (
 
 from __future__ import annotations
 
+import torch
 from torchvision.models.convnext import CNBlock
 
 from . import UnitAdapter, register_adapter
@@ -35,3 +36,8 @@ class TorchvisionConvNeXt(UnitAdapter):
     @staticmethod
     def own_drop(block, unit):
         return own_drop(block.stochastic_depth)
+
+    @staticmethod
+    def fold_scale(block, unit, scale):
+        with torch.no_grad():
+            block.layer_scale.mul_(scale)

@@ -19,9 +19,10 @@ sample (exact in row mode). Defaults: the model's own stochastic-depth rates and
 
 from __future__ import annotations
 
+from torch import nn
 from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
 
-from . import UnitAdapter, register_adapter
+from . import UnitAdapter, register_adapter, scale_affine
 from ._torchvision_sd import OWN_DEFAULTS, own_drop
 
 
@@ -50,6 +51,14 @@ class TorchvisionMaxViTMBConv(UnitAdapter):
     def own_drop(block, unit):
         # p_stochastic_dropout = 0 builds an nn.Identity in place of StochasticDepth: never dropped
         return own_drop(block.stochastic_depth) or (0.0, "row")
+
+    @staticmethod
+    def fold_scale(block, unit, scale):
+        scale_affine(block.layers.conv_c, scale)
+
+    @staticmethod
+    def removed(block):
+        return block.proj
 
 
 @register_adapter(PartitionAttentionLayer)
@@ -81,3 +90,10 @@ class TorchvisionMaxViTAttention(UnitAdapter):
     @staticmethod
     def own_drop(block, unit):
         return own_drop(block.stochastic_dropout)
+
+    @staticmethod
+    def fold_scale(block, unit, scale):
+        if unit == 0:
+            scale_affine(block.attn_layer[1].merge, scale)
+        else:
+            scale_affine([m for m in block.mlp_layer if isinstance(m, nn.Linear)][-1], scale)

@@ -16,9 +16,10 @@ mode their statistics are those of the surviving samples, as in ResNet row mode.
 
 from __future__ import annotations
 
+from torch import nn
 from torchvision.models.efficientnet import FusedMBConv, MBConv
 
-from . import UnitAdapter, register_adapter
+from . import UnitAdapter, register_adapter, scale_affine
 from ._torchvision_sd import OWN_DEFAULTS, own_drop
 
 
@@ -42,3 +43,12 @@ class TorchvisionMBConv(UnitAdapter):
     @staticmethod
     def own_drop(block, unit):
         return own_drop(block.stochastic_depth)
+
+    @classmethod
+    def fold_scale(cls, block, unit, scale):
+        # The projection (MBConv, FusedMBConv) is a conv + BatchNorm without activation; FusedMBConv with
+        # expand ratio 1 ends in its activation instead, which no scale can be folded through.
+        last = block.block[-1]
+        if len(last) != 2 or not isinstance(last[1], nn.BatchNorm2d):
+            return super().fold_scale(block, unit, scale)
+        scale_affine(last[1], scale)

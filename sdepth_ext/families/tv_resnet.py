@@ -17,9 +17,10 @@ scaling).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import ACTIVATION_RELU, Defaults, UnitAdapter, register_adapter
+from . import ACTIVATION_RELU, Defaults, UnitAdapter, register_adapter, scale_affine
 
 
 @register_adapter(BasicBlock, Bottleneck)
@@ -58,3 +59,11 @@ class TorchvisionResNet(UnitAdapter):
         if block.downsample is None:
             return x  # relu(x) == x: the input is a ReLU output (module docstring)
         return torch.relu(block.downsample(x))
+
+    @staticmethod
+    def fold_scale(block, unit, scale):
+        scale_affine(block.bn3 if isinstance(block, Bottleneck) else block.bn2, scale)
+
+    @staticmethod
+    def removed(block):
+        return nn.Identity() if block.downsample is None else nn.Sequential(block.downsample, nn.ReLU())

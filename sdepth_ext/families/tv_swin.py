@@ -13,9 +13,10 @@ model's own ``stochastic_depth.p`` (for both units) and mode, "inverted" scaling
 
 from __future__ import annotations
 
+from torch import nn
 from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 
-from . import UnitAdapter, register_adapter
+from . import UnitAdapter, register_adapter, scale_affine
 from ._torchvision_sd import OWN_DEFAULTS, own_drop
 
 
@@ -42,3 +43,14 @@ class TorchvisionSwin(UnitAdapter):
     @staticmethod
     def own_drop(block, unit):
         return own_drop(block.stochastic_depth)
+
+    @staticmethod
+    def fold_scale(block, unit, scale):
+        if isinstance(block, SwinTransformerBlockV2):  # post-norm: the norm is the branch's last layer
+            scale_affine(block.norm1 if unit == 0 else block.norm2, scale)
+        else:
+            scale_affine(block.attn.proj if unit == 0 else _last_linear(block.mlp), scale)
+
+
+def _last_linear(mlp):
+    return [m for m in mlp if isinstance(m, nn.Linear)][-1]

@@ -169,7 +169,7 @@ def test_recalibrate_bn_changes_only_batchnorm_buffers_and_matches_a_hand_comput
 
 
 def test_recalibrate_bn_runs_every_unit_of_a_converted_model():
-    model = sd.convert(sd.cifar_resnet(8), p_last=0.0, rule="uniform", seed=0).train()  # drops all in training
+    model = sd.convert(sd.cifar_resnet(8), p_last=0.0, rule="uniform", seed=0).train()  # training drops all
     before = model.layer3[0].bn1.running_mean.clone()
     sd.recalibrate_bn(model, [torch.randn(4, 3, 16, 16)])
     assert not torch.equal(model.layer3[0].bn1.running_mean, before)  # the unit ran: it was not dropped

@@ -13,6 +13,7 @@ import argparse
 import json
 import shlex
 import signal
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -215,8 +216,11 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, argv: list[str]) -> dict
 
             sd_t, c_t = steady(logs["stochastic"]), steady(logs["constant"])
             summary["measured_time_ratio"] = (sum(sd_t) / len(sd_t)) / (sum(c_t) / len(c_t))
+            # medians: an epoch slowed by other work on a shared machine moves them little
+            summary["median_time_ratio"] = statistics.median(sd_t) / statistics.median(c_t)
             print(f"time per epoch, stochastic / constant: {summary['measured_time_ratio']:.3f} "
-                  f"(ideal {summary['ideal_time_ratio']:.3f}, the expected share of FLOPs that runs)")
+                  f"(medians {summary['median_time_ratio']:.3f}; ideal {summary['ideal_time_ratio']:.3f}, "
+                  "the expected share of FLOPs that runs)")
     plot_error_curves(logs, out_dir / "error_curves.png",
                       f"cifar_resnet({cfg.depth}) on {cfg.data}, p_last={cfg.p_last}")
     if cfg.lesion:

@@ -1,10 +1,11 @@
 """Markdown tables from committed result files, for the README's results section.
 
-    python -m benchmarks.report benchmarks/results/cpu      # summary, ResNet and host tables of that device
+    python -m benchmarks.report benchmarks/results/cpu      # summary, model and host tables of that device
 
-Reads ``summary.json``, ``resnet.json`` and ``host.json`` (written by ``make bench``) and prints what they
-hold, with the stamp (device, versions, allocator, date, command) of the run, so a README number can always be
-traced to a file. The notes the files carry (why a peer is left out, a smoke run's numbers) come along.
+Reads ``summary.json``, ``models.json`` (``resnet.json`` of runs before bench_models covered the other
+families) and ``host.json`` (written by ``make bench``) and prints what they hold, with the stamp (device,
+versions, allocator, date, command) of the run, so a README number can always be traced to a file. The notes
+the files carry (why a peer is left out, a smoke run's numbers) come along.
 """
 
 from __future__ import annotations
@@ -38,16 +39,25 @@ def summary_markdown(path: Path) -> str:
     return text + "".join(f"\n\nNote: {n}" for n in notes)
 
 
-def resnet_markdown(path: Path) -> str:
+def _num(r: dict, key: str, default: str = "-") -> str:
+    return f"{r[key]:.3f}" if r.get(key) is not None else default
+
+
+def models_markdown(path: Path) -> str:
+    """bench_models' rows (or an older run's ResNet rows): every variant, its ratio to its reference (ResNets:
+    ``plain``; the others: the original model at the same rate), to the full network, over its comparator on
+    the same plans, and the ideals."""
     data = json.loads(path.read_text())
-    header = ["model", "variant", "mean step (trimmed)", "ratio to plain [95% CI]", "ideal (FLOPs)",
-              "ideal, drawn plans (FLOPs)", "ideal, drawn plans (block times)", "steps"]
+    header = ["model", "variant", "mean step (trimmed)", "ratio [95% CI]", "to", "x full network",
+              "x by-hand, same plans [95% CI]", "ideal (FLOPs)", "ideal, drawn plans (FLOPs)",
+              "ideal, drawn plans (unit times)", "steps"]
     rows = []
     for r in data["rows"]:
+        by_hand = ratio_text(r, "over_hand") if "over_hand" in r else "-"
         rows.append([f"{r['model']} b{r['batch']}@{r['size']}", r["variant"], f"{r['mean_ms']:.0f} ms",
-                     ratio_text(r), f"{r['ideal_ratio']:.3f}",
-                     f"{r.get('drawn_ideal_ratio', 1.0):.3f}", f"{r.get('drawn_time_ideal_ratio', 1.0):.3f}",
-                     str(r["steps"])])
+                     ratio_text(r), r.get("reference", "plain"), _num(r, "full_ratio", _num(r, "ratio")),
+                     by_hand, f"{r['ideal_ratio']:.3f}", _num(r, "drawn_ideal_ratio", "1.000"),
+                     _num(r, "drawn_time_ideal_ratio", "1.000"), str(r["steps"])])
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 
@@ -70,6 +80,13 @@ def host_markdown(path: Path) -> str:
     return f"Run: {_stamp(data['environment'])}\n\n{call_table}\n\n{step_table}"
 
 
+def _models_path(results_dir: Path, suffix: str) -> Path:
+    """``models{suffix}.json``; a results folder from before bench_models has ``resnet{suffix}.json``."""
+    path = results_dir / f"models{suffix}.json"
+    legacy = results_dir / f"resnet{suffix}.json"
+    return legacy if not path.exists() and legacy.exists() else path
+
+
 def _host_path(results_dir: Path, suffix: str) -> Path:
     """``host{suffix}.json``; a ``--full`` run has none of its own (bench_host has one size besides --smoke)
     and reads ``host.json``."""
@@ -83,9 +100,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--suffix", default="", help="'_full' or '_smoke' for those runs' files")
     args = parser.parse_args(argv)
     parts = []
-    for name, render in (("summary", summary_markdown), ("resnet", resnet_markdown), ("host", host_markdown)):
+    for name, render in (("summary", summary_markdown), ("models", models_markdown), ("host", host_markdown)):
         path = args.results_dir / f"{name}{args.suffix}.json"
-        if name == "host":
+        if name == "models":
+            path = _models_path(args.results_dir, args.suffix)
+        elif name == "host":
             path = _host_path(args.results_dir, args.suffix)
         if not path.exists():
             raise SystemExit(f"results_dir: {path} not found (run `make bench` first)")

@@ -5,7 +5,9 @@ The in-process runs pass ``--cpu-malloc default`` so the pytest process keeps it
 setting is tested in subprocesses.
 """
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, report
+from benchmarks import bench_models, common, report
 from benchmarks import run as bench_run
 
 STAMP = common.CSV_STAMP  # on every CSV row; cpu_allocator included
@@ -30,11 +32,27 @@ def results_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
-    results = bench_run.main(["--smoke", "--cpu-malloc", "default"])
-    assert set(results) == {"scheduler", "epilogue", "host", "resnet"}
-    out_dir = results_dir / common.device_slug(common.best_device())
-    for name in ("scheduler_smoke", "epilogue_smoke", "host_smoke", "resnet_smoke"):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """``make bench --smoke`` once for this module: (results, output folder, printed text)."""
+    tmp = tmp_path_factory.mktemp("results")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "RESULTS_DIR", tmp)
+        mp.setattr(bench_run, "RESULTS_DIR", tmp)
+        with contextlib.redirect_stdout(printed):
+            results = bench_run.main(["--smoke", "--cpu-malloc", "default"])
+    return results, tmp / common.device_slug(common.best_device()), printed.getvalue()
+
+
+OWN_SD = ("convnext_tiny", "swin_t", "efficientnet_b0")
+FAMILIES = {"torchvision ResNet", "torchvision ConvNeXt", "torchvision Swin", "torchvision EfficientNet"}
+
+
+def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
+    results, out_dir, printed = smoke_run
+    assert set(results) == {"scheduler", "epilogue", "host", "models"}
+    for name in ("scheduler_smoke", "epilogue_smoke", "host_smoke", "models_smoke"):
         data = json.loads((out_dir / f"{name}.json").read_text())
         assert all(data["environment"][k] for k in ("device", "torch", "date", "command", "cpu_allocator"))
         assert data["rows"], name
@@ -47,7 +65,7 @@ def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
         tensor = r["bytes"] // {"fwd": 3, "bwd": 4, "fwd+bwd": 7}[r["pass"]]
         assert r["rotation_bytes"] == r["rotation_sets"] * 3 * tensor
         assert r["rotation_read_bytes"] == r["rotation_sets"] * 2 * tensor >= 4 * r["l2_bytes"]
-    for png in ("epilogue_bandwidth_smoke.png", "resnet_ratio_smoke.png"):
+    for png in ("epilogue_bandwidth_smoke.png", "models_ratio_smoke.png"):
         assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out_dir / "summary_smoke.json").read_text())
     assert summary["smoke"] is True and "not measurements" in summary["note"]
@@ -60,9 +78,20 @@ def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
     host_steps = [r for r in summary["rows"] if r["what"].startswith("host step")]
     assert len(host_steps) == 3 and all("of plain" in r["ratio"] and "blocks expected" in r["ideal/limit"]
                                         for r in host_steps)
-    printed = capsys.readouterr().out
-    assert "device:" in printed and "ideal/limit" in printed  # environment report and the summary table
+    # One headline row per model and mode at rate 0.5 (the smoke run has no ResNet p_last 0.2), with the
+    # ratio and its interval, sdepth over its by-hand comparator, the FLOP ideal, and for the models with
+    # their own stochastic depth the issue's target.
+    models = [r for r in summary["rows"] if " train step, " in r["what"]]
+    heads = {(r["what"].split()[0], r["what"].split(", ")[1].split()[0]) for r in models}
+    assert heads == {(m, mode) for m in ("cifar_resnet20", "resnet50", *OWN_SD) for mode in ("batch", "row")}
+    assert len(models) == len(heads)
+    for r in models:
+        reference = "plain" if "resnet" in r["what"] else "original"
+        assert f"of {reference}" in r["ratio"] and "of by-hand" in r["ratio"] and "[" in r["brief"]["ratio"]
+        assert "FLOPs" in r["ideal/limit"] and "same plans" in r["ideal/limit"]
+        assert ("target" in r["ideal/limit"]) == ("stochastic_depth_prob=0.5" in r["what"])
     lines = printed.strip().splitlines()
+    assert "device:" in printed and "ideal/limit" in printed  # environment report and the summary table
     assert lines[0] == lines[-1] == bench_run.SMOKE_NOTE  # a smoke run says so first and last
     table = lines[lines.index(next(line for line in lines if line.startswith("what "))):-1]
     assert len(table) >= len(summary["rows"]) + 2 and all(len(line) <= 120 for line in table)
@@ -72,32 +101,61 @@ def test_smoke_run_writes_stamped_results_and_plots(results_dir, capsys):
     assert markdown.count("| what |") == 1 and markdown.count("| model |") == 1
     assert markdown.count("| per call |") == 1 and markdown.count("| host step |") == 1
     assert "not measurements" in markdown
+    assert all(f"| {m} b4@32 | sdepth row p0.5 |" in markdown for m in OWN_SD)
 
 
-def test_resnet_rows_carry_ratio_and_ideal(results_dir):
-    rows = bench_run.main(["--smoke", "--only", "resnet", "--cpu-malloc", "default"])["resnet"]
-    plain = [r for r in rows if r["variant"] == "plain"]
-    assert plain and all(r["ratio"] == 1.0 for r in plain)
-    sdepth = [r for r in rows if r["mode"] in ("batch", "row")]
-    assert sdepth and all(0.0 < r["ideal_ratio"] < 1.0 for r in sdepth)  # p_last 0.5 skips work
-    # Ideals of the plans actually drawn: FLOP fractions (a tiny smoke run may skip nothing). The block-time
-    # ideal is built from measured times, which a smoke run's few noisy samples can put on either side of
-    # 1: only its presence is checked, never a timing.
-    assert all(0.0 < r["drawn_ideal_ratio"] <= 1.0 and math.isfinite(r["drawn_time_ideal_ratio"])
-               for r in sdepth)
-    assert all(r["ideal_ratio"] == 1.0 for r in rows if r["mode"] in ("torchvision", "droppath"))
+def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
+    from benchmarks.bench_models import OWN_SD_MODELS
+
+    rows = smoke_run[0]["models"]
+    assert {r["family"] for r in rows} == FAMILIES
     assert all(r["ratio_ci95_low"] <= r["ratio"] <= r["ratio_ci95_high"] for r in rows)
-    # Each sdepth row at p_last 0.5 carries its hand-written comparator, which ran on the same plans.
-    for r in sdepth:
-        twin = next(h for h in rows if h["mode"] == f"hand-{r['mode']}" and h["p_last"] == r["p_last"]
-                    and h["model"] == r["model"])
-        assert r["hand_ratio"] == twin["ratio"] and r["drawn_ideal_ratio"] == twin["drawn_ideal_ratio"]
-        assert r["over_hand"] == pytest.approx(r["ratio"] / r["hand_ratio"])
-        assert r["over_hand_ci95_low"] <= r["over_hand"] <= r["over_hand_ci95_high"]
+    assert all(r["full_ratio_ci95_low"] <= r["full_ratio"] <= r["full_ratio_ci95_high"] for r in rows)
+    for model in ("cifar_resnet20", "resnet50", *OWN_SD):
+        sel = {r["variant"]: r for r in rows if r["model"] == model}
+        if model in OWN_SD:
+            default = OWN_SD_MODELS[model][1]
+            rates = [f"p{default:g}", "p0.5"]
+            expected = {"original p0", *(f"{v} {p}" for p in rates for v in
+                                         ("original", "sdepth batch", "sdepth row")),
+                        "hand-written skip batch p0.5", "contiguous sub-batches row p0.5"}
+            assert set(sel) == expected
+            # The ratio is to the original model at the same rate; original p0 is the full network.
+            for name, r in sel.items():
+                assert r["reference"] == f"original {name.split()[-1]}" and r["p_last"] is None
+                assert r["stochastic_depth_prob"] == float(name.split()[-1][1:])
+            assert sel["original p0"]["full_ratio"] == 1.0
+            assert all(sel[f"original {p}"]["ratio"] == 1.0 for p in ["p0", *rates])
+        else:
+            assert sel["plain"]["ratio"] == 1.0 and all(r["reference"] == "plain" for r in sel.values())
+            assert {r["mode"] for r in sel.values()} == {"-", "batch", "row", "torchvision", "droppath",
+                                                        "hand-batch", "hand-row"}
+            assert all(r["ideal_ratio"] == 1.0 for r in sel.values()
+                       if r["mode"] in ("torchvision", "droppath"))
+        sdepth = [r for r in sel.values() if r["mode"] in ("batch", "row")]
+        assert len(sdepth) == (4 if model in OWN_SD else 2)
+        # FLOP ideals, expected and of the plans drawn (a tiny smoke run may skip nothing). The unit-time
+        # ideal is built from measured times, which a smoke run's few noisy samples can put on either side
+        # of 1: only its presence is checked, never a timing.
+        assert all(0.0 < r["ideal_ratio"] < 1.0 and 0.0 < r["drawn_ideal_ratio"] <= 1.0
+                   and math.isfinite(r["time_ideal_ratio"]) and math.isfinite(r["drawn_time_ideal_ratio"])
+                   for r in sdepth)
+        # Each sdepth row at rate 0.5 carries its hand-written comparator, which ran on the same plans.
+        for r in sdepth:
+            rate = r["p_last"] if r["p_last"] is not None else r["stochastic_depth_prob"]
+            if rate != 0.5:
+                assert "hand_ratio" not in r
+                continue
+            twin = sel[f"{bench_models.HAND_MODES[r['mode']]} {r['mode']} {r['variant'].split()[-1]}"]
+            assert twin["mode"] == f"hand-{r['mode']}" and twin["reference"] == r["reference"]
+            assert r["hand_ratio"] == twin["ratio"] and r["drawn_ideal_ratio"] == twin["drawn_ideal_ratio"]
+            assert r["over_hand"] == pytest.approx(r["ratio"] / r["hand_ratio"])
+            assert r["hand_gap"] == pytest.approx(r["ratio"] - r["hand_ratio"])
+            assert r["over_hand_ci95_low"] <= r["over_hand"] <= r["over_hand_ci95_high"]
 
 
 def test_block_cost_interpolates_measured_sizes_through_zero():
-    from benchmarks.bench_resnet import block_cost
+    from benchmarks.bench_models import block_cost
 
     times = {8: 2.0, 16: 3.0, 32: 7.0}
     assert block_cost(times, 0) == 0.0
@@ -108,7 +166,7 @@ def test_block_cost_interpolates_measured_sizes_through_zero():
 
 
 def test_ratio_interval_pairs_rounds_and_contains_the_ratio():
-    from benchmarks.bench_resnet import ratio_interval
+    from benchmarks.bench_models import ratio_interval
 
     plain = [1.0, 2.0, 1.5, 3.0, 1.2, 2.2]
     # A variant at exactly 0.8x of plain in every round: every paired resample gives 0.8, whatever the drift.
@@ -121,33 +179,126 @@ def test_ratio_interval_pairs_rounds_and_contains_the_ratio():
     assert ratio_interval(noisy, plain) == (low, high)  # seeded
 
 
+def _tiny_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                           window_size=[4, 4], stochastic_depth_prob=0.5, num_classes=10)
+
+
+def _tiny_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], stochastic_depth_prob=0.5,
+                    num_classes=10)
+
+
+def _efficientnet_b0():
+    import torchvision
+
+    return torchvision.models.efficientnet_b0(stochastic_depth_prob=0.5, num_classes=10)
+
+
+def _cifar_resnet20():
+    import sdepth_ext as sd
+
+    return sd.cifar_resnet(20)
+
+
+# (model, batch): a batch of 2 makes one-survivor units common; at 32x32 EfficientNet's last stage is 1x1,
+# where BatchNorm needs a second sample (sdepth_ext and the comparator both run the branch on 2).
+HAND_CASES = {"cifar_resnet20": (_cifar_resnet20, 8), "swin": (_tiny_swin, 4),
+              "convnext": (_tiny_convnext, 4), "efficientnet_b0": (_efficientnet_b0, 2)}
+
+
 @pytest.mark.parametrize("mode", ["batch", "row"])
-def test_hand_skip_comparator_runs_the_converted_models_plans(mode):
+@pytest.mark.parametrize("case", list(HAND_CASES))
+def test_hand_comparator_runs_the_converted_models_plans(case, mode):
     """The hand-written comparator must skip the work of the very plans sdepth_ext draws (same scheduler
-    stream): every block's residual runs on as many samples in both, step after step. In batch mode it must
-    also compute the same function (torchvision's forward vs the fused epilogue: bit-identical)."""
+    stream): every unit's branch runs on as many samples in both, step after step (counted by a hook on the
+    first module of each unit's branch). In batch mode it must also compute the same function, bit for bit
+    (its eager add against the fused epilogue's torch path on CPU), with paper and inverted scaling."""
     import copy
 
     import sdepth_ext as sd
-    from benchmarks.bench_resnet import _blocks, with_hand_skip
+    from benchmarks.bench_models import with_hand_skip
+    from sdepth_ext.convert import units_of
 
+    make, batch = HAND_CASES[case]
     torch.manual_seed(0)
-    base = sd.cifar_resnet(20)
-    converted = sd.convert(copy.deepcopy(base), p_last=0.5, mode=mode, seed=7).train()
-    hand = with_hand_skip(copy.deepcopy(base), mode, 0.5, seed=7).train()
+    base = make()
+    resnet = case.startswith("cifar")
+    if resnet:
+        converted = sd.convert(copy.deepcopy(base), p_last=0.5, mode=mode, seed=7).train()
+        hand = with_hand_skip(copy.deepcopy(base), mode, sd.linear_decay(len(units_of(base)), 0.5), seed=7)
+    else:  # the model's own rates, inverted scaling
+        converted = sd.convert(copy.deepcopy(base), mode=mode, seed=7).train()
+        hand = with_hand_skip(copy.deepcopy(base), mode, sd.survival_probs(converted), seed=7,
+                              scaling="inverted")
+    hand.train()
     runs = {"converted": [], "hand": []}
     for name, model in (("converted", converted), ("hand", hand)):
-        for l, block in enumerate(_blocks(model)):
-            block.conv1.register_forward_pre_hook(
+        for l, (block, u, adapter) in enumerate(units_of(model)):
+            adapter.branch_modules(block, u)[0].register_forward_pre_hook(
                 lambda _, args, l=l, log=runs[name]: log.append((l, args[0].shape[0])))
-    x = torch.rand(8, 3, 32, 32)
-    for _ in range(6):
-        out_converted, out_hand = converted(x), hand(x)
+    x = torch.rand(batch, 3, 32, 32)
+    steps = 8
+    for step in range(steps):
+        torch.manual_seed(step)  # EfficientNet's classifier dropout draws the same mask in both
+        out_converted = converted(x)
+        torch.manual_seed(step)
+        out_hand = hand(x)
         if mode == "batch":
             torch.testing.assert_close(out_hand, out_converted, rtol=0, atol=0)
     assert runs["hand"] == runs["converted"]
+    units = len(units_of(base))
     sizes = [k for _, k in runs["converted"]]
-    assert len(sizes) < 6 * 9 if mode == "batch" else min(sizes) < 8  # something was skipped
+    assert len(sizes) < steps * units if mode == "batch" else min(sizes) < batch  # something was skipped
+
+
+def test_own_sd_builders_are_torchvisions_models_at_any_rate():
+    """convnext_tiny / swin_t / efficientnet_b0 as bench_models builds them: torchvision's architectures,
+    at torchvision's default rate when given it (torchvision's swin_t takes no stochastic_depth_prob)."""
+    import torchvision
+    from torchvision.ops import StochasticDepth
+
+    from benchmarks.bench_models import OWN_SD_MODELS
+
+    def rates(model):
+        return [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+
+    def shapes(model):
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    for name, (builder, default) in OWN_SD_MODELS.items():
+        ours = builder(stochastic_depth_prob=default, num_classes=10)
+        theirs = getattr(torchvision.models, name)(num_classes=10)
+        assert type(ours) is type(theirs) and shapes(ours) == shapes(theirs)
+        assert rates(ours) == pytest.approx(rates(theirs)) and max(rates(theirs)) > 0
+        half = builder(stochastic_depth_prob=0.5, num_classes=10)
+        assert rates(half) == pytest.approx([p * 0.5 / default for p in rates(theirs)])
+
+
+def test_summary_headline_of_a_model_row_states_the_target():
+    row = {"model": "convnext_tiny", "family": "torchvision ConvNeXt", "batch": 16, "size": 64,
+           "variant": "sdepth row p0.5", "mode": "row", "p_last": None, "stochastic_depth_prob": 0.5,
+           "reference": "original p0.5", "mean_ms": 700.0, "ratio": 0.8, "ratio_ci95_low": 0.78,
+           "ratio_ci95_high": 0.82, "full_ratio": 0.75, "ideal_ratio": 0.7, "drawn_ideal_ratio": 0.69,
+           "hand_ratio": 0.77, "hand_gap": 0.03, "over_hand": 0.8 / 0.77, "over_hand_ci95_low": 1.0,
+           "over_hand_ci95_high": 1.08}
+    original = {**row, "variant": "original p0.5", "mode": "original", "ratio": 1.0, "full_ratio": 1.1}
+    for gap, ratio, verdict in ((0.03, 0.8, "met"), (0.06, 0.8, "missed (+0.060 over by-hand)"),
+                                (0.01, 1.01, "missed (not faster than original)")):
+        r = {**row, "hand_gap": gap, "ratio": ratio}
+        assert bench_run.target_text(r) == verdict
+        [head] = bench_run._summary({"models": [original, r]}, "cpu")
+        assert f"target {verdict.split(' (')[0]}" in head["brief"]["ideal/limit"]
+        assert verdict in head["ideal/limit"] and "of original" in head["ratio"]
+        assert "x0.91 of that" in head["peers"]  # the full network runs in 1 / 1.1 of the original's time
+    assert bench_run.target_text({**row, "mode": "batch", "hand_gap": 0.031}).startswith("missed")
+    assert bench_run.target_text({**row, "stochastic_depth_prob": 0.2}) is None
+    table = bench_run.summary_table(bench_run._summary({"models": [original, row]}, "cpu"))
+    assert all(len(line) <= bench_run.TABLE_WIDTH for line in table.splitlines())
 
 
 def _page_faults_of_reused_blocks(cpu_malloc: str) -> tuple[int, str]:

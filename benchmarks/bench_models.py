@@ -21,10 +21,11 @@ Models with their own stochastic depth (``convnext_tiny``, ``swin_t``, ``efficie
   (the model's own rates and "inverted" scaling), at torchvision's default rate and at 0.5.
 
 Comparators on sdepth_ext's own plans, for both kinds (at the rate the targets are stated for, 0.5;
-``--full``: every rate): the model skipping by hand the work of the *same plans* sdepth_ext draws, written
-around the model's own modules (the family adapter's residual, shortcut and layout pieces; no sdepth_ext
-unit forward, plan compaction or fused epilogue). They draw from their own :class:`sdepth_ext.Scheduler`
-(same survival, mode and seed), once per forward in a root pre-hook, so step i of both runs plan i.
+``--full``: also p_last 0.2 and every stochastic_depth_prob): the model skipping by hand the work of the *same
+plans* sdepth_ext draws, written around the model's own modules (the family adapter's residual, shortcut and
+layout pieces; no sdepth_ext unit forward, plan compaction or fused epilogue). They draw from their own
+:class:`sdepth_ext.Scheduler` (same survival, mode and seed), once per forward in a root pre-hook, so step i
+of both runs plan i.
 
 * ``hand-written skip batch``: a dropped unit returns its shortcut (through the activation), a kept one
   ``act(shortcut + scale * residual)`` in eager PyTorch;
@@ -54,7 +55,7 @@ rounds (:func:`ratio_interval`), the ratio of medians, and ideal ratios (variant
   ran (a device's kernels are not linear in the batch). ``ratio - drawn_time_ideal_ratio`` is sdepth_ext's
   own overhead (plan draw, gathers, scatter epilogue) plus what the step does besides its units.
 
-    python -m benchmarks.bench_models            # CPU: the sizes of _configs (a few minutes on 2 cores)
+    python -m benchmarks.bench_models            # ~6 minutes on a 2-core CPU (sizes: _configs)
     python -m benchmarks.bench_models --full     # more timed steps; larger inputs for the non-ResNets
     python -m benchmarks.bench_models --smoke    # seconds: tiny sizes, checks that everything runs
 """
@@ -148,8 +149,10 @@ def _configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict]
                    _resnet("resnet50", lambda: torchvision.models.resnet50(), 64, 224),
                    *(_own_sd(name, 64, 224) for name in own_sd)]
         return configs, 5, (30 if quick else 100)
-    # CPU: sizes for a few minutes on 2 cores (a cifar_resnet(110) b32 step is ~0.5 s there; convnext_tiny
-    # b16@64 ~0.9 s, swin_t b16@64 ~0.6 s, efficientnet_b0 b16@64 ~0.3 s). --full: larger inputs.
+    # CPU: about 6 minutes on 2 cores, the ResNets 3 of them (as before the other families came). A full
+    # step on one thread: cifar_resnet110 b32 ~0.9 s, resnet50 b8@112 ~0.9 s, convnext_tiny b16@64 ~0.65 s,
+    # swin_t ~1.25 s, efficientnet_b0 ~0.3 s; 16 steps of each variant (9 per non-ResNet) and the unit
+    # times. --full: 112x112 inputs for the non-ResNets, 30 timed steps, more rates (~40 minutes).
     size = 64 if quick else 112
     configs = [_resnet("cifar_resnet110", lambda: sd.cifar_resnet(110), 32, 32),
                _resnet("resnet50", lambda: torchvision.models.resnet50(num_classes=100), 8, 112),

@@ -119,35 +119,69 @@ def swin_t(*, stochastic_depth_prob: float = 0.2, **kwargs) -> nn.Module:
                            window_size=[7, 7], stochastic_depth_prob=stochastic_depth_prob, **kwargs)
 
 
-# name -> (builder taking stochastic_depth_prob= and num_classes=, the rate torchvision builds it with)
+def _timm(name: str) -> Callable[..., nn.Module]:
+    """A builder of timm model ``name`` at ``stochastic_depth_prob`` (timm's ``drop_path_rate``)."""
+    def build(*, stochastic_depth_prob: float, num_classes: int, **kwargs) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, drop_path_rate=stochastic_depth_prob,
+                                 num_classes=num_classes, **kwargs)
+    return build
+
+
+# name -> (builder taking stochastic_depth_prob= and num_classes=, the rate its recipe builds it with)
 OWN_SD_MODELS: dict[str, tuple[Callable[..., nn.Module], float]] = {
     "convnext_tiny": (torchvision.models.convnext_tiny, 0.1),
     "swin_t": (swin_t, 0.2),
     "efficientnet_b0": (torchvision.models.efficientnet_b0, 0.2),
+    # timm (optional): DeiT-S's recipe trains at drop_path_rate 0.1; timm's ResNet-50 at 0.05 (a1 recipe)
+    "timm deit_small": (_timm("deit_small_patch16_224"), 0.1),
+    "timm resnet50": (_timm("resnet50"), 0.05),
 }
+# timm models at the rates the issue names (its drop_path_rate 0.1 and 0.4), and the ViT at more rates for
+# the break-even drop rate of subset computation (DINOv2's claim: it pays only above 0.1).
+TIMM_RATES = {"timm deit_small": (0.05, 0.1, 0.2, 0.4), "timm resnet50": (0.1, 0.4)}
+
+
+def _has_timm() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _resnet(name: str, make: Callable[[], nn.Module], batch: int, size: int) -> dict:
     return {"name": name, "kind": "resnet", "make": make, "batch": batch, "size": size}
 
 
-def _own_sd(name: str, batch: int, size: int, num_classes: int = 1000) -> dict:
+def _own_sd(name: str, batch: int, size: int, num_classes: int = 1000, **build_kwargs) -> dict:
     builder, default_rate = OWN_SD_MODELS[name]
     return {"name": name, "kind": "own-sd", "batch": batch, "size": size, "default_rate": default_rate,
-            "make": lambda rate: builder(stochastic_depth_prob=rate, num_classes=num_classes)}
+            "rates": TIMM_RATES.get(name),
+            "make": lambda rate: builder(stochastic_depth_prob=rate, num_classes=num_classes, **build_kwargs)}
+
+
+def _timm_configs(batch: int, size: int, resnet_batch: int, resnet_size: int, num_classes: int) -> list[dict]:
+    if not _has_timm():
+        print("timm is not installed: its models are left out (pip install sdepth_ext[timm])", flush=True)
+        return []
+    return [_own_sd("timm deit_small", batch, size, num_classes=num_classes, img_size=size),
+            _own_sd("timm resnet50", resnet_batch, resnet_size, num_classes=num_classes)]
 
 
 def _configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict], int, int]:
     """(model configs, warmup steps, timed steps per variant)."""
-    own_sd = list(OWN_SD_MODELS)
+    own_sd = [name for name in OWN_SD_MODELS if not name.startswith("timm")]
     if smoke:
         return ([_resnet("cifar_resnet20", lambda: sd.cifar_resnet(20), 4, 32),
                  _resnet("resnet50", lambda: torchvision.models.resnet50(num_classes=10), 2, 64),
-                 *(_own_sd(name, 4, 32, num_classes=10) for name in own_sd)], 1, 2)
+                 *(_own_sd(name, 4, 32, num_classes=10) for name in own_sd),
+                 *_timm_configs(4, 32, 2, 64, 10)], 1, 2)
     if device.type == "cuda":
         configs = [_resnet("cifar_resnet110", lambda: sd.cifar_resnet(110), 128, 32),
                    _resnet("resnet50", lambda: torchvision.models.resnet50(), 64, 224),
-                   *(_own_sd(name, 64, 224) for name in own_sd)]
+                   *(_own_sd(name, 64, 224) for name in own_sd), *_timm_configs(128, 224, 64, 224, 1000)]
         return configs, 5, (30 if quick else 100)
     # CPU: about 6 minutes on 2 cores, the ResNets 3 of them (as before the other families came). A full
     # step on one thread: cifar_resnet110 b32 ~0.9 s, resnet50 b8@112 ~0.9 s, convnext_tiny b16@64 ~0.65 s,
@@ -158,7 +192,9 @@ def _configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict]
                _resnet("resnet50", lambda: torchvision.models.resnet50(num_classes=100), 8, 112),
                _own_sd("convnext_tiny", 16, size, num_classes=100),
                _own_sd("swin_t", 16, size, num_classes=100),
-               _own_sd("efficientnet_b0", 16, size, num_classes=100)]
+               _own_sd("efficientnet_b0", 16, size, num_classes=100),
+               # timm: DeiT-S at 64x64 (16 patches: a step of ~0.2 s), ResNet-50 at b8@64
+               *_timm_configs(16, size, 8, size, 100)]
     return configs, 2, (14 if quick else 30)
 
 
@@ -453,8 +489,12 @@ def _own_sd_variants(config: dict, base: nn.Module, size_key: str) -> tuple[dict
     kind = config["kind"]
     full = f"original {_rate_text(kind, 0.0)}"
     variants = {full: Variant(copy.deepcopy(base), "original", 0.0, full)}
-    rates = tuple(dict.fromkeys((config["default_rate"], *RATES[size_key])))
+    rates = tuple(dict.fromkeys((config["default_rate"], *(config.get("rates") or RATES[size_key]))))
+    if config.get("rates") and size_key == "smoke":  # timm's rate sweep: its highest rate only
+        rates = rates[-1:]
     hand_rates = HAND_RATES[size_key] or rates
+    if config.get("rates"):  # timm: the comparators at the highest rate (the others are for the break-even)
+        hand_rates = rates[-1:]
     hands = []
     for rate in rates:
         original = config["make"](rate).to(next(base.parameters()).device)
@@ -573,6 +613,37 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
     return rows, {f"{config['name']}/{k}": v for k, v in samples.items()}
 
 
+def break_even(points: list[tuple[float, float]]) -> tuple[float | None, str]:
+    """The drop rate above which sdepth's step is faster than the masked original (ratio below 1).
+
+    Linear between the last measured rate at or above 1 and the first below. Returns ``(rate, "crossed")``,
+    ``(lowest rate, "faster at every rate")`` or ``(None, "slower at every rate")``.
+    """
+    points = sorted(points)
+    if points[0][1] < 1.0:
+        return points[0][0], "faster at every rate"
+    for (r0, q0), (r1, q1) in zip(points, points[1:]):
+        if q0 >= 1.0 > q1:
+            return r0 + (q0 - 1.0) * (r1 - r0) / (q0 - q1), "crossed"
+    return None, "slower at every rate"
+
+
+def break_even_rows(rows: list[dict]) -> list[dict]:
+    """Per model timed at three rates or more, and mode: the drop rate where skipping starts to pay."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for mode in SDEPTH_MODES:
+            points = [(r["stochastic_depth_prob"], r["ratio"]) for r in rows if r["model"] == model
+                      and r["mode"] == mode and r["stochastic_depth_prob"] is not None]
+            if len(points) < 3:
+                continue
+            rate, status = break_even(points)
+            out.append({"bench": "break-even", "model": model, "mode": mode, "break_even_rate": rate,
+                        "status": status, "rates": [p for p, _ in sorted(points)],
+                        "ratios": [round(q, 4) for _, q in sorted(points)]})
+    return out
+
+
 TABLE_COLUMNS = ["model", "batch", "size", "variant", "mean_ms", "ratio", "ratio_ci95_low", "ratio_ci95_high",
                  "median_ratio", "full_ratio", "hand_ratio", "over_hand", "over_hand_ci95_low",
                  "over_hand_ci95_high", "ideal_ratio", "time_ideal_ratio", "drawn_ideal_ratio",
@@ -596,6 +667,12 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
     name = "models" + ("_smoke" if smoke else "" if quick else "_full")
     json_path, _ = write_results(name, rows, env, samples=all_samples)
     print(f"results: {json_path}")
+    crossings = break_even_rows(rows)
+    if crossings:
+        print("Drop rate above which skipping beats the model's own drop path (DINOv2: subset computation "
+              "pays only above 0.1):")
+        print(format_table(crossings, ["model", "mode", "break_even_rate", "status", "rates", "ratios"]))
+        write_results(name.replace("models", "break_even"), crossings, env)
     return rows
 
 

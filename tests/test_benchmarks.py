@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -46,7 +47,14 @@ def smoke_run(tmp_path_factory):
 
 
 OWN_SD = ("convnext_tiny", "swin_t", "efficientnet_b0")
-FAMILIES = {"torchvision ResNet", "torchvision ConvNeXt", "torchvision Swin", "torchvision EfficientNet"}
+try:
+    import timm  # noqa: F401
+except ImportError:
+    TIMM_SD: tuple[str, ...] = ()
+else:
+    TIMM_SD = ("timm deit_small", "timm resnet50")  # timed at their highest rate only in a smoke run
+FAMILIES = {"torchvision ResNet", "torchvision ConvNeXt", "torchvision Swin", "torchvision EfficientNet",
+            *({"timm ViT", "timm ResNet"} if TIMM_SD else ())}
 
 
 def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
@@ -82,14 +90,15 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     # ratio and its interval, sdepth over its by-hand comparator, the FLOP ideal, and for the models with
     # their own stochastic depth the target.
     models = [r for r in summary["rows"] if " train step, " in r["what"]]
-    heads = {(r["what"].split()[0], r["what"].split(", ")[1].split()[0]) for r in models}
-    assert heads == {(m, mode) for m in ("cifar_resnet20", "resnet50", *OWN_SD) for mode in ("batch", "row")}
+    heads = {re.match(r"(.*) b\d+@\d+ train step, (\w+)", r["what"]).groups() for r in models}
+    assert heads == {(m, mode) for m in ("cifar_resnet20", "resnet50", *OWN_SD, *TIMM_SD)
+                     for mode in ("batch", "row")}
     assert len(models) == len(heads)
     for r in models:
-        reference = "plain" if "resnet" in r["what"] else "original"
+        reference = "plain" if r["what"].startswith(("cifar_resnet", "resnet")) else "original"
         assert f"of {reference}" in r["ratio"] and "of by-hand" in r["ratio"] and "[" in r["brief"]["ratio"]
         assert "FLOPs" in r["ideal/limit"] and "same plans" in r["ideal/limit"]
-        assert ("target" in r["ideal/limit"]) == ("stochastic_depth_prob=0.5" in r["what"])
+        assert ("target" in r["ideal/limit"]) == ("stochastic_depth_prob=" in r["what"])
     lines = printed.strip().splitlines()
     assert "device:" in printed and "ideal/limit" in printed  # environment report and the summary table
     assert lines[0] == lines[-1] == bench_run.SMOKE_NOTE  # a smoke run says so first and last
@@ -111,14 +120,15 @@ def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
     assert {r["family"] for r in rows} == FAMILIES
     assert all(r["ratio_ci95_low"] <= r["ratio"] <= r["ratio_ci95_high"] for r in rows)
     assert all(r["full_ratio_ci95_low"] <= r["full_ratio"] <= r["full_ratio_ci95_high"] for r in rows)
-    for model in ("cifar_resnet20", "resnet50", *OWN_SD):
+    for model in ("cifar_resnet20", "resnet50", *OWN_SD, *TIMM_SD):
         sel = {r["variant"]: r for r in rows if r["model"] == model}
-        if model in OWN_SD:
+        if model in (*OWN_SD, *TIMM_SD):
             default = OWN_SD_MODELS[model][1]
-            rates = [f"p{default:g}", "p0.5"]
+            top = "p0.4" if model in TIMM_SD else "p0.5"
+            rates = [top] if model in TIMM_SD else [f"p{default:g}", top]
             expected = {"original p0", *(f"{v} {p}" for p in rates for v in
                                          ("original", "sdepth batch", "sdepth row")),
-                        "hand-written skip batch p0.5", "contiguous sub-batches row p0.5"}
+                        f"hand-written skip batch {top}", f"contiguous sub-batches row {top}"}
             assert set(sel) == expected
             # The ratio is to the original model at the same rate; original p0 is the full network.
             for name, r in sel.items():
@@ -133,7 +143,7 @@ def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
             assert all(r["ideal_ratio"] == 1.0 for r in sel.values()
                        if r["mode"] in ("torchvision", "droppath"))
         sdepth = [r for r in sel.values() if r["mode"] in ("batch", "row")]
-        assert len(sdepth) == (4 if model in OWN_SD else 2)
+        assert len(sdepth) == (4 if model in OWN_SD else 2)  # timm: one rate in a smoke run
         # FLOP ideals, expected and of the plans drawn (a tiny smoke run may skip nothing). The unit-time
         # ideal is built from measured times, which a smoke run's few noisy samples can put on either side
         # of 1: only its presence is checked, never a timing.
@@ -143,7 +153,7 @@ def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
         # Each sdepth row at rate 0.5 carries its hand-written comparator, which ran on the same plans.
         for r in sdepth:
             rate = r["p_last"] if r["p_last"] is not None else r["stochastic_depth_prob"]
-            if rate != 0.5:
+            if rate != (0.4 if model in TIMM_SD else 0.5):
                 assert "hand_ratio" not in r
                 continue
             twin = sel[f"{bench_models.HAND_MODES[r['mode']]} {r['mode']} {r['variant'].split()[-1]}"]
@@ -271,12 +281,32 @@ def test_own_sd_builders_are_torchvisions_models_at_any_rate():
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     for name, (builder, default) in OWN_SD_MODELS.items():
+        if name.startswith("timm"):
+            continue  # timm's own builders (drop_path_rate): tested in test_timm_builders_take_the_rate
         ours = builder(stochastic_depth_prob=default, num_classes=10)
         theirs = getattr(torchvision.models, name)(num_classes=10)
         assert type(ours) is type(theirs) and shapes(ours) == shapes(theirs)
         assert rates(ours) == pytest.approx(rates(theirs)) and max(rates(theirs)) > 0
         half = builder(stochastic_depth_prob=0.5, num_classes=10)
         assert rates(half) == pytest.approx([p * 0.5 / default for p in rates(theirs)])
+
+
+def test_timm_builders_take_the_rate():
+    pytest.importorskip("timm", reason="timm is not installed (pip install sdepth_ext[timm])")
+    from benchmarks.bench_models import OWN_SD_MODELS
+
+    builder, default = OWN_SD_MODELS["timm deit_small"]
+    model = builder(stochastic_depth_prob=0.4, num_classes=10, img_size=32)
+    assert max(m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath") == pytest.approx(0.4)
+
+
+def test_break_even_rate():
+    from benchmarks.bench_models import break_even
+
+    crossed = break_even([(0.05, 1.1), (0.1, 1.02), (0.2, 0.94), (0.4, 0.8)])
+    assert crossed == (pytest.approx(0.125), "crossed")
+    assert break_even([(0.1, 0.9), (0.4, 0.7)]) == (0.1, "faster at every rate")
+    assert break_even([(0.1, 1.2), (0.4, 1.1)]) == (None, "slower at every rate")
 
 
 def test_summary_headline_of_a_model_row_states_the_target():

@@ -60,7 +60,9 @@ def device_slug(device: torch.device) -> str:
 def _command_line() -> str:
     """The command as the user typed it: ``python -m benchmarks.x ...`` rather than a file path."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    # `python -m package` runs package.__main__: the user typed the package's name
+    name = spec.name.removesuffix(".__main__") if spec is not None and spec.name else None
+    head = ["python", "-m", name] if name else ["python", sys.argv[0]]
     return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 

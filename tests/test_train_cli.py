@@ -38,7 +38,7 @@ def test_help_runs_as_a_module_and_states_every_default_once():
                          text=True, timeout=120, env={**os.environ, "COLUMNS": "100"})
     assert out.returncode == 0, out.stderr
     blocks = option_blocks(out.stdout)
-    flags = {"-h", "--no-lesion", "--no-progress", "--resume"}
+    flags = {"-h", "--no-lesion", "--no-progress", "--resume", "--frontier", "--overwrite"}
     assert set(blocks) >= flags | {"--depth", "--epochs", "--milestones", "--lesion-draws", "--out"}
     for option, text in blocks.items():
         expected = 0 if option in flags else 1

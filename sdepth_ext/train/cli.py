@@ -27,7 +27,7 @@ from ..flops import expected_compute_fraction
 from .config import MODES, RUNS, SCALINGS, SCHEDULES, TrainConfig, check_config
 from .files import atomic_write_text
 from .interrupts import handle_interrupts
-from .lesion import lesion_study
+from .lesion import frontier_study, lesion_study
 from .loop import RUN_FILES, ResumeError, plan_resume, train_run
 from .plots import plot_error_curves, plot_lesion
 
@@ -35,7 +35,7 @@ __all__ = ["build_parser", "parse_args", "main"]
 
 PROG = "python -m sdepth_ext.train"
 DEFAULTS = TrainConfig()
-PAIR_FILES = ("summary.json", "error_curves.png", "lesion.png")
+PAIR_FILES = ("summary.json", "error_curves.png", "lesion.png", "frontier.png", "frontier.csv")
 
 DESCRIPTION = """\
 Trains sdepth_ext.cifar_resnet with constant depth and with stochastic depth (Huang et al. 2016) side by
@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lesion", action="store_true", help="skip the lesion study")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; print one line per epoch instead")
+    p.add_argument("--drop-schedule", default=d.drop_schedule,
+                   help="the stochastic-depth run's drop rates over the training steps: constant, "
+                        "warmup:STEPS (ramp up over STEPS), pld:GAMMA (progressive layer dropping) or "
+                        f"late:START (none before step START) (default: {d.drop_schedule})")
+    p.add_argument("--frontier", action="store_true",
+                   help="after training, the depth-pruning frontier of each run: test error, MACs and "
+                        "latency with k blocks removed, with and without BatchNorm re-estimation")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that already holds checkpoints (refused without it)")
     p.add_argument("--resume", action="store_true", help="continue each run from its checkpoint (see below)")
     p.add_argument("--out", default="runs/sdepth", help="output folder (default: runs/sdepth)")
     return p
@@ -125,12 +134,15 @@ def parse_args(argv=None) -> tuple[TrainConfig, Path, bool]:
                       batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
                       schedule=a.schedule, milestones=a.milestones, p_last=a.p_last, mode=a.mode,
                       scaling=a.scaling, seed=a.seed, device=device, subset=a.subset, runs=a.runs,
-                      lesion=not a.no_lesion, lesion_draws=a.lesion_draws, progress=not a.no_progress)
+                      lesion=not a.no_lesion, lesion_draws=a.lesion_draws, progress=not a.no_progress,
+                      drop_schedule=a.drop_schedule, frontier=a.frontier)
     try:
         check_config(cfg)
     except ValueError as err:
         p.error(str(err))  # exits with status 2 and the usage line
-    return cfg, Path(a.out), a.resume
+    if a.resume and a.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    return cfg, Path(a.out), a.resume, a.overwrite
 
 
 def _fail(message: str, status: int = 2):
@@ -145,10 +157,10 @@ def _resume_command(argv: list[str]) -> str:
 def main(argv=None) -> dict:
     """Run the command (``argv`` without the program name; None: ``sys.argv[1:]``); returns the summary."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, out_dir, resume = parse_args(argv)
+    cfg, out_dir, resume, overwrite = parse_args(argv)
     try:
         with handle_interrupts():
-            return _run(cfg, out_dir, resume, argv)
+            return _run(cfg, out_dir, resume, argv, overwrite)
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         saved = any((out_dir / name / "checkpoint.pt").is_file() for name in cfg.runs)
@@ -162,7 +174,7 @@ def main(argv=None) -> dict:
         raise SystemExit(128 + signum) from None
 
 
-def _run(cfg: TrainConfig, out_dir: Path, resume: bool, argv: list[str]) -> dict:
+def _run(cfg: TrainConfig, out_dir: Path, resume: bool, argv: list[str], overwrite: bool = False) -> dict:
     try:
         data = load_dataset(cfg.data, cfg.data_dir)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
@@ -178,6 +190,11 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, argv: list[str]) -> dict
         except ResumeError as err:
             _fail(str(err))
     else:
+        existing = [str(out_dir / name / "checkpoint.pt") for name in cfg.runs
+                    if (out_dir / name / "checkpoint.pt").is_file()]
+        if existing and not overwrite:
+            _fail(f"{', '.join(existing)} already exist: continue with --resume, start over with "
+                  "--overwrite, or choose another --out")
         plan = dict.fromkeys(cfg.runs, False)
         for name in cfg.runs:  # a fresh start: no file of an earlier experiment may be resumed later
             for stale in RUN_FILES:
@@ -227,6 +244,8 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, argv: list[str]) -> dict
         studies = {name: lesion_study(m, data, cfg.lesion_draws, cfg.seed) for name, m in models.items()}
         plot_lesion(studies, out_dir / "lesion.png")
         summary["lesion"] = studies
+    if cfg.frontier:
+        summary["frontier"] = frontier_study(models, data, out_dir, cfg)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     print(f"wrote {out_dir}/summary.json, error_curves.png" + (", lesion.png" if cfg.lesion else ""))
     return summary

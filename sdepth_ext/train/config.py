@@ -14,15 +14,20 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["TrainConfig", "RUNS", "SCHEDULES", "MODES", "SCALINGS", "LOG_FIELDS", "STEP_FIELDS",
-           "FIXED_ON_RESUME", "default_milestones", "milestones_for", "lr_at", "check_config",
-           "describe_setting", "device_kind"]
+           "FIXED_ON_RESUME", "DATA_BOUND_SHARE", "default_milestones", "milestones_for", "lr_at",
+           "check_config", "describe_setting", "device_kind", "parse_drop_schedule"]
 
 RUNS = ("constant", "stochastic")
 SCHEDULES = ("step", "cosine")
 MODES = ("batch", "row")
 SCALINGS = ("paper", "inverted")
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s",
-              "images_per_s"]
+              "images_per_s", "drop_scale", "work_ran", "work_expected", "data_time_s"]
+# What each extra column means: drop_scale, the drop schedule's value at the epoch's last step (1 without
+# a schedule); work_ran / work_expected, the share of residual-branch FLOPs that ran in the epoch and that
+# the rates in force expected (sd.compute_stats; 1 for the constant run); data_time_s, host seconds spent
+# producing batches (indexing, augmentation) within epoch_time_s.
+DATA_BOUND_SHARE = 0.25  # above it, a step waits on its data more than the saving can show
 STEP_FIELDS = ["epoch", "step", "loss"]
 MAX_SEED = 2**32 - 1
 
@@ -33,7 +38,7 @@ FIXED_ON_RESUME = {
     "data": "--data", "subset": "--subset", "depth": "--depth", "batch_size": "--batch-size", "lr": "--lr",
     "momentum": "--momentum", "weight_decay": "--weight-decay", "schedule": "--schedule",
     "milestones": "--milestones", "p_last": "--p-last", "mode": "--mode", "scaling": "--scaling",
-    "seed": "--seed", "device": "--device",
+    "seed": "--seed", "device": "--device", "drop_schedule": "--drop-schedule",
 }
 
 
@@ -61,6 +66,8 @@ class TrainConfig:
     lesion: bool = True
     lesion_draws: int = 5
     progress: bool = True
+    drop_schedule: str = "constant"  # KIND[:ARG] of sdepth_ext.drop_schedule, over the training steps
+    frontier: bool = False  # the depth-pruning frontier of each trained model (sdepth_ext.depth_frontier)
 
     def step_milestones(self) -> list[int]:
         """The epochs after which the step schedule divides the lr by 10."""
@@ -92,6 +99,27 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     drops = sum(1 for m in cfg.step_milestones() if m <= epoch)
     return cfg.lr * 0.1**drops
+
+
+def parse_drop_schedule(text: str):
+    """``constant``, ``warmup:STEPS``, ``pld:GAMMA`` or ``late:START`` -> a :func:`sdepth_ext.drop_schedule`.
+
+    Raises ``ValueError`` naming ``--drop-schedule`` and the forms it takes.
+    """
+    from ..rules import drop_schedule
+
+    forms = "constant, warmup:STEPS, pld:GAMMA or late:START"
+    kind, _, arg = str(text).partition(":")
+    try:
+        if kind == "constant" and not arg:
+            return drop_schedule("constant")
+        if kind in ("warmup", "late") and arg:
+            return drop_schedule(kind, **{"steps" if kind == "warmup" else "start": int(arg)})
+        if kind == "pld" and arg:
+            return drop_schedule("pld", gamma=float(arg))
+    except ValueError as err:
+        raise ValueError(f"--drop-schedule {text!r}: {err}") from None
+    raise ValueError(f"--drop-schedule must be {forms}, got {text!r}")
 
 
 def _is_int(value) -> bool:
@@ -144,6 +172,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
          f"--runs must be a comma list of {', '.join(RUNS)} (each once), got {','.join(cfg.runs)!r}")
     need(_is_int(cfg.lesion_draws) and cfg.lesion_draws >= 1,
          f"--lesion-draws must be an integer >= 1, got {cfg.lesion_draws}")
+    parse_drop_schedule(cfg.drop_schedule)
     try:
         device = torch.device(cfg.device)
     except (RuntimeError, TypeError):

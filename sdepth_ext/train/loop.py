@@ -24,15 +24,17 @@ import hashlib
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .. import cifar_resnet, convert
+from .. import cifar_resnet, compute_stats, convert, set_drop_scale
 from ..data import Dataset, augment
 from .config import (
+    DATA_BOUND_SHARE,
     FIXED_ON_RESUME,
     LOG_FIELDS,
     STEP_FIELDS,
@@ -40,6 +42,7 @@ from .config import (
     describe_setting,
     device_kind,
     lr_at,
+    parse_drop_schedule,
 )
 from .files import append_csv, atomic_torch_save, atomic_write_csv, remove_temporaries
 from .interrupts import deferred_interrupts
@@ -118,6 +121,8 @@ def check_resumable(cfg: TrainConfig, ckpt: dict, name: str, path: Path, fingerp
         old, new = saved.get(key), getattr(cfg, key)
         if key == "device":
             old, new = device_kind(old), device_kind(new)
+        if key == "drop_schedule":  # checkpoints of before the option trained without a schedule
+            old = "constant" if old is None else old
         if old != new:
             raise ResumeError(f"--resume: {option} is {describe_setting(key, old)} in {path}, got "
                               f"{describe_setting(key, new)} (only --epochs may change on --resume)")
@@ -240,6 +245,9 @@ def train_run(cfg: TrainConfig, data: Dataset, name: str, out_dir: Path, resume:
     n = len(train_y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     sizes = [min(cfg.batch_size, n - s * cfg.batch_size) for s in range(steps_per_epoch)]
+    stochastic = name == "stochastic"
+    schedule = parse_drop_schedule(cfg.drop_schedule) if stochastic else None
+    warned_data_bound = False
     for epoch in range(start_epoch, cfg.epochs):
         lr = lr_at(cfg, epoch)
         for group in optimizer.param_groups:
@@ -249,12 +257,19 @@ def train_run(cfg: TrainConfig, data: Dataset, name: str, out_dir: Path, resume:
         losses = torch.zeros(steps_per_epoch, dtype=torch.float32, device=device)
         wrong = torch.zeros((), dtype=torch.int64, device=device)
         bar = _progress(steps_per_epoch, f"{name} {epoch + 1}/{cfg.epochs}", cfg.progress)
+        if stochastic:
+            compute_stats(model, example_input=train_x[:1], reset=True)  # the epoch's own count from here
         try:
             t0 = time.perf_counter()
+            data_time = 0.0
             for step in range(steps_per_epoch):
+                if schedule is not None:  # a pure function of the step: a resumed run continues exactly
+                    set_drop_scale(model, schedule(epoch * steps_per_epoch + step))
+                data_start = time.perf_counter()
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb = augment(train_x[idx], data_rng)
                 yb = train_y[idx]
+                data_time += time.perf_counter() - data_start
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
                 optimizer.zero_grad(set_to_none=True)
@@ -272,10 +287,20 @@ def train_run(cfg: TrainConfig, data: Dataset, name: str, out_dir: Path, resume:
             epoch_losses = totals[:-1].float()
             loss_values = epoch_losses.tolist()
             test_loss, test_error = evaluate(model, data.test_x, data.test_y)
+            work = compute_stats(model) if stochastic else None
             row = {"epoch": epoch + 1, "lr": lr,
                    "train_loss": sum(v * s for v, s in zip(loss_values, sizes)) / n,
                    "train_error": float(totals[-1]) / n, "test_loss": test_loss, "test_error": test_error,
-                   "epoch_time_s": epoch_time, "images_per_s": n / epoch_time}
+                   "epoch_time_s": epoch_time, "images_per_s": n / epoch_time,
+                   "drop_scale": schedule(epoch * steps_per_epoch + steps_per_epoch - 1) if schedule else 1.0,
+                   "work_ran": work["cumulative"] if work else 1.0,
+                   "work_expected": work["expected"] if work else 1.0, "data_time_s": data_time}
+            if data_time > DATA_BOUND_SHARE * epoch_time and not warned_data_bound:
+                warned_data_bound = True
+                warnings.warn(
+                    f"{name}: data-loader-bound: {100 * data_time / epoch_time:.0f}% of epoch {epoch + 1}'s "
+                    "time went to producing batches; the compute saved cannot shorten the step",
+                    UserWarning, stacklevel=2)
             with deferred_interrupts():
                 log_rows.append(row)
                 step_losses.append(epoch_losses)

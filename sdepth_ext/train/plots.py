@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .files import atomic_write
 
-__all__ = ["plot_error_curves", "plot_lesion"]
+__all__ = ["plot_error_curves", "plot_lesion", "plot_frontier"]
 
 STYLES = {"constant": ("tab:blue", "constant depth"), "stochastic": ("tab:red", "stochastic depth")}
 
@@ -74,6 +74,33 @@ def plot_lesion(studies: dict[str, dict], path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_frontier(frontiers: dict[str, list[dict]], path: Path) -> None:
+    """Test error against measured latency of the pruned models, per run, with and without BatchNorm
+    re-estimation (solid and dashed), each point labelled with the number of units removed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, rows in frontiers.items():
+        color, label = STYLES[name]
+        latency = [r["latency_ratio"] for r in rows]
+        ax.plot(latency, [100 * r["error"] for r in rows], "o-", ms=3, color=color, label=f"{label}")
+        recalibrated = [r["error_recalibrated"] for r in rows]
+        if all(e is not None for e in recalibrated):
+            ax.plot(latency, [100 * e for e in recalibrated], "s--", ms=3, color=color, alpha=0.7,
+                    label=f"{label}, BatchNorm re-estimated")
+        for r in rows[1::2]:
+            ax.annotate(str(r["k"]), (r["latency_ratio"], 100 * r["error"]), fontsize=7, color=color,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("latency of the pruned model / full model (measured)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("depth pruning: units removed, least harmful first (labels: k)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import sdepth_ext as sd
+from sdepth_ext.flops import total_macs
 
 from .common import (
     add_cpu_malloc_option,
@@ -32,13 +32,6 @@ from .common import (
 )
 
 BLOCKS_PER_STAGE = 18  # cifar_resnet(110)
-
-
-def _macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.get_total_flops() / 2
 
 
 def stage_tail(m: int, per_stage: int = BLOCKS_PER_STAGE) -> list[int]:
@@ -61,7 +54,7 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
         by_hand = sd.cifar_resnet(110 - 6 * m).to(device).eval()
         variants[f"pruned -{m}/stage"] = pruned
         variants[f"by hand depth {110 - 6 * m}"] = by_hand
-        meta[m] = _macs(pruned, x[:1])
+        meta[m] = total_macs(pruned, x[:1])
 
     def forward(model):
         def call():

@@ -25,9 +25,9 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.flop_counter import FlopCounterMode
 
 from .convert import _check_drop, _is_converted_root, get_state, revert, units_of
+from .flops import total_macs
 
 __all__ = ["prune", "recalibrate_bn", "depth_frontier"]
 
@@ -251,7 +251,7 @@ def depth_frontier(model: nn.Module, data, max_drop: int | None = None, recalibr
     for k in range(max_drop + 1):
         dropped = sorted(order[:k])
         pruned = prune(model, dropped)
-        macs = _total_macs(pruned, x0[:1])
+        macs = total_macs(pruned, x0[:1])
         latency = _latency(pruned, x0, latency_repeat)
         if k == 0:
             full_macs, full_latency = macs, latency
@@ -263,12 +263,3 @@ def depth_frontier(model: nn.Module, data, max_drop: int | None = None, recalibr
             row["error_recalibrated"] = _error(pruned, batches)
         rows.append(row)
     return rows
-
-
-@torch.no_grad()
-def _total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
-    """MACs of one eval forward of any model (a pruned one has no units left to count one by one)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(example_input)
-    return float(counter.get_total_flops()) / 2

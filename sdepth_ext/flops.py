@@ -19,7 +19,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .convert import get_state, units_of
 
-__all__ = ["unit_macs", "compute_fraction", "expected_compute_fraction", "compute_stats"]
+__all__ = ["unit_macs", "total_macs", "compute_fraction", "expected_compute_fraction", "compute_stats"]
+
+
+@torch.no_grad()
+def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
+    """Multiply-accumulates of one eval-mode forward of any model (FLOPs / 2), e.g. a pruned one."""
+    flags = [(m, m.training) for m in model.modules()]
+    counter = FlopCounterMode(display=False)
+    try:
+        model.eval()
+        with counter:
+            model(example_input)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return float(counter.get_total_flops()) / 2
 
 
 @torch.no_grad()

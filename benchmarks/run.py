@@ -32,7 +32,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import bench_epilogue, bench_host, bench_models, bench_scheduler  # noqa: E402
+from . import bench_epilogue, bench_host, bench_models, bench_prune, bench_scheduler  # noqa: E402
 from .common import (  # noqa: E402
     RESULTS_DIR,
     add_cpu_malloc_option,
@@ -51,8 +51,9 @@ BENCHES = {
     "epilogue": bench_epilogue,
     "host": bench_host,
     "models": bench_models,
+    "prune": bench_prune,
 }
-NO_FULL = {"host"}  # benchmarks with one size besides --smoke: --full is not passed on to them
+NO_FULL = {"host", "prune"}  # benchmarks with one size besides --smoke: --full is not passed on to them
 
 SMOKE_NOTE = ("SMOKE RUN: tiny sizes and a few samples, to check that every benchmark runs end to end; "
               "its numbers are not measurements")
@@ -248,6 +249,23 @@ def _summary(results: dict[str, list[dict]], device_type: str) -> list[dict]:
     out += _epilogue_rows(results.get("epilogue", []), device_type)
     out += _host_rows(results.get("host", []))
     out += _model_rows(results.get("models", []))
+    out += _prune_rows(results.get("prune", []))
+    return out
+
+
+def _prune_rows(rows: list[dict]) -> list[dict]:
+    """bench_prune: the pruned model's eval latency next to its FLOP ratio and the same depth by hand."""
+    out = []
+    for r in rows:
+        if not r["removed_blocks"]:
+            continue
+        what = (f"prune {r['model']} b{r['batch']}: {r['removed_blocks']} of 54 blocks removed "
+                f"(depth {r['depth']}), eval latency")
+        ratio = f"x{r['latency_ratio']:.3f} of full; x{r['over_hand']:.3f} of depth {r['depth']} by hand"
+        limit = f"x{r['flop_ratio']:.3f} FLOPs"
+        out.append(_row(what, _ms(r["pruned_ms"]), f"by hand {_ms(r['by_hand_ms'])}", ratio, limit,
+                        {"what": f"prune {r['model']} -{r['removed_blocks']} blocks, latency",
+                         "ratio": ratio, "ideal/limit": limit}))
     return out
 
 

@@ -59,8 +59,8 @@ FAMILIES = {"torchvision ResNet", "torchvision ConvNeXt", "torchvision Swin", "t
 
 def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     results, out_dir, printed = smoke_run
-    assert set(results) == {"scheduler", "epilogue", "host", "models"}
-    for name in ("scheduler_smoke", "epilogue_smoke", "host_smoke", "models_smoke"):
+    assert set(results) == {"scheduler", "epilogue", "host", "models", "prune"}
+    for name in ("scheduler_smoke", "epilogue_smoke", "host_smoke", "models_smoke", "prune_smoke"):
         data = json.loads((out_dir / f"{name}.json").read_text())
         assert all(data["environment"][k] for k in ("device", "torch", "date", "command", "cpu_allocator"))
         assert data["rows"], name

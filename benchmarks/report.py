@@ -3,9 +3,10 @@
     python -m benchmarks.report benchmarks/results/cpu      # summary, model and host tables of that device
 
 Reads ``summary.json``, ``models.json`` (``resnet.json`` of runs before bench_models covered the other
-families) and ``host.json`` (written by ``make bench``) and prints what they hold, with the stamp (device,
-versions, allocator, date, command) of the run, so a README number can always be traced to a file. The notes
-the files carry (why a peer is left out, a smoke run's numbers) come along.
+families), ``host.json``, ``prune.json`` and ``break_even.json`` (all written by ``make bench``) and prints
+what they hold, with the stamp (device, versions, allocator, date, command) of the run, so a README number
+can always be traced to a file. The notes the files carry (why a peer is left out, a smoke run's numbers)
+come along.
 """
 
 from __future__ import annotations
@@ -80,6 +81,27 @@ def host_markdown(path: Path) -> str:
     return f"Run: {_stamp(data['environment'])}\n\n{call_table}\n\n{step_table}"
 
 
+def prune_markdown(path: Path) -> str:
+    """bench_prune's rows: the pruned model's eval latency, its FLOP ratio, the same depth built by hand."""
+    data = json.loads(path.read_text())
+    rows = [[f"{r['model']} b{r['batch']}", str(r["removed_blocks"]), str(r["depth"]),
+             f"{r['pruned_ms']:.1f} ms", f"{r['latency_ratio']:.3f}", f"{r['flop_ratio']:.3f}",
+             f"{r['by_hand_ms']:.1f} ms", f"{r['over_hand']:.3f}"] for r in data["rows"]]
+    header = ["pruned model", "blocks removed", "depth", "latency", "x full", "FLOPs x full",
+              "same depth by hand", "pruned x by hand"]
+    return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
+
+
+def break_even_markdown(path: Path) -> str:
+    """bench_models' break-even drop rates: where skipping starts to beat the model's own drop path."""
+    data = json.loads(path.read_text())
+    rows = [[r["model"], r["mode"], "-" if r["break_even_rate"] is None else f"{r['break_even_rate']:.3f}",
+             r["status"], ", ".join(f"{p:g}: {q:.3f}" for p, q in zip(r["rates"], r["ratios"]))]
+            for r in data["rows"]]
+    header = ["model", "mode", "break-even drop rate", "", "ratio to the original at each drop_path_rate"]
+    return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
+
+
 def _models_path(results_dir: Path, suffix: str) -> Path:
     """``models{suffix}.json``; a results folder from before bench_models has ``resnet{suffix}.json``."""
     path = results_dir / f"models{suffix}.json"
@@ -100,13 +122,17 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--suffix", default="", help="'_full' or '_smoke' for those runs' files")
     args = parser.parse_args(argv)
     parts = []
-    for name, render in (("summary", summary_markdown), ("models", models_markdown), ("host", host_markdown)):
+    optional = {"prune", "break_even"}  # older runs, or runs without timm, have none
+    for name, render in (("summary", summary_markdown), ("models", models_markdown), ("host", host_markdown),
+                         ("prune", prune_markdown), ("break_even", break_even_markdown)):
         path = args.results_dir / f"{name}{args.suffix}.json"
         if name == "models":
             path = _models_path(args.results_dir, args.suffix)
         elif name == "host":
             path = _host_path(args.results_dir, args.suffix)
         if not path.exists():
+            if name in optional:
+                continue
             raise SystemExit(f"results_dir: {path} not found (run `make bench` first)")
         parts.append(f"<!-- from {path} -->\n{render(path)}")
     text = "\n\n".join(parts)

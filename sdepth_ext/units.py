@@ -313,7 +313,7 @@ class GatedUnits:
         if count == 1 and self._sd_bn_needs_two_samples(u, x):
             residual = self._sd_single_survivor_residual(u, x, host_plan or plan, l)
         else:
-            residual = self._sd_residual(u, x.index_select(0, rows))
+            residual = self._sd_residual(u, gather_rows(x, rows))
         # Scheduler rows are sorted, unique and in range by construction, and the plan carries their map.
         return self._sd_epilogue(u, shortcut, residual, scale, rows, plan.slot(l))
 
@@ -388,8 +388,26 @@ class GatedUnits:
         pair = sorted((survivor, extra))
         pair_rows = torch.tensor(pair, dtype=torch.int64, pin_memory=x.is_cuda)  # pinned: a truly async copy
         pair_rows = pair_rows.to(x.device, non_blocking=True)
-        residual_pair = self._sd_residual(u, x.index_select(0, pair_rows))
+        residual_pair = self._sd_residual(u, gather_rows(x, pair_rows))
         return residual_pair.narrow(0, pair.index(survivor), 1)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, rows)`` in ``x``'s own memory layout.
+
+    ``index_select`` returns a row-major tensor whatever its input's layout, so a channels_last batch (and
+    ConvNeXt's activations, NHWC in memory after its permutes) would reach the branch as NCHW: another
+    convolution algorithm for the sub-batch than for the full batch (a depthwise 7x7 ran 2x slower on a CPU),
+    and layout copies downstream. Gathering on the permuted view that is contiguous keeps the layout.
+    """
+    if x.dim() < 3 or x.is_contiguous():
+        return x.index_select(0, rows)
+    order = [0, *sorted(range(1, x.dim()), key=lambda d: -x.stride(d))]
+    view = x.permute(order)
+    if not view.is_contiguous():  # not a permutation of a dense batch-outermost tensor: plain gather
+        return x.index_select(0, rows)
+    inverse = [order.index(d) for d in range(x.dim())]
+    return view.index_select(0, rows).permute(inverse)
 
 
 def _refuse_symbolic(block: nn.Module, x) -> None:

@@ -908,3 +908,29 @@ def test_corrupt_scheduler_metadata_warns_and_loads_the_weights():
     with pytest.warns(UserWarning, match="not restored"):
         other.load_state_dict(state_dict, strict=True)
     assert sd.get_scheduler(other).seed == 2
+
+
+def test_row_mode_sub_batches_keep_the_memory_layout():
+    """A unit's survivors reach its branch in the batch's own layout (index_select alone returns row-major
+    tensors: a channels_last batch would run its sub-batch convolutions as NCHW)."""
+    from sdepth_ext.units import gather_rows
+
+    x = torch.randn(6, 3, 5, 4).to(memory_format=torch.channels_last)
+    rows = torch.tensor([0, 2, 5])
+    gathered = gather_rows(x, rows)
+    assert gathered.is_contiguous(memory_format=torch.channels_last) and torch.equal(gathered, x[rows])
+    nhwc = torch.randn(6, 4, 5, 3).permute(0, 3, 1, 2)  # ConvNeXt's activations after its permutes
+    assert gathered_strides_equal(gather_rows(nhwc, rows), nhwc) and torch.equal(gather_rows(nhwc, rows),
+                                                                                 nhwc[rows])
+    model = sd.convert(fresh_model("cifar_resnet20"), p_last=0.5, rule="uniform", mode="row", seed=0)
+    model = model.to(memory_format=torch.channels_last).train()
+    seen = []
+    for block in blocks_of(model):
+        block.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model(make_input("cifar_resnet20", batch=8).to(memory_format=torch.channels_last))
+    partial = [t for t in seen if 0 < t.shape[0] < 8]
+    assert partial and all(t.is_contiguous(memory_format=torch.channels_last) for t in partial)
+
+
+def gathered_strides_equal(a, b):
+    return a.stride()[1:] == b.stride()[1:]

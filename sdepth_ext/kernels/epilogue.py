@@ -217,14 +217,14 @@ def _check_buffer(buf: torch.Tensor, name: str, shape, strides, like: torch.Tens
         raise ValueError(f"{name}: expected strides {tuple(strides)}, got {tuple(buf.stride())}")
 
 
-def _launch(kernel, geo: "_Geometry", device: torch.device, *args, **constexprs) -> None:
+def _launch(kernel, geo: "_Geometry", device: torch.device, *args) -> None:
     # Triton launches on the current GPU; a tensor on another one (multi-GPU processes) needs a switch. No
     # context manager on the common path: a launch costs microseconds of host time, and so would the guard.
     if geo.is_cuda and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
-            kernel[(geo.grid,)](*args, **constexprs, BLOCK=geo.block, num_warps=geo.num_warps)
+            kernel[geo.grid](*args, **geo.options)
     else:
-        kernel[(geo.grid,)](*args, **constexprs, BLOCK=geo.block, num_warps=geo.num_warps)
+        kernel[geo.grid](*args, **geo.options)
 
 
 class _Geometry(NamedTuple):
@@ -236,12 +236,10 @@ class _Geometry(NamedTuple):
     copy_second: bool  # the residual (forward) / incoming gradient (backward) must be copied
     res_shape: tuple  # residual (forward input) / grad_residual (backward output)
     res_strides: tuple
-    grid: int  # programs; 0 = nothing to launch (an empty tensor)
+    grid: tuple  # (programs,); (0,) = nothing to launch (an empty tensor)
     M: int
     blocks_per_row: int
-    block: int
-    num_warps: int
-    is_fp64: bool
+    options: dict  # the constexprs and num_warps of the launch, built once
     is_cuda: bool
 
 
@@ -251,7 +249,7 @@ def _row_layout(ref_shape, ref_strides, n: int) -> tuple[tuple, tuple]:
     return (n, *ref_shape[1:]), (sample, *ref_strides[1:])
 
 
-def _geometry(main: torch.Tensor, num_residual_rows: int, row_mode: bool) -> _Geometry:
+def _geometry(main: torch.Tensor, num_residual_rows: int, row_mode: bool, relu: bool) -> _Geometry:
     """Layout analysis of one launch (the slow part, hence cached by the callers).
 
     ``main`` (the shortcut, or the saved output / incoming gradient in backward) fixes the layout: its own
@@ -274,8 +272,10 @@ def _geometry(main: torch.Tensor, num_residual_rows: int, row_mode: bool) -> _Ge
     block, num_warps = _launch_config(max(M, 1), main.element_size())
     blocks_per_row = triton.cdiv(M, block)
     grid = n_rows * blocks_per_row if math.prod(shape) > 0 else 0
-    return _Geometry(shape, strides, copy_main, False, res_shape, res_strides, grid, M, blocks_per_row,
-                     block, num_warps, main.dtype == torch.float64, main.is_cuda)
+    options = {"HAS_ROWS": row_mode, "IS_FP64": main.dtype == torch.float64, "RELU": relu, "BLOCK": block,
+               "num_warps": num_warps}
+    return _Geometry(shape, strides, copy_main, False, res_shape, res_strides, (grid,), M, blocks_per_row,
+                     options, main.is_cuda)
 
 
 _FORWARD_GEOMETRY: dict = {}
@@ -319,10 +319,10 @@ def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, s
     """
     row_mode = rows is not None
     key = (shortcut.shape, shortcut.stride(), residual.shape, residual.stride(), shortcut.dtype,
-           shortcut.device, row_mode)
+           shortcut.device, row_mode, relu)
     geo = _FORWARD_GEOMETRY.get(key)
     if geo is None:
-        geo = _cached(_FORWARD_GEOMETRY, key, lambda: _forward_geometry(shortcut, residual, rows))
+        geo = _cached(_FORWARD_GEOMETRY, key, lambda: _forward_geometry(shortcut, residual, rows, relu))
     sc = _copy_to(shortcut, geo.out_shape, geo.out_strides) if geo.copy_main else shortcut
     res = _copy_to(residual, geo.res_shape, geo.res_strides) if geo.copy_second else residual
     if out is None:
@@ -332,23 +332,22 @@ def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, s
         _check_buffer(out, "out", geo.out_shape, geo.out_strides, sc)
     if row_mode and slot is None:
         slot = inverse_map(rows, geo.out_shape[0])
-    if geo.grid == 0:
+    if geo.grid[0] == 0:
         return out, slot
     if res.numel() == 0:
         res = sc  # no survivors: every slot is -1, the residual pointer is never dereferenced
     scale_hi, scale_lo = _split_scale(scale)
     _launch(_gated_residual_add_forward_kernel, geo, sc.device,
-            out, sc, res, slot if row_mode else sc, scale_hi, scale_lo, geo.M, geo.blocks_per_row,
-            HAS_ROWS=row_mode, IS_FP64=geo.is_fp64, RELU=relu)
+            out, sc, res, slot if row_mode else sc, scale_hi, scale_lo, geo.M, geo.blocks_per_row)
     return out, slot
 
 
-def _forward_geometry(shortcut, residual, rows) -> _Geometry:
+def _forward_geometry(shortcut, residual, rows, relu) -> _Geometry:
     row_mode = rows is not None
     k = rows.shape[0] if row_mode else shortcut.shape[0]
     if row_mode and residual.shape[0] != k:
         raise ValueError(f"residual: expected {k} rows (len(rows)), got {residual.shape[0]}")
-    geo = _geometry(shortcut, k, row_mode)
+    geo = _geometry(shortcut, k, row_mode, relu)
     if tuple(residual.shape) != geo.res_shape:
         raise ValueError(f"residual: expected shape {geo.res_shape}, got {tuple(residual.shape)}")
     return geo._replace(copy_second=not same_strides(geo.res_shape, residual.stride(), geo.res_strides))
@@ -390,13 +389,13 @@ def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor],
         grad_residual = _empty(geo.res_shape, geo.res_strides, g) if row_mode else torch.empty_like(g)
     else:
         _check_buffer(grad_residual, "grad_residual", geo.res_shape, geo.res_strides, g)
-    if geo.grid == 0:
+    if geo.grid[0] == 0:
         return grad_shortcut, grad_residual
     gr = grad_residual if grad_residual.numel() > 0 else g  # K = 0: never stored to
     scale_hi, scale_lo = _split_scale(scale)
     _launch(_gated_residual_add_backward_kernel, geo, g.device,
             grad_shortcut if relu else g, gr, g, o if relu else g, slot if row_mode else g,
-            scale_hi, scale_lo, geo.M, geo.blocks_per_row, HAS_ROWS=row_mode, IS_FP64=geo.is_fp64, RELU=relu)
+            scale_hi, scale_lo, geo.M, geo.blocks_per_row)
     return grad_shortcut, grad_residual
 
 
@@ -407,7 +406,7 @@ def _backward_geometry(grad, main, num_rows, row_mode, relu) -> _Geometry:
     if row_mode and (num_rows is None or not 0 <= num_rows <= main.shape[0]):
         raise ValueError(f"num_rows: expected an int in [0, {main.shape[0]}] with slot, got {num_rows!r}")
     # With relu the saved output fixes the layout and grad follows it; without, grad is the main operand.
-    geo = _geometry(main, k, row_mode)
+    geo = _geometry(main, k, row_mode, relu)
     if not relu:
         return geo
     return geo._replace(copy_second=not same_strides(geo.out_shape, grad.stride(), geo.out_strides))

@@ -76,14 +76,20 @@ def stubbed_triton_launch():
     if not _interpreting():
         yield False
         return
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime import interpreter
 
-    original = InterpretedFunction.run
-    InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    # triton >= 3.1 launches through InterpretedFunction.run; triton 3.0 builds a GridExecutor in
+    # ``kernel[grid]`` and runs the grid in its __call__ (its InterpretedFunction has no class-level run).
+    if hasattr(interpreter.InterpretedFunction, "run"):
+        owner, name = interpreter.InterpretedFunction, "run"
+    else:
+        owner, name = interpreter.GridExecutor, "__call__"
+    original = getattr(owner, name)
+    setattr(owner, name, lambda self, *args, **kwargs: None)
     try:
         yield True
     finally:
-        InterpretedFunction.run = original
+        setattr(owner, name, original)
 
 
 # ------------------------------------------------------------------------------------------------------------

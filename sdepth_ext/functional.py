@@ -25,7 +25,6 @@ With ReLU the fused path saves only the output for backward (``out > 0`` is relu
 inputs; without an activation it saves nothing, and ``grad_shortcut`` is the incoming gradient itself.
 """
 
-import functools
 import math
 import numbers
 from typing import Optional
@@ -220,9 +219,13 @@ def _is_compiling() -> bool:
     return torch._dynamo.is_compiling()  # torch < 2.3 fallback (not reached on torch >= 2.4)
 
 
-@functools.cache
+# Looked up once at import: importlib's find_spec cannot be traced by dynamo (torch 2.4 refuses it inside
+# compile(fullgraph=True)), and whether triton is installed does not change while the process runs.
+_TRITON_INSTALLED = triton_available()
+
+
 def _triton_installed() -> bool:
-    return triton_available()
+    return _TRITON_INSTALLED
 
 
 def fused_epilogue(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,

@@ -47,7 +47,11 @@ def test_ddp_script_runs_under_torchrun(tmp_path):
     script = next(s for s in snippets("training.md") if "init_process_group" in s)
     path = tmp_path / "ddp_script.py"
     path.write_text(script)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    # the package as this test imports it: installed, or built in place (make test-oldest), wherever the cwd
+    package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1",
+           "PYTHONPATH": pythonpath}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

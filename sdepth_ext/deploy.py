@@ -181,19 +181,24 @@ def _error(model: nn.Module, batches: Sequence) -> float:
 
 
 @torch.no_grad()
-def _latency(model: nn.Module, x: torch.Tensor, repeat: int) -> float:
-    """Median seconds of an eval forward on ``x`` (after one warm-up call)."""
-    model(x)
-    times = []
-    for _ in range(repeat):
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        start = time.perf_counter()
-        model(x)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _latencies(models: list[nn.Module], x: torch.Tensor, repeat: int) -> list[float]:
+    """Median seconds of an eval forward on ``x`` per model, timed in interleaved rounds (one forward of each
+    model per round, after one warm-up call each), so that a drift in the machine's speed hits every model
+    alike instead of biasing the ratios between them."""
+    with torch.no_grad():
+        for model in models:
+            model(x)
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(repeat):
+            for model, samples in zip(models, times):
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                start = time.perf_counter()
+                model(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def _as_batches(data) -> list:
@@ -215,7 +220,8 @@ def depth_frontier(model: nn.Module, data, max_drop: int | None = None, recalibr
         remeasure: the deletion order. False (default): by the single-unit lesion errors, least harmful
             first (one evaluation per unit). True: greedy, re-measuring every remaining unit after each
             deletion (one evaluation per remaining unit and step: quadratic in the depth).
-        latency_repeat: timed forwards per pruned model (median; on the first test batch).
+        latency_repeat: timed forwards per pruned model (median; on the first test batch), in rounds that
+            interleave the models.
 
     Returns one row per k: ``{"k", "dropped", "error", "error_recalibrated", "macs", "macs_ratio",
     "latency_s", "latency_ratio"}`` (``error_recalibrated`` None without ``recalibrate``). The first row
@@ -246,18 +252,16 @@ def depth_frontier(model: nn.Module, data, max_drop: int | None = None, recalibr
             order.append(best)
             remaining.remove(best)
 
+    pruned_models = [prune(model, sorted(order[:k])) for k in range(max_drop + 1)]
+    latencies = _latencies(pruned_models, x0, latency_repeat)
+    full_macs = None
     rows = []
-    full_macs = full_latency = None
-    for k in range(max_drop + 1):
-        dropped = sorted(order[:k])
-        pruned = prune(model, dropped)
+    for k, (pruned, latency) in enumerate(zip(pruned_models, latencies)):
         macs = total_macs(pruned, x0[:1])
-        latency = _latency(pruned, x0, latency_repeat)
-        if k == 0:
-            full_macs, full_latency = macs, latency
-        row = {"k": k, "dropped": dropped, "error": _error(pruned, batches), "error_recalibrated": None,
-               "macs": macs, "macs_ratio": macs / full_macs, "latency_s": latency,
-               "latency_ratio": latency / full_latency}
+        full_macs = full_macs or macs
+        row = {"k": k, "dropped": sorted(order[:k]), "error": _error(pruned, batches),
+               "error_recalibrated": None, "macs": macs, "macs_ratio": macs / full_macs,
+               "latency_s": latency, "latency_ratio": latency / latencies[0]}
         if train_batches is not None and any(isinstance(m, _BatchNorm) for m in pruned.modules()):
             recalibrate_bn(pruned, train_batches)
             row["error_recalibrated"] = _error(pruned, batches)

@@ -247,5 +247,6 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, argv: list[str], overwri
     if cfg.frontier:
         summary["frontier"] = frontier_study(models, data, out_dir, cfg)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
-    print(f"wrote {out_dir}/summary.json, error_curves.png" + (", lesion.png" if cfg.lesion else ""))
+    print(f"wrote {out_dir}/summary.json, error_curves.png" + (", lesion.png" if cfg.lesion else "")
+          + (", frontier.csv, frontier.png" if cfg.frontier else ""))
     return summary

@@ -68,7 +68,7 @@ def frontier_study(models: dict[str, torch.nn.Module], data: Dataset, out_dir: P
     train = [x for x, _ in _batches(data.train_x, None, cfg.batch_size)][:8]
     results = {}
     for name, model in models.items():
-        results[name] = depth_frontier(model, test, recalibrate=train)
+        results[name] = depth_frontier(model, test, recalibrate=train, latency_repeat=15)
     rows = [{"run": name, **row, "dropped": " ".join(map(str, row["dropped"]))}
             for name, frontier in results.items() for row in frontier]
     atomic_write_csv(Path(out_dir) / "frontier.csv", FRONTIER_FIELDS, rows)

@@ -3,10 +3,11 @@
     python -m benchmarks.report benchmarks/results/cpu      # summary, model and host tables of that device
 
 Reads ``summary.json``, ``models.json`` (``resnet.json`` of runs before bench_models covered the other
-families), ``host.json``, ``prune.json`` and ``break_even.json`` (all written by ``make bench``) and prints
-what they hold, with the stamp (device, versions, allocator, date, command) of the run, so a README number
-can always be traced to a file. The notes the files carry (why a peer is left out, a smoke run's numbers)
-come along.
+families), ``host.json``, ``prune.json`` and ``break_even.json`` (all written by ``make bench``) and
+``ddp.json`` (``python -m benchmarks.bench_ddp``), and prints what they hold, with the stamp (device,
+versions, allocator, date, command) of the run, so a README number can always be traced to a file
+(``tests/test_readme.py`` checks that the tables pasted in the docs still match their files). The notes
+the files carry (why a peer is left out, a smoke run's numbers) come along.
 """
 
 from __future__ import annotations
@@ -62,6 +63,49 @@ def models_markdown(path: Path) -> str:
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 
+def headline_markdown(path: Path) -> str:
+    """The README's headline: per model and mode, the train step at the drop rate the hand-written comparators
+    ran (ResNets: p_last 0.5; the others: 0.5 or timm's 0.4), against what the user would run otherwise and
+    against the same plans skipped by hand, next to the FLOP ideal of the plans drawn."""
+    data = json.loads(path.read_text())
+    rows = []
+    for r in data["rows"]:
+        if "over_hand" not in r or not r["variant"].startswith("sdepth"):
+            continue
+        rate = f"p_last {r['p_last']:g}" if r.get("p_last") is not None else f"{r['stochastic_depth_prob']:g}"
+        reference = ("plain model (every block)" if r.get("reference", "plain") == "plain"
+                     else "the model's own mask-multiply")
+        rows.append([f"{r['model']} b{r['batch']}@{r['size']}", r["mode"], rate, ratio_text(r), reference,
+                     ratio_text(r, "over_hand"), _num(r, "drawn_ideal_ratio")])
+    header = ["model (CPU size)", "mode", "drop rate", "train step [95% CI]", "x of", "x same plans by hand",
+              "FLOP ideal (plans drawn)"]
+    return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
+
+
+def training_markdown(path: Path) -> str:
+    """A ``python -m sdepth_ext.train`` run's ``summary.json``: both runs' errors and epoch times, the time
+    ratio next to its ideal, and (with ``--frontier``) the depth-pruning frontier of each trained model."""
+    data = json.loads(path.read_text())
+    runs = _table(["run", "final test error", "best test error", "final train error", "seconds per epoch (mean)"],
+                  [[name.replace("constant", "constant depth").replace("stochastic", "stochastic depth"),
+                    f"{r['final_test_error']:.2%}", f"{r['best_test_error']:.2%}",
+                    f"{r['final_train_error']:.2%}", f"{r['mean_epoch_time_s']:.2f}"]
+                   for name, r in data["runs"].items()])
+    text = f"Run: {_stamp(data['environment'])}\n\n{runs}"
+    if data.get("measured_time_ratio") is not None:
+        text += (f"\n\nTime per epoch, stochastic / constant: {data['measured_time_ratio']:.3f} (mean), "
+                 f"{data['median_time_ratio']:.3f} (median); ideal {data['ideal_time_ratio']:.3f} (the expected "
+                 f"share of FLOPs that runs).")
+    if data.get("frontier"):
+        rows = [[name, str(r["k"]), " ".join(map(str, r["dropped"])) or "-", f"{r['macs_ratio']:.3f}",
+                 f"{r['latency_ratio']:.3f}", f"{r['error']:.2%}",
+                 "-" if r["error_recalibrated"] is None else f"{r['error_recalibrated']:.2%}"]
+                for name, frontier in data["frontier"].items() for r in frontier]
+        text += "\n\n" + _table(["run", "units removed", "which", "MACs x full", "latency x full",
+                                   "test error", "test error, BatchNorm re-estimated"], rows)
+    return text
+
+
 def host_markdown(path: Path) -> str:
     """bench_host's rows: per-call cost of the epilogue next to eager, and the host-bound train step."""
     data = json.loads(path.read_text())
@@ -102,6 +146,20 @@ def break_even_markdown(path: Path) -> str:
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 
+def ddp_markdown(path: Path) -> str:
+    """bench_ddp's rows: DDP step time with ``sd.ddp_ready`` next to ``find_unused_parameters=True``."""
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    rows = [[r["mode"], r["variant"], f"{r['step_ms']:.1f} ms", f"{r['ratio_vs_find_unused']:.3f}"]
+            for r in data["rows"]]
+    first = data["rows"][0]
+    setup = (f"cifar_resnet{first['depth']}, batch {first['batch_per_rank']} per rank at {first['image']}x"
+             f"{first['image']}, {env.get('world_size', first['world_size'])} {env.get('backend', '')} "
+             f"processes, median of {first['steps']} steps")
+    header = ["mode", "variant", "median step", "x find_unused_parameters=True"]
+    return f"Run: {_stamp(env)}\n\n{setup}\n\n{_table(header, rows)}"
+
+
 def _models_path(results_dir: Path, suffix: str) -> Path:
     """``models{suffix}.json``; a results folder from before bench_models has ``resnet{suffix}.json``."""
     path = results_dir / f"models{suffix}.json"
@@ -122,9 +180,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--suffix", default="", help="'_full' or '_smoke' for those runs' files")
     args = parser.parse_args(argv)
     parts = []
-    optional = {"prune", "break_even"}  # older runs, or runs without timm, have none
+    optional = {"prune", "break_even", "ddp"}  # older runs, runs without timm, bench_ddp not run: none
     for name, render in (("summary", summary_markdown), ("models", models_markdown), ("host", host_markdown),
-                         ("prune", prune_markdown), ("break_even", break_even_markdown)):
+                         ("prune", prune_markdown), ("break_even", break_even_markdown),
+                         ("ddp", ddp_markdown)):
         path = args.results_dir / f"{name}{args.suffix}.json"
         if name == "models":
             path = _models_path(args.results_dir, args.suffix)
@@ -135,6 +194,9 @@ def main(argv: list[str] | None = None) -> str:
                 continue
             raise SystemExit(f"results_dir: {path} not found (run `make bench` first)")
         parts.append(f"<!-- from {path} -->\n{render(path)}")
+    models = _models_path(args.results_dir, args.suffix)
+    if models.exists():
+        parts.insert(0, f"<!-- from {models} (headline) -->\n{headline_markdown(models)}")
     text = "\n\n".join(parts)
     print(text)
     return text

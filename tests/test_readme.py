@@ -1,9 +1,6 @@
-"""The README's "Running where users run" snippets run as written (CPU here; they pick CUDA when present).
-
-Two are not run: the DDP one is a ``torchrun`` script (tests/test_ddp.py covers the same calls with two gloo
-processes) and the torch.compile one takes about a minute of inductor compilation on a CPU
-(tests/test_compile.py covers ``compile_blocks``).
-"""
+"""The README and the docs stay true: the quick start runs as written and converts a model of every family
+it shows, the two commands exist, every relative link resolves, and every table of results is what
+``python -m benchmarks.report`` prints from the committed result files."""
 
 from __future__ import annotations
 
@@ -12,38 +9,84 @@ import re
 
 import pytest
 
-from sdepth_ext.convert import get_state
+import sdepth_ext as sd
+from benchmarks import report
+from sdepth_ext.convert import units_of
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-SECTION = "## Running where users run"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def _snippets() -> list[str]:
+def _section(text: str, heading: str) -> str:
+    assert heading in text, f"README lost its section {heading!r}"
+    return text.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_is_short_and_names_the_two_commands():
     text = README.read_text()
-    assert SECTION in text, f"README lost its section {SECTION!r}"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
-
-
-def test_section_has_the_snippets():
-    snippets = _snippets()
-    assert any("ddp_ready" in s for s in snippets)
-    assert any("compile_blocks" in s for s in snippets)
-    assert any("checkpoint_blocks" in s for s in snippets)
-    assert any("autocast" in s for s in snippets)
-    assert any("set_dropped_grads" in s for s in snippets)
+    assert len(text.splitlines()) <= 220, "the README is an overview; details belong in docs/"
+    commands = _section(text, "## Two commands")
+    assert "make test " in commands and "make bench " in commands
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test: ", makefile, re.M) and re.search(r"^bench: ", makefile, re.M)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_snippets_run():
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_quick_start_runs_and_converts_every_family_it_shows():
+    pytest.importorskip("timm", reason="the quick start shows timm: pip install sdepth_ext[timm]")
+    snippets = re.findall(r"```python\n(.*?)```", _section(README.read_text(), "## Quick start"), re.S)
+    assert len(snippets) >= 3
     namespace: dict = {}
-    ran = 0
-    for snippet in _snippets():
-        if "init_process_group" in snippet or "compile_blocks(model" in snippet:
-            continue
+    for snippet in snippets:
         exec(compile(snippet, str(README), "exec"), namespace)
-        ran += 1
-    assert ran >= 4
-    model = namespace["model"]
-    # The last snippet switched the converted model to zero gradients for dropped blocks.
-    assert get_state(model).dropped_grads == "zero"
+    for name in ("model", "convnext", "effnet", "swin", "vit"):
+        units = units_of(namespace[name])
+        assert units, f"the quick start's {name} has no stochastic-depth unit"
+        assert len(sd.survival_probs(namespace[name])) == len(units)
+    # the defaults the text claims: the paper's for ResNets, the model's own for the others
+    assert sd.survival_probs(namespace["model"])[-1] == pytest.approx(0.5)
+    assert sd.survival_probs(namespace["convnext"])[-1] == pytest.approx(0.9)
+    assert len(units_of(namespace["swin"])) == 2 * 12   # swin_t: 12 blocks, two units each
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    text = page.read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if not re.match(r"[a-z]+://", t)]
+    missing = [t for t in local if not (page.parent / t).exists()]
+    assert not missing, f"{page.name} links to files that do not exist: {missing}"
+
+
+def _report_blocks(text: str) -> list[tuple[str, str]]:
+    """``<!-- from path -->`` blocks of a page: (path, the text up to the next block or heading)."""
+    blocks = re.split(r"(?=<!-- from )", text)
+    found = []
+    for block in blocks[1:]:
+        head, body = block.split("-->\n", 1)
+        body = re.split(r"\n(?=#|<!-- |!\[)", body, maxsplit=1)[0]
+        found.append((head.removeprefix("<!-- from ").strip(), body.strip()))  # "path" or "path (headline)"
+    return found
+
+
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "reproduction.md"],
+                         ids=lambda p: p.name)
+def test_result_tables_are_the_committed_files(page):
+    """A table of results on these pages is pasted from ``benchmarks.report``: it must still be what the
+    committed file holds, so a number can always be traced to its file (stamp included)."""
+    blocks = _report_blocks(page.read_text())
+    assert blocks, f"{page.name} shows no result table from a committed file"
+    renderers = {"summary": report.summary_markdown, "models": report.models_markdown,
+                 "resnet": report.models_markdown, "host": report.host_markdown,
+                 "prune": report.prune_markdown, "break_even": report.break_even_markdown,
+                 "ddp": report.ddp_markdown}
+    for cited, body in blocks:
+        path, _, view = cited.partition(" ")
+        file = ROOT / path
+        assert file.exists(), f"{page.name} cites {path}, which is not committed"
+        kind = file.stem.removesuffix("_full")
+        views = {"(headline)": report.headline_markdown, "(training)": report.training_markdown}
+        render = views[view] if view else renderers[kind]
+        assert body == render(file).strip(), f"{page.name}: the table from {path} differs from the file"

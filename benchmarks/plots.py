@@ -31,7 +31,9 @@ def _pyplot():
 
 
 def plot_epilogue(rows: list[dict], path: Path, title: str) -> Path | None:
-    """GB/s vs MB per tensor, one panel per pass (fwd, bwd), solid fp32 and dashed bf16."""
+    """GB/s vs MB per tensor, one panel per pass (fwd, bwd, fwd+bwd): implementations by colour, dtypes by
+    marker and line (fp32: circles, solid; bf16: triangles, dashed), the legend below the panels, where it
+    covers no point."""
     if not rows:
         return None
     plt = _pyplot()
@@ -42,7 +44,7 @@ def plot_epilogue(rows: list[dict], path: Path, title: str) -> Path | None:
     variants = [v for v in ("sdepth", "eager", "torchvision", "compiled") if f"{v}_GBps" in rows[0]]
     copy_gbps = rows[0].get("copy_GBps")
     for ax, pas in zip(axes[0], passes):
-        for dtype, style in (("float32", "-"), ("bfloat16", "--")):
+        for dtype, style, marker in (("float32", "-", "o"), ("bfloat16", "--", "^")):
             sel = sorted((r for r in rows if r["pass"] == pas and r["dtype"] == dtype),
                          key=lambda r: r["bytes"])
             if not sel:
@@ -50,7 +52,7 @@ def plot_epilogue(rows: list[dict], path: Path, title: str) -> Path | None:
             # x: the size of one tensor, so fp32 and bf16 points of one shape sit apart
             per_tensor_mb = [r["bytes"] / {"fwd": 3, "bwd": 4, "fwd+bwd": 7}[pas] / 1e6 for r in sel]
             for v in variants:
-                ax.plot(per_tensor_mb, [r[f"{v}_GBps"] for r in sel], style, marker="o", ms=3,
+                ax.plot(per_tensor_mb, [r[f"{v}_GBps"] for r in sel], style, marker=marker, ms=4,
                         color=_COLORS[v], label=f"{v} {dtype}")
         if copy_gbps:
             ax.axhline(copy_gbps, color="black", ls=":", label=f"copy bandwidth {copy_gbps:.0f} GB/s")
@@ -64,14 +66,17 @@ def plot_epilogue(rows: list[dict], path: Path, title: str) -> Path | None:
         ax.set_ylabel("GB/s (bytes the op must move / time)")
         ax.set_title(f"{pas}")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     note = rows[0].get("note")  # e.g. why "compiled" is no fair peer on a CPU (bench_epilogue)
+    note_height = 0.06 if note else 0.0
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, note_height))
     if note:
         import textwrap
 
         fig.text(0.01, 0.01, textwrap.fill(note, 200), fontsize=6, va="bottom")
-    fig.tight_layout(rect=(0, 0.06, 1, 1) if note else (0, 0, 1, 1))
+    fig.tight_layout(rect=(0, note_height + 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

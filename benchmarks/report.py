@@ -86,7 +86,8 @@ def training_markdown(path: Path) -> str:
     """A ``python -m sdepth_ext.train`` run's ``summary.json``: both runs' errors and epoch times, the time
     ratio next to its ideal, and (with ``--frontier``) the depth-pruning frontier of each trained model."""
     data = json.loads(path.read_text())
-    runs = _table(["run", "final test error", "best test error", "final train error", "seconds per epoch (mean)"],
+    header = ["run", "final test error", "best test error", "final train error", "seconds per epoch (mean)"]
+    runs = _table(header,
                   [[name.replace("constant", "constant depth").replace("stochastic", "stochastic depth"),
                     f"{r['final_test_error']:.2%}", f"{r['best_test_error']:.2%}",
                     f"{r['final_train_error']:.2%}", f"{r['mean_epoch_time_s']:.2f}"]
@@ -94,8 +95,8 @@ def training_markdown(path: Path) -> str:
     text = f"Run: {_stamp(data['environment'])}\n\n{runs}"
     if data.get("measured_time_ratio") is not None:
         text += (f"\n\nTime per epoch, stochastic / constant: {data['measured_time_ratio']:.3f} (mean), "
-                 f"{data['median_time_ratio']:.3f} (median); ideal {data['ideal_time_ratio']:.3f} (the expected "
-                 f"share of FLOPs that runs).")
+                 f"{data['median_time_ratio']:.3f} (median); ideal {data['ideal_time_ratio']:.3f} "
+                 f"(the expected share of FLOPs that runs).")
     if data.get("frontier"):
         rows = [[name, str(r["k"]), " ".join(map(str, r["dropped"])) or "-", f"{r['macs_ratio']:.3f}",
                  f"{r['latency_ratio']:.3f}", f"{r['error']:.2%}",

@@ -41,7 +41,7 @@ def test_quick_start_runs_and_converts_every_family_it_shows():
     namespace: dict = {}
     for snippet in snippets:
         exec(compile(snippet, str(README), "exec"), namespace)
-    for name in ("model", "convnext", "effnet", "swin", "vit"):
+    for name in ("model", "convnext", "effnet", "swin", "vit", "timm_resnet", "timm_convnext", "maxvit"):
         units = units_of(namespace[name])
         assert units, f"the quick start's {name} has no stochastic-depth unit"
         assert len(sd.survival_probs(namespace[name])) == len(units)

@@ -1,4 +1,4 @@
-"""Markdown tables from committed result files, for the README's results section.
+"""Markdown tables from committed result files, for the README and docs/benchmarks.md.
 
     python -m benchmarks.report benchmarks/results/cpu      # summary, model and host tables of that device
 

@@ -47,7 +47,8 @@ class TrainConfig:
     data: str = "digits"
     data_dir: str | None = None
     # The defaults train the offline digits set in about 10 minutes on a 2-core CPU, long enough for the
-    # stochastic-depth run to converge after the first lr drop (README, "Training: the offline digits set").
+    # stochastic-depth run to converge after the first lr drop (docs/reproduction.md, "Results: the offline
+    # digits set").
     depth: int = 32
     epochs: int = 40
     batch_size: int = 128

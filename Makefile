@@ -36,7 +36,7 @@ test-oldest:
 	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/python -m pip install --quiet --progress-bar off -r requirements-oldest.txt
 	rm -rf $(OLD_SRC) && mkdir -p $(OLD_SRC)
-	cp -r setup.py pyproject.toml README.md csrc sdepth_ext tests benchmarks docs $(OLD_SRC)/
+	cp -r setup.py pyproject.toml Makefile README.md csrc sdepth_ext tests benchmarks docs $(OLD_SRC)/
 	find $(OLD_SRC) \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
 	cd $(OLD_SRC) && $(abspath $(OLD_VENV))/bin/python setup.py --quiet build_ext --inplace
 	cd $(OLD_SRC) && $(abspath $(OLD_VENV))/bin/python -m pytest -q -ra -p no:cacheprovider

@@ -22,22 +22,25 @@ from .convert import get_state, units_of
 __all__ = ["unit_macs", "total_macs", "compute_fraction", "expected_compute_fraction", "compute_stats"]
 
 
-@torch.no_grad()
-def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
-    """Multiply-accumulates of one eval-mode forward of any model (FLOPs / 2), e.g. a pruned one."""
+def _count_eval_forward(model: nn.Module, example_input: torch.Tensor, **counter_kw) -> FlopCounterMode:
+    """One eval-mode forward under ``FlopCounterMode``, no gradient; every module's training flag restored."""
     flags = [(m, m.training) for m in model.modules()]
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, **counter_kw)
     try:
         model.eval()
-        with counter:
+        with torch.no_grad(), counter:
             model(example_input)
     finally:
         for m, flag in flags:
             m.training = flag
-    return float(counter.get_total_flops()) / 2
+    return counter
 
 
-@torch.no_grad()
+def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
+    """Multiply-accumulates of one eval-mode forward of any model (FLOPs / 2), e.g. a pruned one."""
+    return float(_count_eval_forward(model, example_input).get_total_flops()) / 2
+
+
 def unit_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[float], float]:
     """Multiply-accumulates of each unit's residual branch, and of the whole model, for one input.
 
@@ -48,16 +51,7 @@ def unit_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[float
     if not units:
         raise ValueError(f"model: {type(model).__name__} has no residual units")
     names = {id(m): n for n, m in model.named_modules()}
-    flags = [(m, m.training) for m in model.modules()]
-    counter = FlopCounterMode(display=False, depth=None)
-    try:
-        model.eval()
-        with counter:
-            model(example_input)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    counts = counter.get_flop_counts()
+    counts = _count_eval_forward(model, example_input, depth=None).get_flop_counts()
     root = type(model).__name__
 
     def flops_of(module: nn.Module) -> float:

@@ -182,9 +182,12 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     parts = []
     optional = {"prune", "break_even", "ddp"}  # older runs, runs without timm, bench_ddp not run: none
-    for name, render in (("summary", summary_markdown), ("models", models_markdown), ("host", host_markdown),
-                         ("prune", prune_markdown), ("break_even", break_even_markdown),
-                         ("ddp", ddp_markdown)):
+    # (file, renderer, view): the headline is a second view of models.json, cited as such
+    for name, render, view in (("models", headline_markdown, " (headline)"),
+                               ("summary", summary_markdown, ""), ("models", models_markdown, ""),
+                               ("host", host_markdown, ""),
+                               ("prune", prune_markdown, ""), ("break_even", break_even_markdown, ""),
+                               ("ddp", ddp_markdown, "")):
         path = args.results_dir / f"{name}{args.suffix}.json"
         if name == "models":
             path = _models_path(args.results_dir, args.suffix)
@@ -194,10 +197,7 @@ def main(argv: list[str] | None = None) -> str:
             if name in optional:
                 continue
             raise SystemExit(f"results_dir: {path} not found (run `make bench` first)")
-        parts.append(f"<!-- from {path} -->\n{render(path)}")
-    models = _models_path(args.results_dir, args.suffix)
-    if models.exists():
-        parts.insert(0, f"<!-- from {models} (headline) -->\n{headline_markdown(models)}")
+        parts.append(f"<!-- from {path}{view} -->\n{render(path)}")
     text = "\n\n".join(parts)
     print(text)
     return text

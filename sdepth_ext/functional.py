@@ -36,7 +36,6 @@ from .kernels import load_epilogue, output_strides, triton_available
 __all__ = ["ACTIVATIONS", "GatedResidualAddFunction", "fused_epilogue", "gated_residual_add",
            "gated_residual_add_reference", "gated_residual_relu", "gated_residual_relu_reference"]
 
-BACKENDS = (None, "triton", "torch")
 ACTIVATIONS = (None, "relu")
 _DOUBLE_BACKWARD = (
     "sd.gated_residual_add / sd.gated_residual_relu (backend='triton'): the fused backward is not "
@@ -212,11 +211,9 @@ _gated_residual_add_op.register_autograd(_backward, setup_context=_setup_context
 # --------------------------------------------------------------------------------------------------
 # Functional
 # --------------------------------------------------------------------------------------------------
-def _is_compiling() -> bool:
-    fn = getattr(torch.compiler, "is_compiling", None)
-    if fn is not None:
-        return fn()
-    return torch._dynamo.is_compiling()  # torch < 2.3 fallback (not reached on torch >= 2.4)
+# torch.compiler.is_compiling (torch >= 2.3) bound once: dynamo recognises the function itself, and a
+# per-call attribute lookup on the torch.compiler module would cost host time on every eager call.
+_is_compiling = torch.compiler.is_compiling
 
 
 # Looked up once at import: importlib's find_spec cannot be traced by dynamo (torch 2.4 refuses it inside
@@ -260,38 +257,55 @@ def _check_rows_values(rows: torch.Tensor, n: int) -> None:
     raise ValueError(f"rows: indices out of range [0, {n}) (min {int(rows.min())}, max {int(rows.max())})")
 
 
-def _check_inputs(shortcut, residual, scale, rows, activation, trusted_rows: bool) -> float:
-    """O(1) metadata checks (plus, for untrusted ``rows``, their values); returns ``scale`` as a float."""
-    if not isinstance(shortcut, torch.Tensor):
-        raise TypeError(f"shortcut: expected a torch.Tensor, got {type(shortcut).__name__}")
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual: expected a torch.Tensor, got {type(residual).__name__}")
-    if type(scale) is not float:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected a Python float, got {type(scale).__name__}")
-        scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: must be finite, got {scale}")
-    if activation is not None and activation != "relu":
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+def _as_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a Python float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _tensor_error(shortcut, residual) -> Exception:
+    """The error for tensors that failed the combined fast check (cold path: says exactly what is wrong)."""
+    for name, t in (("shortcut", shortcut), ("residual", residual)):
+        if not isinstance(t, torch.Tensor):
+            return TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     dtype = shortcut.dtype
     if not dtype.is_floating_point:
-        raise TypeError(f"shortcut: expected a floating-point tensor, got {dtype}")
+        return TypeError(f"shortcut: expected a floating-point tensor, got {dtype}")
     if residual.dtype != dtype:
-        raise TypeError(f"residual: dtype {residual.dtype} does not match shortcut dtype {dtype}")
-    device = shortcut.device
-    if residual.device != device:
-        raise ValueError(f"residual: on device {residual.device}, but shortcut is on device {device}")
-    shape, res_shape = shortcut.shape, residual.shape
+        return TypeError(f"residual: dtype {residual.dtype} does not match shortcut dtype {dtype}")
+    return ValueError(f"residual: on device {residual.device}, but shortcut is on device {shortcut.device}")
+
+
+def _shape_error(shape, res_shape, rows) -> Exception:
     if not shape:
-        raise ValueError("shortcut: expected at least 1 dimension (the batch), got a 0-d tensor")
+        return ValueError("shortcut: expected at least 1 dimension (the batch), got a 0-d tensor")
     if len(res_shape) != len(shape) or res_shape[1:] != shape[1:]:
-        raise ValueError(f"residual: shape {tuple(res_shape)} does not match shortcut shape "
-                         f"{tuple(shape)} beyond the batch dimension")
+        return ValueError(f"residual: shape {tuple(res_shape)} does not match shortcut shape "
+                          f"{tuple(shape)} beyond the batch dimension")
     if rows is None:
-        if res_shape[0] != shape[0]:
-            raise ValueError(f"residual: batch size {res_shape[0]} != shortcut batch size "
-                             f"{shape[0]} (pass rows=... if the residual covers only some samples)")
+        return ValueError(f"residual: batch size {res_shape[0]} != shortcut batch size {shape[0]} (pass "
+                          "rows=... if the residual covers only some samples)")
+    return ValueError(f"residual: has {res_shape[0]} rows but len(rows) = {rows.shape[0]}")
+
+
+def _check_inputs(shortcut, residual, scale, rows, trusted_rows: bool) -> float:
+    """O(1) metadata checks (plus, for untrusted ``rows``, their values); returns ``scale`` as a float.
+
+    Every call of the public functions pays for these, so the common case is a few combined comparisons;
+    which argument is wrong, and how, is worked out only once one fails.
+    """
+    if type(scale) is not float:
+        scale = _as_scale(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: must be finite, got {scale}")
+    if not (isinstance(shortcut, torch.Tensor) and isinstance(residual, torch.Tensor)
+            and shortcut.dtype.is_floating_point and residual.dtype == shortcut.dtype
+            and residual.device == shortcut.device):
+        raise _tensor_error(shortcut, residual)
+    shape, res_shape = shortcut.shape, residual.shape
+    if rows is None:
+        if res_shape != shape or not shape:
+            raise _shape_error(shape, res_shape, rows)
         return scale
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"rows: expected a 1-D int64 tensor or None, got {type(rows).__name__}")
@@ -299,10 +313,10 @@ def _check_inputs(shortcut, residual, scale, rows, activation, trusted_rows: boo
         raise TypeError(f"rows: expected dtype torch.int64, got {rows.dtype}")
     if rows.dim() != 1:
         raise ValueError(f"rows: expected a 1-D tensor, got {rows.dim()}-D")
-    if rows.device != device:
-        raise ValueError(f"rows: on device {rows.device}, but shortcut is on device {device}")
-    if res_shape[0] != rows.shape[0]:
-        raise ValueError(f"residual: has {res_shape[0]} rows but len(rows) = {rows.shape[0]}")
+    if rows.device != shortcut.device:
+        raise ValueError(f"rows: on device {rows.device}, but shortcut is on device {shortcut.device}")
+    if not shape or len(res_shape) != len(shape) or res_shape[1:] != shape[1:] or res_shape[0] != len(rows):
+        raise _shape_error(shape, res_shape, rows)
     # Data-dependent checks need the values (one device sync on GPU). Skipped for trusted callers and under
     # torch.compile (a sync would break the graph); both must then pass sorted, unique, in-range rows.
     if not trusted_rows and not _is_compiling():
@@ -310,14 +324,24 @@ def _check_inputs(shortcut, residual, scale, rows, activation, trusted_rows: boo
     return scale
 
 
-def _resolve_backend(backend, device: torch.device) -> str:
+def _gated_residual_add(shortcut, residual, scale, rows, relu: bool, backend, trusted_rows: bool):
+    """The public functions' body: check, pick the backend, dispatch."""
+    scale = _check_inputs(shortcut, residual, scale, rows, trusted_rows)
     if backend is None:
-        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
-    if backend not in BACKENDS:
+        use_triton = shortcut.is_cuda and _triton_installed()
+    elif backend == "triton":
+        if not _triton_installed():
+            load_epilogue()  # raises the error that says what is missing and what to use instead
+        use_triton = True
+    elif backend == "torch":
+        use_triton = False
+    else:
         raise ValueError(f"backend: expected one of None, 'triton', 'torch', got {backend!r}")
-    if backend == "triton" and not _triton_installed():
-        load_epilogue()  # raises the error that says what is missing and what to use instead
-    return backend
+    if not use_triton:
+        return _gated_residual_add_torch(shortcut, residual, scale, rows, relu)
+    if _is_compiling():
+        return _gated_residual_add_op(shortcut, residual, scale, rows, None, relu)
+    return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, None, relu)
 
 
 def gated_residual_add(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,
@@ -342,17 +366,14 @@ def gated_residual_add(shortcut: torch.Tensor, residual: torch.Tensor, scale: fl
     are dense; other inputs are copied to a contiguous layout first on the Triton path. Raises ``TypeError`` /
     ``ValueError`` naming the argument for bad inputs.
     """
-    scale = _check_inputs(shortcut, residual, scale, rows, activation, _trusted_rows)
+    if activation is not None and activation != "relu":
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     relu = activation is not None
-    if _resolve_backend(backend, shortcut.device) == "torch":
-        return _gated_residual_add_torch(shortcut, residual, scale, rows, relu)
-    if _is_compiling():
-        return _gated_residual_add_op(shortcut, residual, scale, rows, None, relu)
-    return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, None, relu)
+    return _gated_residual_add(shortcut, residual, scale, rows, relu, backend, _trusted_rows)
 
 
 def gated_residual_relu(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,
                         rows: Optional[torch.Tensor] = None, backend: Optional[str] = None, *,
                         _trusted_rows: bool = False) -> torch.Tensor:
     """``relu(shortcut + scale * residual)``: :func:`gated_residual_add` with ``activation="relu"``."""
-    return gated_residual_add(shortcut, residual, scale, rows, "relu", backend, _trusted_rows=_trusted_rows)
+    return _gated_residual_add(shortcut, residual, scale, rows, True, backend, _trusted_rows)

@@ -40,7 +40,7 @@
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -217,14 +217,14 @@ def _check_buffer(buf: torch.Tensor, name: str, shape, strides, like: torch.Tens
         raise ValueError(f"{name}: expected strides {tuple(strides)}, got {tuple(buf.stride())}")
 
 
-def _launch(kernel, geo: "_Geometry", device: torch.device, *args) -> None:
-    # Triton launches on the current GPU; a tensor on another one (multi-GPU processes) needs a switch. No
-    # context manager on the common path: a launch costs microseconds of host time, and so would the guard.
-    if geo.is_cuda and device.index != torch.cuda.current_device():
+def _launch(geo: "_Geometry", device: torch.device, *args) -> None:
+    # Triton launches on the current GPU; a tensor on another one (a process that drives several GPUs) needs
+    # a switch. Only there: the query and the guard each cost host time, on every call.
+    if geo.check_device and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
-            kernel[geo.grid](*args, **geo.options)
+            geo.launch(*args, **geo.options)
     else:
-        kernel[geo.grid](*args, **geo.options)
+        geo.launch(*args, **geo.options)
 
 
 class _Geometry(NamedTuple):
@@ -240,7 +240,8 @@ class _Geometry(NamedTuple):
     M: int
     blocks_per_row: int
     options: dict  # the constexprs and num_warps of the launch, built once
-    is_cuda: bool
+    launch: Callable  # ``kernel[grid]``: Triton's launcher for this grid, built once
+    check_device: bool  # CUDA with more than one visible GPU: the launch may need a device switch
 
 
 def _row_layout(ref_shape, ref_strides, n: int) -> tuple[tuple, tuple]:
@@ -249,7 +250,7 @@ def _row_layout(ref_shape, ref_strides, n: int) -> tuple[tuple, tuple]:
     return (n, *ref_shape[1:]), (sample, *ref_strides[1:])
 
 
-def _geometry(main: torch.Tensor, num_residual_rows: int, row_mode: bool, relu: bool) -> _Geometry:
+def _geometry(kernel, main: torch.Tensor, num_residual_rows: int, row_mode: bool, relu: bool) -> _Geometry:
     """Layout analysis of one launch (the slow part, hence cached by the callers).
 
     ``main`` (the shortcut, or the saved output / incoming gradient in backward) fixes the layout: its own
@@ -274,8 +275,9 @@ def _geometry(main: torch.Tensor, num_residual_rows: int, row_mode: bool, relu: 
     grid = n_rows * blocks_per_row if math.prod(shape) > 0 else 0
     options = {"HAS_ROWS": row_mode, "IS_FP64": main.dtype == torch.float64, "RELU": relu, "BLOCK": block,
                "num_warps": num_warps}
+    check_device = main.is_cuda and torch.cuda.device_count() > 1
     return _Geometry(shape, strides, copy_main, False, res_shape, res_strides, (grid,), M, blocks_per_row,
-                     options, main.is_cuda)
+                     options, kernel[(grid,)], check_device)
 
 
 _FORWARD_GEOMETRY: dict = {}
@@ -334,11 +336,11 @@ def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, s
         slot = inverse_map(rows, geo.out_shape[0])
     if geo.grid[0] == 0:
         return out, slot
-    if res.numel() == 0:
+    if row_mode and geo.res_shape[0] == 0:
         res = sc  # no survivors: every slot is -1, the residual pointer is never dereferenced
     scale_hi, scale_lo = _split_scale(scale)
-    _launch(_gated_residual_add_forward_kernel, geo, sc.device,
-            out, sc, res, slot if row_mode else sc, scale_hi, scale_lo, geo.M, geo.blocks_per_row)
+    _launch(geo, sc.device, out, sc, res, slot if row_mode else sc, scale_hi, scale_lo, geo.M,
+            geo.blocks_per_row)
     return out, slot
 
 
@@ -347,7 +349,7 @@ def _forward_geometry(shortcut, residual, rows, relu) -> _Geometry:
     k = rows.shape[0] if row_mode else shortcut.shape[0]
     if row_mode and residual.shape[0] != k:
         raise ValueError(f"residual: expected {k} rows (len(rows)), got {residual.shape[0]}")
-    geo = _geometry(shortcut, k, row_mode, relu)
+    geo = _geometry(_gated_residual_add_forward_kernel, shortcut, k, row_mode, relu)
     if tuple(residual.shape) != geo.res_shape:
         raise ValueError(f"residual: expected shape {geo.res_shape}, got {tuple(residual.shape)}")
     return geo._replace(copy_second=not same_strides(geo.res_shape, residual.stride(), geo.res_strides))
@@ -391,9 +393,9 @@ def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor],
         _check_buffer(grad_residual, "grad_residual", geo.res_shape, geo.res_strides, g)
     if geo.grid[0] == 0:
         return grad_shortcut, grad_residual
-    gr = grad_residual if grad_residual.numel() > 0 else g  # K = 0: never stored to
+    gr = grad_residual if not row_mode or geo.res_shape[0] > 0 else g  # K = 0: never stored to
     scale_hi, scale_lo = _split_scale(scale)
-    _launch(_gated_residual_add_backward_kernel, geo, g.device,
+    _launch(geo, g.device,
             grad_shortcut if relu else g, gr, g, o if relu else g, slot if row_mode else g,
             scale_hi, scale_lo, geo.M, geo.blocks_per_row)
     return grad_shortcut, grad_residual
@@ -406,7 +408,7 @@ def _backward_geometry(grad, main, num_rows, row_mode, relu) -> _Geometry:
     if row_mode and (num_rows is None or not 0 <= num_rows <= main.shape[0]):
         raise ValueError(f"num_rows: expected an int in [0, {main.shape[0]}] with slot, got {num_rows!r}")
     # With relu the saved output fixes the layout and grad follows it; without, grad is the main operand.
-    geo = _geometry(main, k, row_mode, relu)
+    geo = _geometry(_gated_residual_add_backward_kernel, main, k, row_mode, relu)
     if not relu:
         return geo
     return geo._replace(copy_second=not same_strides(geo.out_shape, grad.stride(), geo.out_strides))

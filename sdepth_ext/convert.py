@@ -40,7 +40,7 @@ from torch import nn
 from .families import UnitAdapter, adapter_for, registered_adapters
 from .rules import check_probability, linear_decay, uniform
 from .scheduler import MODES, Scheduler, check_u64
-from .units import SCALINGS, UnitsState, gated_class, is_gated
+from .units import SCALINGS, UnitsState, gated_class, in_backward, is_gated
 
 __all__ = ["convert", "revert", "survival_probs", "set_drop_scale", "lesion", "get_state", "get_scheduler",
            "units_of",
@@ -163,11 +163,6 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def _in_backward() -> bool:
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
 def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state = module.__dict__.get(_ROOT_ATTR)
     if state is None or not module.training:
@@ -178,7 +173,7 @@ def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                            "dimension 0 is the batch, to draw the step's plan")
     if isinstance(x, torch.fx.Proxy):
         return None  # symbolic tracing: the units raise the explanation
-    if _in_backward() and state.plan is not None and state.plan.batch_size == int(x.shape[0]):
+    if in_backward() and state.plan is not None and state.plan.batch_size == int(x.shape[0]):
         # The whole root runs inside torch.utils.checkpoint and is being recomputed during backward: the
         # recomputation must see the step's plan, not draw a new one (gradients would be wrong).
         return None

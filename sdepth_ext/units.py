@@ -64,10 +64,15 @@ __all__ = ["GatedUnits", "UnitsState", "gated_class", "is_gated", "SCALINGS", "M
 SCALINGS = ("paper", "inverted", "none")
 
 
-def _in_backward() -> bool:
+# Bound once (both exist on torch >= 2.4): every unit's forward asks, and a module attribute lookup per call
+# adds up over the 50-100 units of a network on a host-bound step.
+_current_graph_task_id = torch._C._current_graph_task_id
+_Proxy = torch.fx.Proxy
+
+
+def in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
+    return _current_graph_task_id() != -1
 
 
 class UnitsState:
@@ -145,7 +150,7 @@ class UnitsState:
 
     def plan_for(self, l: int, x: torch.Tensor) -> Plan:
         """The plan unit ``l`` runs on: the step's, or a fresh one if this unit already used it."""
-        if _in_backward() and self.plan is not None:
+        if in_backward() and self.plan is not None:
             return self.plan  # recomputation (checkpointing) reruns the forward it belongs to
         if self.plan is None or self.consumed[l]:
             # A training forward that did not start at the root (whose pre-hook draws the step's plan): a
@@ -267,7 +272,8 @@ class GatedUnits:
             if state.scaling != "paper" and not self.__dict__.get("_sd_regions") and not (
                     lesioned and any(first + u in lesioned for u in range(self._sd_num_units))):
                 return self._sd_base.forward(self, x)
-            _refuse_symbolic(self, x)
+            if isinstance(x, _Proxy):
+                _refuse_symbolic(self)
             x = adapter.enter(self, x)
             for u in range(self._sd_num_units):
                 l = first + u
@@ -278,7 +284,8 @@ class GatedUnits:
                                           state.eval_scale(l))
             return adapter.exit(self, x)
 
-        _refuse_symbolic(self, x)
+        if isinstance(x, _Proxy):
+            _refuse_symbolic(self)
         x = adapter.enter(self, x)
         for u in range(self._sd_num_units):
             l = first + u
@@ -319,10 +326,16 @@ class GatedUnits:
 
     def _sd_epilogue(self, u: int, shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
                      rows: torch.Tensor | None = None, slot: torch.Tensor | None = None) -> torch.Tensor:
+        if shortcut.dtype != residual.dtype:
+            # Autocast: e.g. an fp32 identity with a bf16 residual, and the fused epilogue needs one dtype.
+            # torchvision adds in place on the residual (fp32 add, one rounding); casting the shortcut first
+            # rounds once more, so results can differ from torchvision's by one ulp of the residual's dtype
+            # (tested).
+            shortcut = shortcut.to(residual.dtype)
         act = self._sd_adapter.activation(self)
-        out = fused_epilogue(_like(shortcut, residual), residual, scale, rows, slot,
-                             relu=act == ACTIVATION_RELU)
-        return out if act is None or act == ACTIVATION_RELU else act(out)
+        relu = act == ACTIVATION_RELU
+        out = fused_epilogue(shortcut, residual, scale, rows, slot, relu)
+        return out if relu or act is None else act(out)
 
     # -- compiled regions (sdepth_ext.compile_blocks) ------------------------------------------------------
     def _sd_residual(self, u: int, x: torch.Tensor) -> torch.Tensor:
@@ -410,14 +423,14 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return view.index_select(0, rows).permute(inverse)
 
 
-def _refuse_symbolic(block: nn.Module, x) -> None:
-    """torch.fx tracing would bake one step's gates into the graph (the same units dropped forever)."""
-    if isinstance(x, torch.fx.Proxy):
-        raise TypeError(
-            f"{type(block).__name__}: a stochastic-depth unit cannot be traced by torch.fx (the trace would "
-            "freeze one step's gates); keep converted blocks as leaf modules, e.g. torchvision's "
-            "create_feature_extractor(model, nodes, "
-            "tracer_kwargs={'leaf_modules': [sdepth_ext.units.GatedUnits]})")
+def _refuse_symbolic(block: nn.Module) -> None:
+    """torch.fx tracing (the input is a Proxy) would bake one step's gates into the graph (the same units
+    dropped forever)."""
+    raise TypeError(
+        f"{type(block).__name__}: a stochastic-depth unit cannot be traced by torch.fx (the trace would "
+        "freeze one step's gates); keep converted blocks as leaf modules, e.g. torchvision's "
+        "create_feature_extractor(model, nodes, "
+        "tracer_kwargs={'leaf_modules': [sdepth_ext.units.GatedUnits]})")
 
 
 def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
@@ -430,16 +443,6 @@ def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]
     return tuple(
         (size[d] + 2 * padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
         for d in range(2))
-
-
-def _like(shortcut: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """The shortcut in the residual's dtype, as torchvision's ``out += identity`` (in place on the residual).
-
-    Under autocast the two can differ (e.g. an fp32 identity with a bf16 residual); the fused epilogue needs
-    one dtype. torchvision adds in fp32 and rounds once; casting the shortcut first rounds it once more, so
-    the result can differ from torchvision's by one unit in the last place of the residual's dtype (tested).
-    """
-    return shortcut if shortcut.dtype == residual.dtype else shortcut.to(residual.dtype)
 
 
 class _ZeroGradTouch(torch.autograd.Function):

@@ -81,7 +81,12 @@ def _gated_residual_add_torch(shortcut: torch.Tensor, residual: torch.Tensor, sc
     """
     scaled = residual if scale == 1.0 else scale * residual
     if rows is None:
-        out = shortcut + scaled
+        if scaled is residual or scaled.stride() != shortcut.stride():
+            out = shortcut + scaled
+        else:
+            # The product is our own temporary: adding in place saves an allocation (same sum, same
+            # rounding; equal strides, so the output keeps the shortcut's layout either way).
+            out = scaled.add_(shortcut)
     else:
         if scaled.stride()[1:] != shortcut.stride()[1:] and scaled.numel():
             # index_add_ walks the source in the destination's order: a source in another layout (ConvNeXt's

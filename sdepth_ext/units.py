@@ -244,12 +244,14 @@ class GatedUnits:
     """``forward`` of a converted block; mixed in front of the block's own class.
 
     Set by :func:`sdepth_ext.convert` on the instance: ``_sd_index`` (its first unit's index, forward order),
-    ``_sd_num_units`` and ``_sd_state`` (the shared :class:`UnitsState`); on the class: ``_sd_adapter`` and
-    ``_sd_base`` (the original class, restored by :func:`sdepth_ext.revert`).
+    ``_sd_num_units`` and ``_sd_state`` (the shared :class:`UnitsState`); on the class: ``_sd_adapter``,
+    ``_sd_base`` (the original class, restored by :func:`sdepth_ext.revert`) and ``_sd_reshapes`` (the
+    adapter has an ``enter``/``exit``; the others skip the two identity calls on every forward).
     """
 
     _sd_adapter: type[UnitAdapter]
     _sd_base: type
+    _sd_reshapes: bool
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state: UnitsState = self._sd_state
@@ -274,7 +276,8 @@ class GatedUnits:
                 return self._sd_base.forward(self, x)
             if isinstance(x, _Proxy):
                 _refuse_symbolic(self)
-            x = adapter.enter(self, x)
+            if self._sd_reshapes:
+                x = adapter.enter(self, x)
             for u in range(self._sd_num_units):
                 l = first + u
                 if l in lesioned:
@@ -282,11 +285,12 @@ class GatedUnits:
                 else:
                     x = self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x),
                                           state.eval_scale(l))
-            return adapter.exit(self, x)
+            return adapter.exit(self, x) if self._sd_reshapes else x
 
         if isinstance(x, _Proxy):
             _refuse_symbolic(self)
-        x = adapter.enter(self, x)
+        if self._sd_reshapes:
+            x = adapter.enter(self, x)
         for u in range(self._sd_num_units):
             l = first + u
             plan = state.plan_for(l, x)
@@ -299,7 +303,7 @@ class GatedUnits:
                 x = self._sd_checkpointed(u, x, plan, state.host_plan, state)
             else:
                 x = self._sd_active(u, x, plan, state.host_plan, state)
-        return adapter.exit(self, x)
+        return adapter.exit(self, x) if self._sd_reshapes else x
 
     def _sd_active(self, u: int, x: torch.Tensor, plan: Plan, host_plan: Plan | None,
                    state: UnitsState) -> torch.Tensor:
@@ -508,7 +512,9 @@ def gated_class(cls: type, adapter: type[UnitAdapter]) -> type:
     gated = _GATED_CLASSES.get(cls)
     if gated is None:
         name = f"Gated_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
-        gated = _register_generated(type(name, (GatedUnits, cls), {"_sd_adapter": adapter, "_sd_base": cls}))
+        reshapes = adapter.enter is not UnitAdapter.enter or adapter.exit is not UnitAdapter.exit
+        gated = _register_generated(type(name, (GatedUnits, cls), {
+            "_sd_adapter": adapter, "_sd_base": cls, "_sd_reshapes": reshapes}))
         _GATED_CLASSES[cls] = gated
     return gated
 

@@ -134,7 +134,7 @@ def _call_variants(device: torch.device) -> dict:
 
 
 def bench_calls(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
-    calls, repeat = (20, 3) if smoke else (500, 15)
+    calls, repeat = (20, 3) if smoke else (500, 45)
     rows, samples = [], {}
     with stubbed_triton_launch() as stubbed:
         for what, fns in _call_variants(device).items():
@@ -155,7 +155,7 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     import sdepth_ext as sd
     from sdepth_ext.convert import get_state
 
-    warmup, repeat = (1, 3) if smoke else (5, 40)
+    warmup, repeat = (1, 3) if smoke else (5, 120)
     torch.manual_seed(0)
     base = sd.cifar_resnet(STEP_DEPTH).to(device)
     x = torch.randn(STEP_BATCH, 3, STEP_SIZE, STEP_SIZE, device=device)

@@ -45,6 +45,8 @@ and :mod:`sdepth_ext.checkpointing` (all off by default):
 from __future__ import annotations
 
 import contextlib
+import copyreg
+import pickle
 import warnings
 from collections.abc import Callable
 
@@ -252,6 +254,16 @@ class GatedUnits:
     _sd_adapter: type[UnitAdapter]
     _sd_base: type
     _sd_reshapes: bool
+
+    def __reduce_ex__(self, protocol):
+        # The generated class exists only in a process that converted a model of its kind, so pickle
+        # (torch.save(model), deepcopy) names the original block class and the adapter instead, and loading
+        # rebuilds the generated class: a model saved in one process loads in a fresh one.
+        reduced = super().__reduce_ex__(protocol)
+        if reduced[0] is not copyreg.__newobj__ or reduced[1] != (type(self),):
+            raise pickle.PicklingError(f"{type(self).__name__}: pickle protocol 2 or higher is needed "
+                                       f"(torch.save's default), got protocol {protocol}")
+        return (_new_gated_block, (self._sd_base, self._sd_adapter), *reduced[2:])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state: UnitsState = self._sd_state
@@ -500,7 +512,8 @@ _GATED_CLASSES: dict[type, type] = {}
 
 
 def _register_generated(cls: type) -> type:
-    # Module-level names let pickle (torch.save(model)) find generated classes within this process.
+    # A module-level name for readable reprs and for pickling the class object itself (within the process;
+    # instances pickle through GatedUnits.__reduce_ex__, which works across processes).
     cls.__module__ = __name__
     cls.__qualname__ = cls.__name__
     globals()[cls.__name__] = cls
@@ -517,6 +530,12 @@ def gated_class(cls: type, adapter: type[UnitAdapter]) -> type:
             "_sd_adapter": adapter, "_sd_base": cls, "_sd_reshapes": reshapes}))
         _GATED_CLASSES[cls] = gated
     return gated
+
+
+def _new_gated_block(base: type, adapter: type[UnitAdapter]) -> GatedUnits:
+    """Unpickling: an empty instance of the generated class of ``base``; pickle then restores its state."""
+    cls = gated_class(base, adapter)
+    return cls.__new__(cls)
 
 
 def is_gated(module: nn.Module) -> bool:

@@ -9,6 +9,11 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 from collections import defaultdict
 
@@ -718,6 +723,41 @@ def test_deepcopy_and_pickle_of_converted_model():
     buffer.seek(0)
     restored = torch.load(buffer, weights_only=False)
     assert draw_plans(restored, 2, x) == draw_plans(model, 2, x)
+
+
+_UNPICKLE_WITHOUT_CUDA = """
+import json, sys
+import torch
+from sdepth_ext.convert import get_state
+assert not torch.cuda.is_available()
+model = torch.load(sys.argv[1], weights_only=False)
+x = torch.load(sys.argv[2])
+torch.nn.functional.cross_entropy(model(x), torch.zeros(x.shape[0], dtype=torch.long)).backward()
+plan = get_state(model).host_plan
+print(json.dumps({"counts": plan.counts, "pinned": plan.buffer.is_pinned()}))
+"""
+
+
+def test_a_pickled_model_trains_where_cuda_is_hidden(tmp_path):
+    """A converted model trained a step (on the GPU where there is one: its plans were then pinned), moved to
+    the CPU and saved, loads and trains in a process that sees no CUDA, and draws the gates the original
+    would draw next: nothing about pinning or the device was pickled."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = sd.convert(fresh_model("cifar_resnet20"), mode="row", seed=7).train().to(device)
+    x = make_input("cifar_resnet20", batch=4)[:, :, :8, :8]
+    F.cross_entropy(model(x.to(device)), torch.zeros(4, dtype=torch.long, device=device)).backward()
+    model.cpu()
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(x, tmp_path / "x.pt")
+    package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", _UNPICKLE_WITHOUT_CUDA, str(tmp_path / "model.pt"),
+                             str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    child = json.loads(result.stdout.strip().splitlines()[-1])
+    model(x)  # the original's next step, on the CPU as in the child
+    assert child == {"counts": get_state(model).host_plan.counts, "pinned": False}
 
 
 # ============================================================================================================

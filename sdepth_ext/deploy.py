@@ -185,19 +185,18 @@ def _latencies(models: list[nn.Module], x: torch.Tensor, repeat: int) -> list[fl
     """Median seconds of an eval forward on ``x`` per model, timed in interleaved rounds (one forward of each
     model per round, after one warm-up call each), so that a drift in the machine's speed hits every model
     alike instead of biasing the ratios between them."""
-    with torch.no_grad():
-        for model in models:
+    for model in models:
+        model(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeat):
+        for model, samples in zip(models, times):
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
             model(x)
-        times: list[list[float]] = [[] for _ in models]
-        for _ in range(repeat):
-            for model, samples in zip(models, times):
-                if x.is_cuda:
-                    torch.cuda.synchronize(x.device)
-                start = time.perf_counter()
-                model(x)
-                if x.is_cuda:
-                    torch.cuda.synchronize(x.device)
-                samples.append(time.perf_counter() - start)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            samples.append(time.perf_counter() - start)
     return [statistics.median(samples) for samples in times]
 
 
@@ -254,11 +253,11 @@ def depth_frontier(model: nn.Module, data, max_drop: int | None = None, recalibr
 
     pruned_models = [prune(model, sorted(order[:k])) for k in range(max_drop + 1)]
     latencies = _latencies(pruned_models, x0, latency_repeat)
-    full_macs = None
     rows = []
     for k, (pruned, latency) in enumerate(zip(pruned_models, latencies)):
         macs = total_macs(pruned, x0[:1])
-        full_macs = full_macs or macs
+        if k == 0:
+            full_macs = macs
         row = {"k": k, "dropped": sorted(order[:k]), "error": _error(pruned, batches),
                "error_recalibrated": None, "macs": macs, "macs_ratio": macs / full_macs,
                "latency_s": latency, "latency_ratio": latency / latencies[0]}

@@ -64,13 +64,14 @@ def _partial_block(block: nn.Module, adapter, kept: list[int], scales: dict[int,
         return adapter.exit(self, x)
 
     original = type(block)
-    tracing = type(f"{original.__name__}Pruned", (original,), {"forward": forward})
+    name = f"{getattr(original, '_sd_base', original).__name__}Pruned"  # a converted block: its own class's
+    tracing = type(name, (original,), {"forward": forward})
     block.__class__ = tracing  # for the trace only: the GraphModule keeps none of this class
     try:
         graph = _LeafTracer().trace(block)
     finally:
         block.__class__ = original
-    return torch.fx.GraphModule(block, graph, class_name=f"{original.__name__}Pruned")
+    return torch.fx.GraphModule(block, graph, class_name=name)
 
 
 def prune(model: nn.Module, drop: Iterable[int]) -> nn.Module:
@@ -146,10 +147,13 @@ def scriptable_copy(module: nn.Module) -> nn.Module:
     """What ``torch.jit.script`` compiles for a converted model, or a part of one: its plain eval equivalent.
 
     A converted unit draws new gates at every training step, which TorchScript cannot express, so a model in
-    eval mode scripts as a plain copy computing the converted eval forward: ``sd.prune(model, lesioned)``
-    (the original network for "inverted"/"none" scaling; ``p_l`` folded into the weights for "paper").
-    The copy holds its own weights, and its modules keep the train/eval flags of the originals. The model
-    itself is never changed. A unit in training mode raises ``TypeError`` naming what works instead.
+    eval mode scripts as plain torch computing the converted eval forward: the root as
+    ``sd.prune(model, lesioned)`` (the original network for "inverted"/"none" scaling; ``p_l`` folded into the
+    weights for "paper"), a part of the model (a stage) as the same kind of copy of the part. A block alone
+    -- also a block that a torch.fx graph borrows as a leaf, whose graph may call the block's submodules
+    directly -- becomes a generated forward over the block's own, unchanged submodules, multiplying by
+    ``p_l``. Modules keep the train/eval flags of the originals; the model itself is never changed. A unit in
+    training mode raises ``TypeError`` naming what works instead.
     """
     gated = [(name, m) for name, m in module.named_modules() if is_gated(m)]
     training = [name or type(m).__name__ for name, m in gated if m.training]
@@ -162,17 +166,19 @@ def scriptable_copy(module: nn.Module) -> nn.Module:
             "torch.export, or script sd.prune(model, []) / sd.revert(model)")
     if _is_converted_root(module):
         plain = prune(module, get_state(module).lesioned)
+    elif is_gated(module):
+        kept, scales = _eval_units(module)
+        plain = module._sd_adapter.removed(module) if not kept else _partial_block(
+            module, module._sd_adapter, kept, {u: s for u, s in scales.items() if s != 1.0})
     else:
-        # A part of a converted model (a stage, a block, a traced graph's leaf): copied without the state
-        # shared by the whole model, which the plain copy does not keep.
+        # A part of a converted model: copied without the state shared by the whole model, which the plain
+        # copy does not keep.
         plain = copy.deepcopy(module, {id(m._sd_state): m._sd_state for _, m in gated})
         plan = {}
         for name, block in plain.named_modules():
             if is_gated(block):
-                state, first = block._sd_state, block._sd_index
-                kept = [u for u in range(block._sd_num_units) if first + u not in state.lesioned]
-                plan[name] = {"adapter": block._sd_adapter, "kept": kept,
-                              "scales": {u: state.eval_scale(first + u) for u in kept}}
+                kept, scales = _eval_units(block)
+                plan[name] = {"adapter": block._sd_adapter, "kept": kept, "scales": scales}
                 revert_block(block)
         plain = _make_plain(plain, plan)
     flags = {name: m.training for name, m in module.named_modules()}
@@ -181,6 +187,13 @@ def scriptable_copy(module: nn.Module) -> nn.Module:
         m.training = flags.get(name, m.training)
     prepare = getattr(type(plain), SCRIPT_HOOK, None)  # the model's own class may have one as well
     return prepare(plain) if prepare is not None else plain
+
+
+def _eval_units(block: nn.Module) -> tuple[list[int], dict[int, float]]:
+    """A converted block's units that run in eval (not lesioned), and their eval scales."""
+    state, first = block._sd_state, block._sd_index
+    kept = [u for u in range(block._sd_num_units) if first + u not in state.lesioned]
+    return kept, {u: state.eval_scale(first + u) for u in kept}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import functools
 import pickle
 import warnings
 from collections.abc import Callable
@@ -336,12 +337,16 @@ class GatedUnits:
         lesioned = [first + u in state.lesioned for u in range(count)]
         plain = state.scaling != "paper" and not any(lesioned)
         extra = any(a is not None and a is not False for a in (*args, *kwargs.values()))
+        adapter = self._sd_adapter
+        if not self.training and extra and not plain and not any(lesioned):
+            slots = [adapter.drop_module(self, u) for u in range(count)]
+            if all(slots):  # the block's own forward, its drop modules standing for the p_l scales
+                return self._sd_trace_with_eval_scales(x, args, kwargs, slots)
         if self.training or (extra and not plain):
             tracer = x.tracer
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (x, *args), kwargs)
         if plain:
             return self._sd_base.forward(self, x, *args, **kwargs)
-        adapter = self._sd_adapter
         x = adapter.enter(self, x)
         for u in range(count):
             if lesioned[u]:
@@ -357,6 +362,22 @@ class GatedUnits:
             if act is not None:
                 x = torch.relu(x) if act == ACTIVATION_RELU else act(x)
         return adapter.exit(self, x)
+
+    def _sd_trace_with_eval_scales(self, x: _Proxy, args: tuple, kwargs: dict, slots: list[str]):
+        """Trace the block's own forward (with the extra arguments it takes) in eval, each unit's drop module
+        shadowed, for the trace only, by a multiplication by its ``p_l``: "paper" scaling's eval forward.
+
+        A plain function in the instance ``__dict__`` shadows the submodule (a module put in its place would
+        have to be known to the tracer's module table); the graph holds the multiplication.
+        """
+        state: UnitsState = self._sd_state
+        try:
+            for u, name in enumerate(slots):
+                self.__dict__[name] = functools.partial(_eval_scale, state.eval_scale(self._sd_index + u))
+            return self._sd_base.forward(self, x, *args, **kwargs)
+        finally:
+            for name in slots:
+                self.__dict__.pop(name, None)
 
     # -- TorchScript -----------------------------------------------------------------------------------------
     def __prepare_scriptable__(self):
@@ -486,6 +507,11 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, rows)
     inverse = [order.index(d) for d in range(x.dim())]
     return view.index_select(0, rows).permute(inverse)
+
+
+def _eval_scale(p: float, t: torch.Tensor) -> torch.Tensor:
+    """``p * t``: what a block's own drop module stands for while torch.fx traces its "paper" eval forward."""
+    return t if p == 1.0 else p * t
 
 
 def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:

@@ -64,6 +64,10 @@ from .scheduler import MODES, Plan, Scheduler, mix64, round_plan_rows
 
 __all__ = ["GatedUnits", "UnitsState", "gated_class", "is_gated", "SCALINGS", "MODES"]
 
+# What a dropped unit's branch parameters get (sdepth_ext.set_dropped_grads): zero gradients, as in the
+# paper's code and in models with their own stochastic depth.
+DEFAULT_DROPPED_GRADS = "zero"
+
 # "paper": train act(id + f), evaluate act(id + p f); "inverted": train act(id + f / p), evaluate the plain
 # network; "none": neither (timm's DropPath with scale_by_keep=False): train act(id + f), evaluate plain.
 SCALINGS = ("paper", "inverted", "none")
@@ -103,7 +107,7 @@ class UnitsState:
         self.lesioned: frozenset = frozenset()
         self.call_order: list[nn.Module] | None = []  # blocks in call order during the first forward
         # Options (module docstring); the defaults reproduce the plain converted model.
-        self.dropped_grads = "zero"  # "zero" | "none"
+        self.dropped_grads = DEFAULT_DROPPED_GRADS  # "zero" | "none"
         self.every_param = False  # DDP: every parameter's gradient must reach autograd's hooks each step
         self.shard: tuple[int, int] | None = None  # (rank, world_size), row mode only
         self.row_multiple = 1

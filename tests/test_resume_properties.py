@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import io
 import os
 import pathlib
 import pickle
+import queue
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sdepth_ext as sd
@@ -324,21 +330,29 @@ def make_model(case, seed, ops, settings):
 @property_examples(0.5)
 @given(model_cases())
 def test_a_loaded_model_state_dict_draws_the_originals_next_plans(case):
-    """Through a checkpoint file (torch.save of model.state_dict(), torch.load with weights_only=True): the
-    scheduler state rides in the metadata; the target keeps its own settings. Both sides run with the
-    original's settings, so that the plans may be compared (row_multiple changes them)."""
+    """Through a checkpoint file (torch.save of model.state_dict(), torch.load with weights_only=True) the
+    scheduler state rides in the metadata. A target that its script set up like the original draws the
+    original's next plans at once; one with other settings keeps them through the load (they are not in
+    the state_dict), and draws the original's plans once given the original's settings and a no-op scale."""
     original = make_model(case, *case["original"])
-    seed, ops, target_settings = case["target"]
-    target = make_model(case, seed, ops, target_settings)
+    seed, ops, own_settings = case["target"]
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
-    buffer.seek(0)
-    target.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
-    assert settings_of(target) == {**settings_of(original), **target_settings}
-    assert sd.get_scheduler(target).state_dict() == sd.get_scheduler(original).state_dict()
-    apply_settings(target, case["original"][2])
-    sd.set_drop_scale(target, sd.get_scheduler(target).drop_scale)  # a no-op
-    assert_same_steps(model_plans(target, case["sizes"]), model_plans(original, case["sizes"]))
+
+    def load(model):
+        buffer.seek(0)
+        model.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+        assert sd.get_scheduler(model).state_dict() == sd.get_scheduler(original).state_dict()
+        return model
+
+    at_once = load(make_model(case, seed, ops, case["original"][2]))
+    later = load(make_model(case, seed, ops, own_settings))
+    assert settings_of(later) == {**settings_of(original), **own_settings}
+    apply_settings(later, case["original"][2])
+    sd.set_drop_scale(later, sd.get_scheduler(later).drop_scale)
+    expected = model_plans(original, case["sizes"])
+    assert_same_steps(model_plans(at_once, case["sizes"]), expected)
+    assert_same_steps(model_plans(later, case["sizes"]), expected)
 
 
 def train_steps(model, sizes) -> list[tuple]:
@@ -486,6 +500,155 @@ def test_a_saved_model_continues_exactly_in_a_fresh_process(tmp_path):
             assert_same_training(got["steps"], expected["steps"])
         assert got["settings"] == expected["settings"], case["name"]
 
+
+
+# ============================================================================================================
+# sync_scheduler between two gloo processes, ranks starting from different states
+# ============================================================================================================
+WORLD = 2
+REPLY_TIMEOUT_S = 90  # one example on both ranks; the process group itself times out after 30 s
+
+
+def sync_job(job: dict, rank: int) -> dict:
+    """One example on one rank: this rank's model in its own state (its seed, backend and history), then
+    ``sync_scheduler`` from ``job["src"]``, then the next plans; then no-ops (the scale in force, a second
+    sync) and the plans after them."""
+    seed, backend, ops = job["ranks"][rank]
+    model = sd.convert(tiny_resnet(), p_last=job["p_last"], rule="uniform", mode=job["mode"], seed=seed)
+    # The backend is the rank's own choice (a rank without the compiled scheduler uses the NumPy one).
+    get_state(model).scheduler = sd.Scheduler(sd.survival_probs(model), mode=job["mode"], seed=seed,
+                                              backend=backend)
+    apply_ops(sd.get_scheduler(model), ops)
+    before = sd.get_scheduler(model).state_dict()
+    sd.sync_scheduler(model, src=job["src"])
+    after = sd.get_scheduler(model).state_dict()
+    plans = [key for key, _ in model_plans(model, job["sizes"])]
+    sd.set_drop_scale(model, sd.get_scheduler(model).drop_scale)
+    sd.sync_scheduler(model, src=job["src"])
+    plans_after_no_ops = [key for key, _ in model_plans(model, job["sizes"])]
+    return {"before": before, "after": after, "plans": plans, "plans_after_no_ops": plans_after_no_ops}
+
+
+def _sync_server(rank: int, port: int, jobs, replies) -> None:
+    """A spawned rank: serves jobs until told to stop (None), or until one fails: then the ranks'
+    collectives may be out of step, so it reports the error and stops."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        while True:
+            job = jobs[rank].get(timeout=600)  # the parent went away without a word: stop
+            if job is None:
+                return
+            try:
+                replies.put((rank, sync_job(job, rank)))
+            except Exception as err:  # noqa: BLE001 - the parent fails the test with this message
+                replies.put((rank, f"{type(err).__name__}: {err}"))
+                return
+    finally:
+        dist.destroy_process_group()
+
+
+class SyncRanks:
+    """Two gloo ranks, spawned once; ``run(job)`` gives both the job and returns their results."""
+
+    def __init__(self):
+        context = mp.get_context("spawn")
+        self.jobs = [context.Queue() for _ in range(WORLD)]
+        self.replies = context.Queue()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.processes = mp.start_processes(_sync_server, args=(port, self.jobs, self.replies), nprocs=WORLD,
+                                            join=False, start_method="spawn")
+        self.stopped: str | None = None
+
+    def run(self, job: dict) -> list[dict]:
+        if self.stopped:
+            raise AssertionError(f"the gloo ranks stopped at an earlier example: {self.stopped}")
+        for q in self.jobs:
+            q.put(job)
+        results: dict = {}
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while len(results) < WORLD:
+            try:
+                rank, result = self.replies.get(timeout=1)
+                results[rank] = result
+            except queue.Empty:
+                dead = [p.exitcode for p in self.processes.processes if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.stopped = (f"ranks exited (codes {dead}): {self._exit_error()}" if dead else
+                                    f"no reply from ranks {sorted(set(range(WORLD)) - set(results))} "
+                                    f"within {REPLY_TIMEOUT_S} s")
+                    raise AssertionError(self.stopped) from None
+        errors = [f"rank {r}: {v}" for r, v in sorted(results.items()) if isinstance(v, str)]
+        if errors:
+            self.stopped = "; ".join(errors)
+            raise AssertionError(self.stopped)
+        return [results[r] for r in range(WORLD)]
+
+    def _exit_error(self) -> str:
+        try:
+            self.processes.join(timeout=1)  # raises with the traceback of a rank that raised
+        except Exception as err:  # noqa: BLE001 - the message is what the test reports
+            return str(err)[-2000:]
+        return "no error reported"
+
+    def close(self) -> None:
+        for q in self.jobs:
+            q.put(None)
+        for p in self.processes.processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def sync_ranks():
+    ranks = SyncRanks()
+    try:
+        yield ranks
+    finally:
+        ranks.close()
+
+
+def check_sync(job: dict, results: list[dict]) -> None:
+    """Every rank ends with the source rank's stream, and draws what that stream draws by definition."""
+    source = results[job["src"]]["before"]
+    for rank, result in enumerate(results):
+        assert result["after"] == source, f"rank {rank}"
+    survival = sd.uniform(3, job["p_last"])  # tiny_resnet has 3 units
+    sizes = job["sizes"]
+    expected = reference_plans(survival, job["mode"], source, sizes + sizes)
+    for rank, result in enumerate(results):
+        assert result["plans"] == expected[:len(sizes)], f"rank {rank}"
+        assert result["plans_after_no_ops"] == expected[len(sizes):], f"rank {rank}"
+
+
+@st.composite
+def sync_jobs(draw):
+    mode = draw(modes)
+    return {"mode": mode, "p_last": draw(probabilities), "src": draw(st.integers(0, WORLD - 1)),
+            "ranks": [(draw(u64s), draw(backends), draw(scheduler_ops(mode))) for _ in range(WORLD)],
+            "sizes": draw(st.lists(st.integers(2, 6), min_size=1, max_size=3))}
+
+
+@property_examples(0.5)
+@given(job=sync_jobs())
+def test_sync_scheduler_gives_every_rank_the_sources_next_plans(sync_ranks, job):
+    check_sync(job, sync_ranks.run(job))
+
+
+def test_sync_scheduler_carries_words_of_64_bits(sync_ranks):
+    """Regression: seed, step and the drop scale's float64 bits travel as int64 words, and a word >= 2**63
+    (half of all seed=None seeds; the bits of the drop scale -0.0) came back negative without the
+    conversion back to unsigned. Each rank starts elsewhere; rank 1 without the compiled scheduler."""
+    job = {"mode": "row", "p_last": 0.5, "src": 0, "sizes": [4, 5],
+           "ranks": [(U64 - 1, BACKENDS[-1], [("step", 2**63 + 5), ("scale", -0.0)]),
+                     (7, "python", [("sample", 4), ("scale", 0.5)])]}
+    results = sync_ranks.run(job)
+    assert results[1]["after"]["seed"] == U64 - 1 and results[1]["after"]["step"] == 2**63 + 5
+    check_sync(job, results)
 
 if __name__ == "__main__":
     observe_saved_cases(sys.argv[1], sys.argv[2])

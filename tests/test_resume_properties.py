@@ -45,6 +45,7 @@ import sdepth_ext as sd
 from sdepth_ext.convert import get_state
 from sdepth_ext.distributed import DROPPED_GRADS
 from sdepth_ext.scheduler import MODES
+from sdepth_ext.units import SCALINGS
 from tests.conftest import property_examples
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (requirements.txt)")
@@ -64,6 +65,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 # ============================================================================================================
 # Strategies: the full range of every value, its edges drawn on purpose
@@ -160,6 +162,8 @@ def make_scheduler(survival, mode, seed, backend, ops) -> sd.Scheduler:
 
 @given(scheduler_cases())
 def test_a_loaded_scheduler_draws_the_originals_next_plans(case):
+    """Save from any state, load into a scheduler in any other state (another seed, step, scale, backend):
+    the original's next plans at once, after no-ops, and by definition from the saved numbers."""
     survival, mode, sizes = case["survival"], case["mode"], case["sizes"]
     original = make_scheduler(survival, mode, *case["original"])
     saved = carry(original.state_dict(), case["carry"])
@@ -180,6 +184,7 @@ def test_a_loaded_scheduler_draws_the_originals_next_plans(case):
 
 @given(scheduler_cases(), st.sampled_from(["pickle", "deepcopy"]))
 def test_a_pickled_or_copied_scheduler_draws_the_originals_next_plans(case, how):
+    """Pickling (torch.save of anything holding a scheduler) and deepcopy keep the stream and the backend."""
     original = make_scheduler(case["survival"], case["mode"], *case["original"])
     twin = pickle.loads(pickle.dumps(original)) if how == "pickle" else copy.deepcopy(original)
     assert twin.backend == original.backend and twin.state_dict() == original.state_dict()
@@ -214,7 +219,7 @@ def test_load_state_dict_draws_with_the_saved_drop_scale(backend, mode, saved_sc
 def test_a_resumed_model_trains_at_the_saved_drop_scale():
     """The user-facing form of the bug: resume a run whose constant drop scale is 0 (nothing dropped yet,
     a "late" schedule before its start) into a freshly converted model; its next steps must drop nothing."""
-    x = torch.randn(2, 3, 8, 8)
+    x = batch(2)[0]
     model = sd.convert(tiny_resnet(), p_last=0.0, rule="uniform", mode="batch", seed=1).train()
     sd.set_drop_scale(model, 0.0)
     buffer = io.BytesIO()
@@ -274,10 +279,9 @@ def apply_model_ops(model, ops) -> None:
 def model_settings(draw, mode):
     """What code sets on a converted model; both dropped-gradient policies named explicitly (never the
     default, which is changing)."""
-    settings = {"dropped_grads": draw(st.sampled_from(DROPPED_GRADS)),
-                "checkpoint": draw(st.sampled_from([None, {"use_reentrant": False}])),
-                "row_multiple": draw(st.sampled_from([1, 2, 3])) if mode == "row" else 1}
-    return settings
+    return {"dropped_grads": draw(st.sampled_from(DROPPED_GRADS)),
+            "checkpoint": draw(st.sampled_from([None, {"use_reentrant": False}])),
+            "row_multiple": draw(st.sampled_from([1, 2, 3])) if mode == "row" else 1}
 
 
 def apply_settings(model, settings) -> None:
@@ -313,7 +317,7 @@ def assert_same_steps(got, expected) -> None:
 def model_cases(draw):
     mode = draw(modes)
     return {"mode": mode, "p_last": draw(probabilities), "rule": draw(st.sampled_from(["linear", "uniform"])),
-            "scaling": draw(st.sampled_from(["paper", "inverted"])),
+            "scaling": draw(st.sampled_from(SCALINGS)),
             "original": (draw(u64s), draw(model_ops(mode)), draw(model_settings(mode))),
             "target": (draw(u64s), draw(model_ops(mode)), draw(model_settings(mode))),
             "sizes": draw(st.lists(st.integers(2, 6), min_size=1, max_size=3))}
@@ -356,7 +360,7 @@ def test_a_loaded_model_state_dict_draws_the_originals_next_plans(case):
 
 
 def train_steps(model, sizes) -> list[tuple]:
-    """Training steps with backward: plan, output, loss and every parameter's gradient (None stays None:
+    """Training steps with backward: plan, output and every parameter's gradient (None stays None:
     the dropped-gradient policy shows in which gradients exist), and the number of tensors autograd saved
     (checkpointing shows there)."""
     out = []

@@ -112,6 +112,7 @@ class UnitsState:
         self.shard: tuple[int, int] | None = None  # (rank, world_size), row mode only
         self.row_multiple = 1
         self.checkpoint: dict | None = None  # kwargs of torch.utils.checkpoint.checkpoint, or None
+        self.compile_kwargs: dict | None = None  # compile_blocks' torch.compile kwargs (copies recompile)
         self.tally = WorkTally(len(units))  # what ran, for sdepth_ext.compute_stats
         self.input_meta: tuple | None = None  # (shape without the batch, dtype, device) of the last step
         self.macs_cache: dict = {}

@@ -334,8 +334,10 @@ class GatedUnits:
         graph. Evaluation: traced through, as the plain ops of the eval forward (the original block's own
         forward for "inverted"/"none" scaling, ``act(shortcut + p_l * residual)`` with lesioned units as
         their shortcut for "paper"), so the graph equals ``sd.prune(model, lesioned)`` and scripts. Extra
-        arguments whose values the trace cannot know (a traced ``attn_mask``) keep the block a leaf in eval
-        too: whether they are set is checked when the graph runs.
+        arguments whose values the trace cannot know (timm's ViT passes its traced ``attn_mask`` on): with
+        "paper" scaling the block's own forward is traced, its drop modules standing for the ``p_l`` scales,
+        where the adapter names them (:meth:`~sdepth_ext.families.UnitAdapter.drop_module`); otherwise, and
+        with lesioned units, the block stays a leaf and checks them when the graph runs.
         """
         state: UnitsState = self._sd_state
         first, count = self._sd_index, self._sd_num_units
@@ -343,7 +345,7 @@ class GatedUnits:
         plain = state.scaling != "paper" and not any(lesioned)
         extra = any(a is not None and a is not False for a in (*args, *kwargs.values()))
         adapter = self._sd_adapter
-        if not self.training and extra and not plain and not any(lesioned):
+        if not self.training and extra and state.scaling == "paper" and not any(lesioned):
             slots = [adapter.drop_module(self, u) for u in range(count)]
             if all(slots):  # the block's own forward, its drop modules standing for the p_l scales
                 return self._sd_trace_with_eval_scales(x, args, kwargs, slots)
@@ -565,20 +567,19 @@ class _ZeroGradTouch(torch.autograd.Function):
 
 def _zero_views(params: list) -> list[torch.Tensor]:
     """Zero tensors shaped (and strided) like ``params``: views of one zero fill per (dtype, device)."""
+    views: list = [None] * len(params)
     groups: dict = {}
     for i, p in enumerate(params):
-        groups.setdefault((p.dtype, p.device), []).append(i)
-    views: list = [None] * len(params)
+        if p.is_contiguous():
+            groups.setdefault((p.dtype, p.device), []).append(i)
+        else:  # e.g. a channels_last conv weight: a gradient in the parameter's own layout
+            views[i] = torch.zeros_like(p)
     for (dtype, device), members in groups.items():
         flat = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype, device=device)
         start = 0
         for i in members:
-            p = params[i]
-            if p.is_contiguous():
-                views[i] = flat[start:start + p.numel()].view(p.shape)
-            else:  # e.g. a channels_last conv weight: a gradient in the parameter's own layout
-                views[i] = torch.zeros_like(p)
-            start += p.numel()
+            views[i] = flat[start:start + params[i].numel()].view(params[i].shape)
+            start += params[i].numel()
     return views
 
 

@@ -168,8 +168,20 @@ def scriptable_copy(module: nn.Module) -> nn.Module:
         plain = prune(module, get_state(module).lesioned)
     elif is_gated(module):
         kept, scales = _eval_units(module)
-        plain = module._sd_adapter.removed(module) if not kept else _partial_block(
-            module, module._sd_adapter, kept, {u: s for u, s in scales.items() if s != 1.0})
+        unfolded = {u: s for u, s in scales.items() if s != 1.0}
+        plain = _partial_block(module, module._sd_adapter, kept, unfolded)
+        # Every member of the block, used by this forward or not: a traced graph that borrows the block may
+        # call any of them (its eval graph traces the block's own forward: timm's act2, drop_block, ...).
+        members = (*module.named_children(), *module.named_parameters(recurse=False),
+                   *module.named_buffers(recurse=False))
+        for name, member in members:
+            if not hasattr(plain, name):
+                if isinstance(member, nn.Module):
+                    plain.add_module(name, member)
+                elif isinstance(member, nn.Parameter):
+                    plain.register_parameter(name, member)
+                else:
+                    plain.register_buffer(name, member)
     else:
         # A part of a converted model: copied without the state shared by the whole model, which the plain
         # copy does not keep.

@@ -148,11 +148,12 @@ def test_fx_eval_graph_is_the_eval_forward_in_plain_ops(case, scaling):
     assert_still_converted(model, blocks)
 
 
+@pytest.mark.parametrize("scaling", ["paper", "inverted"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_fx_graph_then_script(case):
+def test_fx_graph_then_script(case, scaling):
     """timm's fx + TorchScript check: the traced model (train graph with converted leaves included) scripts
-    in eval mode and computes the eval forward."""
-    model, x = eval_model(case, "paper")
+    in eval mode and computes the eval forward (whose graph may call any member of a converted block)."""
+    model, x = eval_model(case, scaling)
     blocks = [m for m in model.modules() if is_gated(m)]
     scripted = torch.jit.script(fx_model(model).eval())
     with torch.no_grad():

@@ -43,7 +43,7 @@ from .scheduler import MODES, Scheduler, check_u64
 from .units import SCALINGS, UnitsState, gated_class, in_backward, is_gated
 
 __all__ = ["convert", "revert", "survival_probs", "set_drop_scale", "lesion", "get_state", "get_scheduler",
-           "units_of",
+           "units_of", "put_plan_draw_first",
            "RULES", "SCALINGS", "MODES"]
 
 RULES = ("linear", "uniform")
@@ -177,8 +177,13 @@ def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The whole root runs inside torch.utils.checkpoint and is being recomputed during backward: the
         # recomputation must see the step's plan, not draw a new one (gradients would be wrong).
         return None
-    state.sample(int(x.shape[0]), x.device)
-    state.input_meta = (tuple(x.shape[1:]), x.dtype, x.device)
+    if id(type(module)) != state.fsdp_seen:  # first training call, or FSDP2 applied since (a new class)
+        from .fsdp import detect
+        detect(module, state)
+    # Under FSDP2 this hook runs before FSDP's root pre-forward, which moves the input to its device.
+    device = x.device if state.fsdp is None else state.fsdp.device
+    state.sample(int(x.shape[0]), device)
+    state.input_meta = (tuple(x.shape[1:]), x.dtype, device)
     return None
 
 
@@ -210,7 +215,17 @@ def _load_scheduler_state_hook(module: nn.Module, state_dict: dict, prefix: str,
                       "the model keeps its own gate stream", UserWarning, stacklevel=2)
 
 
+def put_plan_draw_first(model: nn.Module) -> None:
+    """Re-register the plan draw in front of the root's other forward pre-hooks (FSDP2's registers itself in
+    front when the root is sharded, and may prefetch blocks the plan is about to drop)."""
+    state = get_state(model)
+    state.hook_handles[0].remove()
+    state.hook_handles[0] = model.register_forward_pre_hook(_draw_plan_pre_hook, with_kwargs=True,
+                                                            prepend=True)
+
+
 def _install_hooks(model: nn.Module) -> list:
+    # The plan draw stays the first handle (put_plan_draw_first replaces it).
     handles = [model.register_forward_pre_hook(_draw_plan_pre_hook, with_kwargs=True),
                model.register_forward_hook(_first_forward_post_hook)]
     # Public names where they exist (torch >= 2.5); the private ones (same signatures) on torch 2.4.
@@ -302,9 +317,11 @@ def convert(model: nn.Module, p_last: float | None = None, rule: str | None = No
             ResNets; for models with their own stochastic depth, their rates).
         rule: ``"linear"`` (``p_l = 1 - l/L (1 - p_last)`` over the L units, the paper's) or ``"uniform"``
             (``p_l = p_last``). None: linear, or the model's own rates when ``p_last`` is None too.
-        mode: ``"batch"`` (one gate per unit and step; a dropped unit runs no residual at all) or ``"row"``
+        mode: ``"batch"`` (one gate per unit and step; a dropped unit runs no residual at all), ``"row"``
             (one gate per unit and sample; the residual runs on the surviving samples only, so BatchNorm
-            statistics are those of the survivors). None: batch for ResNets, the model's own mode otherwise.
+            statistics are those of the survivors) or ``"subset"`` (each unit keeps exactly
+            ``max(int(N * p_l), 1)`` of its N samples, drawn uniformly: the same shapes every step; "inverted"
+            scaling multiplies by ``N / kept``). None: batch for ResNets, the model's own mode otherwise.
         scaling: ``"paper"`` (train with ``act(id + f)``, evaluate ``act(id + p_l f)``), ``"inverted"``
             (train with ``act(id + f / p_l)``, evaluate the plain network, bit-identical to the original) or
             ``"none"`` (train ``act(id + f)``, evaluate the plain network: timm's ``scale_by_keep=False``).

@@ -68,8 +68,8 @@ def dropped_blocks(model: nn.Module, process_group=None) -> list[int]:
     """
     state = get_state(model)
     plan = state.host_plan
-    if plan is None:
-        return []
+    if plan is None or plan.mode == "subset":
+        return []  # subset mode keeps at least one sample of every unit on every rank
     counts = plan.counts
     if state.shard is not None and state.mode == "row":
         rank, world_size = state.shard
@@ -146,7 +146,8 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
 
     * dropped blocks' residual parameters get exact zero gradients (``set_dropped_grads(model, "zero")``);
     * with an initialised process group: the scheduler state of rank ``src`` is broadcast (``sync=True``),
-      and in row mode each rank draws the global batch's plan and keeps its slice of rows.
+      and in row mode each rank draws the global batch's plan and keeps its slice of rows (subset mode: each
+      rank keeps its fixed count of its own samples).
 
     Without a process group only the first point applies (single-process runs with zero-gradient semantics).
     """
@@ -158,5 +159,5 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
             sync_scheduler(model, src=src, process_group=process_group)
         world_size = dist.get_world_size(process_group)
         rank = dist.get_rank(process_group)
-        state.shard = (rank, world_size) if state.mode == "row" and world_size > 1 else None
+        state.shard = (rank, world_size) if state.mode != "batch" and world_size > 1 else None
     return model

@@ -1,4 +1,4 @@
-"""FSDP2 train-step time and collectives per step: plain FSDP2 next to the converted model under ``sd.fully_shard``.
+"""FSDP2 train-step time and collectives per step: plain FSDP2 vs ``sd.fully_shard``.
 
 Two processes (gloo on this machine's CPU; ``--backend nccl`` on a machine with several GPUs, one GPU per
 rank). Every variant is a CIFAR ResNet with the same weights, sharded into the same groups (one per block,
@@ -14,7 +14,7 @@ timed ones, so that the counting itself does not slow the timed steps. In batch 
 rank skips its three collectives; row and subset mode run every unit on some rank, so they save compute only.
 
 Run: ``python -m benchmarks.bench_fsdp [--smoke | --full] [--backend gloo|nccl] [--cpu-malloc keep|default]``.
-Prints median step times, ratios and collectives; writes JSON + CSV through ``benchmarks.common.write_results``.
+Prints median step times, ratios and collectives; writes JSON + CSV (``benchmarks.common.write_results``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def _step(model, opt, x, y) -> None:
     opt.step()
 
 
-def _worker(rank: int, port: int, config: tuple, out_path: str, backend: str, cpu_malloc: str = "keep") -> None:
+def _worker(rank: int, port: int, config: tuple, out_path: str, backend: str,
+            cpu_malloc: str = "keep") -> None:
     configure_cpu_malloc(cpu_malloc)  # a spawned process starts with the system allocator: apply it here
     torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
@@ -192,8 +193,8 @@ def main(argv=None) -> list[dict]:
     env["world_size"] = WORLD
     print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc)
-    columns = ["variant", "mode", "step_ms", "ratio_vs_plain", "all_gather_per_step", "reduce_scatter_per_step",
-               "collectives_vs_plain"]
+    columns = ["variant", "mode", "step_ms", "ratio_vs_plain", "all_gather_per_step",
+               "reduce_scatter_per_step", "collectives_vs_plain"]
     print(format_table(rows, columns))
     name = "fsdp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "")
     paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)

@@ -84,7 +84,8 @@ def test_subset_gates_match_the_definition(backend, rank, world_size):
         plan = sched.sample(n, rank=rank, world_size=world_size)
         for unit, p in enumerate(survival):
             count = min(n, max(int(n * p), 1))
-            keys = sorted((uniform_by_hand(seed, step, unit, i * world_size + rank) << 32) | i for i in range(n))
+            keys = sorted((uniform_by_hand(seed, step, unit, i * world_size + rank) << 32) | i
+                          for i in range(n))
             expected = sorted(key & 0xFFFFFFFF for key in keys[:count])
             assert plan.counts[unit] == count and plan.survivors(unit) == expected, (step, unit)
         assert plan.active == list(range(len(survival)))  # never dropped: at least one sample each

@@ -394,9 +394,16 @@ def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: original block classes and forward, hooks removed; returns ``model``.
 
     Weights and state_dict keys are unchanged (they never changed); the model's own stochastic-depth modules
-    run again. Raises ``ValueError`` if ``model`` is not a converted root.
+    run again. Raises ``ValueError`` if ``model`` is not a converted root, or is sharded with FSDP2 (which
+    swapped the same classes: revert before sharding).
     """
     state = get_state(model)
+    from .fsdp import fsdp_module_types
+
+    types = fsdp_module_types()
+    if types and any(isinstance(m, types) for m in (model, *state.blocks)):
+        raise ValueError("model: it is sharded with FSDP2 (fully_shard), whose module classes wrap the "
+                         "converted ones; revert a model before sharding it, not after")
     for cleanup in reversed(state.cleanups):  # what helpers attached (compiled regions, ...)
         cleanup()
     for block in state.blocks:

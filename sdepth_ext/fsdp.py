@@ -62,7 +62,7 @@ def _require_fsdp2() -> None:
                            f"{torch.__version__}")
 
 
-def _fsdp_module_types() -> tuple[type, ...]:
+def fsdp_module_types() -> tuple[type, ...]:
     """FSDP2's module class, where this torch has one (also the pre-2.6 location, to refuse it clearly)."""
     types = []
     for path in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
@@ -153,7 +153,7 @@ def detect(root: nn.Module, state) -> None:
     state.fsdp_seen = id(type(root))
     if state.fsdp is not None:
         return
-    types = _fsdp_module_types()
+    types = fsdp_module_types()
     if types and any(isinstance(m, types) for m in root.modules()):
         _require_fsdp2()
         install(root, state)
@@ -218,7 +218,7 @@ class FsdpGates:
         self.skipped: frozenset = frozenset()  # FSDP states bypassed under the current plan
         self._bypassing: set[int] = set()  # blocks whose current call bypasses FSDP (pre-hook to post-hook)
         self._restore: list = []
-        types = _fsdp_module_types()
+        types = fsdp_module_types()
         for block in state.blocks:
             if isinstance(block, types):
                 units = _group_units(block, types)

@@ -10,6 +10,10 @@ that rank's plan (``shard=(r, WORLD)`` and the scheduler rewound to the step), i
 BatchNorm buffers (FSDP2 keeps them per rank), ``loss / WORLD`` backpropagated (FSDP2 averages gradients);
 then one optimizer step. With per-sample normalisation and equal batches that is one process over the
 global batch, which ``test_row_mode_equals_one_process_over_the_global_batch`` checks as well.
+
+Scenarios: sharded by hand (torchtitan's loop, nothing else called) and by ``sd.fully_shard``; batch, row
+and subset mode; both dropped-gradient policies; unequal batches; BatchNorm; explicit prefetching; HSDP (a
+2-D mesh); bf16 mixed precision; ``checkpoint_blocks`` with ``compile_blocks``; every block family.
 """
 
 from __future__ import annotations
@@ -134,6 +138,12 @@ SCENARIOS = {
                            "p_last": 0.3, "rule": "uniform"},
     "subset_helper_none_uneven": {"model": "gn", "mode": "subset", "pattern": "helper", "policy": "none",
                                   "p_last": 0.3, "rule": "uniform", "uneven_step": 2},
+    "row_hsdp_hand_zero": {"model": "gn", "mode": "row", "pattern": "hand", "policy": "zero",
+                           "p_last": 0.3, "rule": "uniform", "mesh": (2, 1)},
+    # bf16 compute (mp_policy) against the fp32 emulation: 1e-3 apart after four steps
+    "batch_bf16_helper_zero": {"model": "gn", "mode": "batch", "pattern": "helper", "policy": "zero",
+                               "p_last": 0.5, "rule": "uniform", "param_dtype": torch.bfloat16,
+                               "tol": {"rtol": 2e-2, "atol": 5e-3}},
     "row_helper_checkpoint_compile": {"model": "gn", "mode": "row", "pattern": "helper", "policy": "zero",
                                       "p_last": 0.3, "rule": "uniform", "checkpoint": True,
                                       "compile": True},
@@ -166,15 +176,42 @@ def buffers(model):
     return {n: b.detach().clone() for n, b in model.named_buffers()}
 
 
+def fully_shard_kwargs(spec):
+    kwargs = {}
+    if "mesh" in spec:  # HSDP: (replicas, shards)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kwargs["mesh"] = init_device_mesh("cpu", spec["mesh"], mesh_dim_names=("replicate", "shard"))
+    if "param_dtype" in spec:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=spec["param_dtype"],
+                                                   reduce_dtype=torch.float32)
+    return kwargs
+
+
 def shard(model, spec):
     from torch.distributed.fsdp import fully_shard
 
+    kwargs = fully_shard_kwargs(spec)
     if spec["pattern"] == "hand":  # torchtitan's loop; the first training forward installs the gates
         for block in get_state(model).blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
     else:
-        sd.fully_shard(model)
+        sd.fully_shard(model, **kwargs)
+
+
+def revert_refused(rank):
+    """revert on a sharded model would drop FSDP2's class from the blocks: refused, the model intact."""
+    model = convert(SCENARIOS["batch_hand_none"], SEED)
+    sd.fully_shard(model)
+    try:
+        sd.revert(model)
+    except ValueError as err:
+        model(local_input(SCENARIOS["batch_hand_none"], 0, rank)).sum().backward()  # still trains
+        return str(err)
+    return None
 
 
 def fsdp_train(spec, rank):
@@ -257,6 +294,7 @@ def _worker(rank, port, out_dir):
     try:
         results = {name: fsdp_train(spec, rank) for name, spec in {**SCENARIOS, **family_scenarios()}.items()}
         results["dcp_resume"] = dcp_resume(rank, os.path.join(out_dir, "dcp"))
+        results["revert_error"] = revert_refused(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -357,10 +395,11 @@ def test_ranks_run_the_same_collectives_and_equal_one_process(ranks, name):
     assert r0["steps"] == r1["steps"] == list(range(spec.get("steps", STEPS)))  # lockstep, uneven or not
     expected = emulate(spec)
     assert r0["local_counts"] == expected["counts"][0] and r1["local_counts"] == expected["counts"][1]
-    assert_close_dicts(r0["params"], expected["params"], TOL)
+    tol = spec.get("tol", TOL)
+    assert_close_dicts(r0["params"], expected["params"], tol)
     assert_close_dicts(r1["params"], r0["params"])  # the same full parameters on both ranks
     for rank in range(WORLD):  # FSDP2 keeps buffers (BatchNorm statistics) per rank
-        assert_close_dicts(ranks[rank][name]["buffers"], expected["buffers"][rank], TOL)
+        assert_close_dicts(ranks[rank][name]["buffers"], expected["buffers"][rank], tol)
 
 
 @needs_fsdp2
@@ -370,7 +409,7 @@ def test_the_scenarios_exercise_what_they_claim(ranks):
     def counts(name, rank):
         return ranks[rank][name]["local_counts"]
 
-    for name in ("row_helper_none_clear", "row_hand_zero_uneven", "row_bn_helper_zero"):
+    for name in ("row_helper_none_clear", "row_hand_zero_uneven", "row_bn_helper_zero", "row_hsdp_hand_zero"):
         one_rank_only = [(step, l) for step in range(STEPS - 1) for l in range(len(counts(name, 0)[0]))
                          if (counts(name, 0)[step][l] == 0) != (counts(name, 1)[step][l] == 0)]
         assert one_rank_only, name
@@ -418,7 +457,8 @@ def expected_collectives(counts, model, pattern):
 
 
 @needs_fsdp2
-@pytest.mark.parametrize("name", ["batch_hand_none", "batch_helper_zero_prefetch", "batch_bn_helper_none"])
+@pytest.mark.parametrize("name", ["batch_hand_none", "batch_helper_zero_prefetch", "batch_bn_helper_none",
+                                  "batch_bf16_helper_zero"])
 def test_batch_mode_communicates_for_the_units_that_ran_only(ranks, name):
     spec = SCENARIOS[name]
     for rank in range(WORLD):
@@ -426,6 +466,12 @@ def test_batch_mode_communicates_for_the_units_that_ran_only(ranks, name):
         for step, (counts, collectives) in enumerate(zip(got["local_counts"], got["collectives"])):
             collectives = {k: v for k, v in collectives.items() if k != "broadcast"}  # the first step's sync
             assert collectives == expected_collectives(counts, spec["model"], spec["pattern"]), (step, counts)
+
+
+@needs_fsdp2
+def test_revert_of_a_sharded_model_is_refused(ranks):
+    for rank in range(WORLD):
+        assert ranks[rank]["revert_error"] is not None and "FSDP2" in ranks[rank]["revert_error"]
 
 
 @needs_fsdp2

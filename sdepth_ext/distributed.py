@@ -21,6 +21,10 @@ Why dropped blocks need help
     statistics and ``num_batches_tracked`` are untouched). ``find_unused_parameters=True`` also works but
     traverses the autograd graph every step (see ``benchmarks/bench_ddp.py``).
 
+FSDP2 (``torch.distributed.fsdp.fully_shard``) has its own helper, :func:`sdepth_ext.fully_shard`
+(:mod:`sdepth_ext.fsdp`); ``sync_scheduler``, ``set_dropped_grads``, ``clear_dropped_grads`` and
+``dropped_blocks`` serve both.
+
 SyncBatchNorm in row mode is refused: a unit with no survivor on one rank and some on another would skip
 the collective on the first rank only (a hang, or mismatched collectives).
 

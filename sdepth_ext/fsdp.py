@@ -414,9 +414,9 @@ class CollectiveCount(TorchDispatchMode):
     """Counts the c10d collectives dispatched inside it, by kind (``all_gather``, ``reduce_scatter``, ...).
 
     ``calls`` lists ``(kind, elements of the first tensor argument)`` in dispatch order: two ranks of an SPMD
-    program list the same. While it is active, Dynamo runs ``torch.compile``d code eagerly (count in steps that
-    are not compiled, or accept eager ones). A dispatch mode and nothing else: ``torch.distributed.tensor.debug.CommDebugMode``
-    also tracks modules with hooks, which fails on torchvision ResNets (their in-place ReLU meets its hooks).
+    program list the same. While it is active, Dynamo runs ``torch.compile``d code eagerly. A dispatch mode
+    and nothing else: ``torch.distributed.tensor.debug.CommDebugMode`` also tracks modules with hooks, which
+    fails on torchvision ResNets (their in-place ReLU meets its hooks).
     """
 
     def __init__(self):

@@ -234,7 +234,8 @@ def fsdp_train(spec, rank):
         x = local_input(spec, step, rank)
         opt.zero_grad(set_to_none=True)
         # Dynamo runs a compiled region eagerly while a dispatch mode (the counter) is active: no counting there
-        with contextlib.nullcontext(CollectiveCount()) if spec.get("compile") else count_collectives() as counted:
+        counting = contextlib.nullcontext(CollectiveCount()) if spec.get("compile") else count_collectives()
+        with counting as counted:
             loss_of(model(x)).backward()
         if spec.get("clear"):
             sd.clear_dropped_grads(model)  # row mode: a collective (all-reduce of the survivor counts)

@@ -233,7 +233,7 @@ def fsdp_train(spec, rank):
     for step in range(spec.get("steps", STEPS)):
         x = local_input(spec, step, rank)
         opt.zero_grad(set_to_none=True)
-        # Dynamo runs a compiled region eagerly while a dispatch mode (the counter) is active: no counting there
+        # Dynamo runs compiled regions eagerly while a dispatch mode (the counter) is active: not counted
         counting = contextlib.nullcontext(CollectiveCount()) if spec.get("compile") else count_collectives()
         with counting as counted:
             loss_of(model(x)).backward()

@@ -43,7 +43,7 @@ from .scheduler import MODES, Scheduler, check_u64
 from .units import SCALINGS, UnitsState, gated_class, in_backward, is_gated
 
 __all__ = ["convert", "revert", "survival_probs", "set_drop_scale", "lesion", "get_state", "get_scheduler",
-           "units_of", "put_plan_draw_first",
+           "units_of", "root_of", "put_plan_draw_first",
            "RULES", "SCALINGS", "MODES"]
 
 RULES = ("linear", "uniform")
@@ -128,6 +128,12 @@ def get_state(model: nn.Module) -> UnitsState:
     ``model`` is the root given to :func:`convert`, or a wrapper of it: DDP (``.module``) or ``torch.compile``
     (``._orig_mod``). Raises ``TypeError`` for a non-module, ``ValueError`` if it was not converted.
     """
+    return root_of(model).__dict__[_ROOT_ATTR]
+
+
+def root_of(model: nn.Module) -> nn.Module:
+    """The module :func:`convert` was called on: ``model``, or the module its DDP / torch.compile wrapper
+    holds. Errors as :func:`get_state`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = model
@@ -137,7 +143,7 @@ def get_state(model: nn.Module) -> UnitsState:
             raise ValueError(f"model: {type(model).__name__} is not converted by sdepth_ext.convert "
                              "(pass the module convert() was called on, or its DDP / torch.compile wrapper)")
         root = inner
-    return root.__dict__[_ROOT_ATTR]
+    return root
 
 
 def get_scheduler(model: nn.Module) -> Scheduler:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .convert import get_state, put_plan_draw_first
+from .convert import get_state, put_plan_draw_first, root_of
 from .distributed import check_no_sync_batchnorm, sync_scheduler
 from .units import in_backward
 
@@ -100,7 +100,7 @@ def fully_shard(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp import fully_shard as shard
 
-    root = _root(model)
+    root = root_of(model)
 
     def shard_unsharded(modules: list[nn.Module]) -> None:
         # Modules sharded by hand, or holding a part sharded by hand, stay as they are.
@@ -123,14 +123,6 @@ def fully_shard(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
         shard(root, **fully_shard_kwargs)
     install(root, state)
     return model
-
-
-def _root(model: nn.Module) -> nn.Module:
-    """The module ``convert`` was called on (``model`` or the module a wrapper holds)."""
-    root = model
-    while "_sdepth_controller" not in root.__dict__:
-        root = getattr(root, "module", None) or root._orig_mod
-    return root
 
 
 def _has_parameters(module: nn.Module) -> bool:

@@ -9,8 +9,10 @@ each) so load drifts hit all alike:
 * ``all_units``: converted at p_last = 1 (nothing dropped): the cost of the machinery itself
 * ``batch``, ``row``, ``subset``: converted at p_last = 0.5 in that mode, ``sd.fully_shard``
 
-Collectives per step are counted (exact, :func:`sdepth_ext.fsdp.count_collectives`) in extra steps after the
-timed ones, so that the counting itself does not slow the timed steps. In batch mode a unit dropped on every
+Collectives per step, and the elements they move, are counted (exact: ``sdepth_ext.fsdp.count_collectives``)
+in extra steps after the timed ones, so that the counting itself does not slow the timed steps. The helper's
+groups cost more collectives than one group per block (a projection shortcut is a group of its own) and move
+fewer elements (a dropped block's branch stays sharded). In batch mode a unit dropped on every
 rank skips its three collectives; row and subset mode run every unit on some rank, so they save compute only.
 
 Run: ``python -m benchmarks.bench_fsdp [--smoke | --full] [--backend gloo|nccl] [--cpu-malloc keep|default]``.
@@ -111,7 +113,10 @@ def _worker(rank: int, port: int, config: tuple, out_path: str, backend: str,
                 if step >= warmup + steps:  # counted, not timed
                     with count_collectives() as c:
                         _step(model, opts[v], x, y)
-                    collectives[v].append(dict(c.counts))
+                    # elements moved: what the all-gathers produce and what the reduce-scatters reduce (their
+                    # first argument is the output: the full tensor, the shard)
+                    moved = sum(n * (WORLD if kind == "reduce_scatter" else 1) for kind, n in c.calls)
+                    collectives[v].append({**c.counts, "elements": moved})
                     continue
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -156,7 +161,9 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
     depth, batch, image, steps, _, counted = config
 
     def per_step(v: str, kind: str | None) -> float:
-        return statistics.mean(sum(c.values()) if kind is None else c.get(kind, 0) for c in collectives[v])
+        return statistics.mean(
+            sum(n for k, n in c.items() if k != "elements") if kind is None else c.get(kind, 0)
+            for c in collectives[v])
 
     ref_ms = statistics.median(samples["plain"])
     ref_comm = per_step("plain", None)
@@ -170,7 +177,9 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
                      "counted_steps": counted, "all_gather_per_step": per_step(v, "all_gather"),
                      "reduce_scatter_per_step": per_step(v, "reduce_scatter"),
                      "collectives_per_step": per_step(v, None),
-                     "collectives_vs_plain": per_step(v, None) / ref_comm})
+                     "collectives_vs_plain": per_step(v, None) / ref_comm,
+                     "elements_per_step": per_step(v, "elements"),
+                     "elements_vs_plain": per_step(v, "elements") / per_step("plain", "elements")})
     return rows, {"step_s": samples, "collectives": collectives}, saved["cpu_allocator"]
 
 
@@ -194,7 +203,7 @@ def main(argv=None) -> list[dict]:
     print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc)
     columns = ["variant", "mode", "step_ms", "ratio_vs_plain", "all_gather_per_step",
-               "reduce_scatter_per_step", "collectives_vs_plain"]
+               "reduce_scatter_per_step", "collectives_vs_plain", "elements_vs_plain"]
     print(format_table(rows, columns))
     name = "fsdp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "")
     paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)

@@ -414,6 +414,8 @@ def test_fsdp_smoke_counts_the_collectives_of_the_units_that_ran(tmp_path):
     for v in ("all_units", "row", "subset"):
         assert rows[v]["collectives_per_step"] == rows["plain"]["collectives_per_step"], v
     assert rows["batch"]["collectives_per_step"] < rows["plain"]["collectives_per_step"]
+    assert rows["batch"]["elements_per_step"] < rows["plain"]["elements_per_step"]
+    assert rows["row"]["elements_per_step"] == rows["plain"]["elements_per_step"]
     assert all(r["step_ms"] > 0 for r in rows.values())
 
 

@@ -143,8 +143,8 @@ def _has_sharded(module: nn.Module) -> bool:
 def detect(root: nn.Module, state) -> None:
     """Called by the root's plan draw when its class changed: install the gates if FSDP2 now shards it."""
     state.fsdp_seen = id(type(root))
-    if state.fsdp is not None:
-        return
+    if state.fsdp is not None or not (dist.is_available() and dist.is_initialized()):
+        return  # FSDP2 needs a process group: without one, nothing to look for (nor to import)
     types = fsdp_module_types()
     if types and any(isinstance(m, types) for m in root.modules()):
         _require_fsdp2()

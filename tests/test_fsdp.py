@@ -140,6 +140,8 @@ SCENARIOS = {
                                   "p_last": 0.3, "rule": "uniform", "uneven_step": 2},
     "row_hsdp_hand_zero": {"model": "gn", "mode": "row", "pattern": "hand", "policy": "zero",
                            "p_last": 0.3, "rule": "uniform", "mesh": (2, 1)},
+    "batch_helper_zero_kept": {"model": "gn", "mode": "batch", "pattern": "helper", "policy": "zero",
+                               "p_last": 0.5, "rule": "uniform", "reshard_after_forward": False},
     # bf16 compute (mp_policy) against the fp32 emulation: 1e-3 apart after four steps
     "batch_bf16_helper_zero": {"model": "gn", "mode": "batch", "pattern": "helper", "policy": "zero",
                                "p_last": 0.5, "rule": "uniform", "param_dtype": torch.bfloat16,
@@ -177,7 +179,7 @@ def buffers(model):
 
 
 def fully_shard_kwargs(spec):
-    kwargs = {}
+    kwargs = {k: spec[k] for k in ("reshard_after_forward",) if k in spec}
     if "mesh" in spec:  # HSDP: (replicas, shards)
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -449,28 +451,31 @@ def test_row_mode_equals_one_process_over_the_global_batch(ranks):
     assert any(dropped[:-1]), dropped
 
 
-def expected_collectives(counts, model, pattern):
+def expected_collectives(counts, model, pattern, reshard=True):
     """All-gathers and reduce-scatters of one batch-mode step: the root gathers in forward only (it keeps its
     parameters for backward) and reduce-scatters; every other group that runs gathers in forward, again in
-    backward, and reduce-scatters. A dropped block's group runs only if it also holds a projection shortcut
-    (sharding by hand); the helper shards the projection on its own, and that group always runs."""
+    backward (unless ``reshard_after_forward=False`` keeps it), and reduce-scatters. A dropped block's group
+    runs only if it also holds a projection shortcut (sharding by hand); the helper shards the projection on
+    its own, and that group always runs."""
     projection = PROJECTION_BLOCKS[model]
     groups = sum(1 for l, c in enumerate(counts) if c > 0 or (pattern == "hand" and l in projection))
     if pattern == "helper":
         groups += len(projection)
-    return {"all_gather": 1 + 2 * groups, "reduce_scatter": 1 + groups}
+    return {"all_gather": 1 + (2 if reshard else 1) * groups, "reduce_scatter": 1 + groups}
 
 
 @needs_fsdp2
 @pytest.mark.parametrize("name", ["batch_hand_none", "batch_helper_zero_prefetch", "batch_bn_helper_none",
-                                  "batch_bf16_helper_zero"])
+                                  "batch_helper_zero_kept", "batch_bf16_helper_zero"])
 def test_batch_mode_communicates_for_the_units_that_ran_only(ranks, name):
     spec = SCENARIOS[name]
     for rank in range(WORLD):
         got = ranks[rank][name]
         for step, (counts, collectives) in enumerate(zip(got["local_counts"], got["collectives"])):
             collectives = {k: v for k, v in collectives.items() if k != "broadcast"}  # the first step's sync
-            assert collectives == expected_collectives(counts, spec["model"], spec["pattern"]), (step, counts)
+            expected = expected_collectives(counts, spec["model"], spec["pattern"],
+                                            spec.get("reshard_after_forward", True))
+            assert collectives == expected, (step, counts)
 
 
 @needs_fsdp2

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 BUILT  := $(VENV)/.sdepth-built
 BENCH_ARGS ?=
 
-.PHONY: test test-oldest bench build lint venv clean gpu-session
+.PHONY: test test-deep test-oldest bench build lint venv clean gpu-session
 
 venv: $(VENV)/.requirements
 $(VENV)/.requirements: requirements.txt
@@ -24,6 +24,11 @@ $(BUILT): $(VENV)/.requirements setup.py pyproject.toml $(wildcard csrc/*.cpp cs
 
 test: build
 	$(PY) -m pytest -q -ra
+
+# The property tests (hypothesis, marked automatically) with the "deep" profile of tests/conftest.py: many
+# more examples than `make test`'s bounded, fixed ones, and new ones every run.
+test-deep: build
+	SDEPTH_HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q -ra -m hypothesis
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

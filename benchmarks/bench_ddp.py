@@ -127,7 +127,8 @@ def run(size: str = "default", timeout_s: float = 1800.0,
             ms = statistics.median(samples[f"{mode}/{v}"])
             rows.append({"bench": "ddp", "mode": mode, "variant": v, "depth": depth, "batch_per_rank": batch,
                          "image": image, "world_size": WORLD, "steps": steps, "step_ms": ms * 1e3,
-                         "ratio_vs_find_unused": ms / ref})
+                         "ratio_vs_find_unused": ms / ref,
+                         "dropped_grads": "none" if v == "find_unused" else "zero"})
     return rows, samples, workers_allocator
 
 

@@ -7,7 +7,6 @@ Timing is never asserted anywhere: benchmarks print ratios measured side by side
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import statistics
@@ -20,6 +19,7 @@ import torch
 
 import sdepth_ext.environment as _library_environment
 from sdepth_ext.environment import best_device, device_name, device_slug
+from sdepth_ext.train.files import atomic_write_csv, atomic_write_text
 
 from .cpu_malloc import cpu_allocator, keep_freed_cpu_memory
 
@@ -30,7 +30,7 @@ __all__ = ["CSV_STAMP", "RESULTS_DIR", "add_cpu_malloc_option", "best_device", "
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The stamp keys repeated on every CSV row (the JSON files carry the whole stamp).
-CSV_STAMP = ("device", "torch", "triton", "torchvision", "cpu_allocator", "date", "command")
+CSV_STAMP = ("device", "torch", "triton", "torchvision", "cpu_allocator", "dropped_grads", "date", "command")
 
 
 def add_cpu_malloc_option(parser) -> None:
@@ -167,17 +167,14 @@ def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{name}.json"
     csv_path = out_dir / f"{name}.csv"
-    with open(json_path, "w") as f:
-        json.dump({"environment": env, "rows": rows, "samples": samples or {}}, f, indent=1)
+    # Atomic replacement: a benchmark killed while writing leaves the previous result files whole.
+    atomic_write_text(json_path, json.dumps({"environment": env, "rows": rows, "samples": samples or {}},
+                                            indent=1))
     stamp = {k: env.get(k) for k in CSV_STAMP}
     fields: list[str] = []
     for row in rows:
         fields.extend(k for k in row if k not in fields)
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*fields, *stamp])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **stamp})
+    atomic_write_csv(csv_path, [*fields, *stamp], ({**row, **stamp} for row in rows))
     return json_path, csv_path
 
 

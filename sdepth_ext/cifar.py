@@ -1,7 +1,8 @@
 """The paper's CIFAR ResNet, built from torchvision ``BasicBlock`` s: ``cifar_resnet(depth)``."""
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies a forward's annotations into the code it
+# generates, and a string annotation ("torch.Tensor") there is a type TorchScript cannot resolve, so a traced
+# CifarResNet would not script.
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock

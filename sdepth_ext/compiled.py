@@ -129,21 +129,32 @@ def compile_blocks(model: nn.Module, *, row_multiple: int | None = None, **compi
 
     Gate decisions, plan draws, row gathers and the epilogue stay eager (module docstring). Returns ``model``
     (not a wrapper: state_dict keys, hooks and DDP wrapping are unchanged). ``row_multiple``: see
-    :func:`set_row_multiple`. ``sdepth_ext.revert`` drops the compiled regions; deep-copy a model before
-    compiling it, not after. Call on the converted root (or its DDP wrapper).
+    :func:`set_row_multiple`. ``sdepth_ext.revert`` drops the compiled regions. A copy of the compiled
+    model (``copy.deepcopy``, ``torch.save``/``torch.load``) compiles regions of its own, with the same
+    ``compile_kwargs``, at its first forward. Call on the converted root (or its DDP wrapper).
 
     >>> sd.compile_blocks(model, backend="inductor", dynamic=False, row_multiple=8)
     """
     state = get_state(model)
     if row_multiple is not None:
         set_row_multiple(model, row_multiple)
+    state.compile_kwargs = dict(compile_kwargs)
+    _compile_regions(state)
+    if not any(getattr(cleanup, "func", None) is _drop_regions for cleanup in state.cleanups):
+        state.cleanups.append(functools.partial(_drop_regions, state))
+    return model
+
+
+def _compile_regions(state) -> None:
+    """Every block's compiled regions, made with ``state.compile_kwargs`` for the blocks of ``state``."""
+    compile_kwargs = state.compile_kwargs
     shapes = set()
     # Subset mode's counts are fixed per unit, but units of one shape (one shared graph) keep different ones.
     dynamic_batch = state.mode != "batch" and compile_kwargs.get("dynamic") is not False
     blocks = state.blocks
     for block in blocks:
         adapter = block._sd_adapter
-        regions = []
+        regions = _Regions(block)
         for u in range(block._sd_num_units):
             residual = _region(torch.compile(functools.partial(adapter.residual, block, u), **compile_kwargs),
                                dynamic_batch)
@@ -154,14 +165,41 @@ def compile_blocks(model: nn.Module, *, row_multiple: int | None = None, **compi
         # submodules, so state_dict keys and .modules() stay those of the plain model.
         block.__dict__["_sd_regions"] = regions
         shapes.add(_shape_key(block))
-    if not any(getattr(cleanup, "func", None) is _drop_regions for cleanup in state.cleanups):
-        state.cleanups.append(functools.partial(_drop_regions, state))
     buckets = _GRAPHS_PER_SHAPE
     if compile_kwargs.get("dynamic") is False and state.mode != "batch":
         buckets = 64  # every sub-batch size is a graph; with row_multiple that is ceil(N / k) sizes
     distinct = len(shapes) if _inlines_nn_modules() else len(blocks)
     _raise_recompile_limit(max(8, buckets * distinct))
-    return model
+
+
+class _Regions(list):
+    """A block's compiled regions: ``[(residual, shortcut or None)]`` per unit.
+
+    A compiled function is bound to the block it was made for, so a copy of the model (``copy.deepcopy``,
+    ``torch.save``) must not carry it: the copy would run, and train, the original's parameters. A copy
+    gets a :class:`_RegionsToCompile` instead, which compiles the copy's own regions with the same settings
+    (``compile_kwargs``, kept in the model's state) when a unit first asks for them.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def __reduce__(self):
+        return _RegionsToCompile, (self.block,)
+
+
+class _RegionsToCompile:
+    """A copied block's compiled regions, compiled (for every block of its model) on first use."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __getitem__(self, u: int):
+        _compile_regions(self.block._sd_state)
+        return self.block.__dict__["_sd_regions"][u]
 
 
 def _drop_regions(state) -> None:

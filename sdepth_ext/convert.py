@@ -30,6 +30,7 @@ Design, in short:
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
@@ -49,7 +50,7 @@ __all__ = ["convert", "revert", "survival_probs", "set_drop_scale", "lesion", "g
 RULES = ("linear", "uniform")
 METADATA_KEY = "sdepth_scheduler"
 _ROOT_ATTR = "_sdepth_controller"
-_BLOCK_ATTRS = ("_sd_index", "_sd_num_units", "_sd_state")
+SCRIPT_HOOK = "__prepare_scriptable__"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise RuntimeError("stochastic depth: the converted model's forward needs a tensor argument whose "
                            "dimension 0 is the batch, to draw the step's plan")
     if isinstance(x, torch.fx.Proxy):
-        return None  # symbolic tracing: the units raise the explanation
+        return None  # symbolic tracing: the units become leaves, which draw their plans when the graph runs
     if in_backward() and state.plan is not None and state.plan.batch_size == int(x.shape[0]):
         # The whole root runs inside torch.utils.checkpoint and is being recomputed during backward: the
         # recomputation must see the step's plan, not draw a new one (gradients would be wrong).
@@ -381,7 +382,42 @@ def convert(model: nn.Module, p_last: float | None = None, rule: str | None = No
         index += block._sd_num_units
     model.__dict__[_ROOT_ATTR] = state
     state.hook_handles = _install_hooks(model)
+    state.script_hooked = _install_script_hooks(model, [fqn for fqn, _, _ in blocks])
     return model
+
+
+def _install_script_hooks(model: nn.Module, block_names: list[str]) -> list[nn.Module]:
+    """``torch.jit.script`` of the root or of any module above a converted block compiles a plain copy.
+
+    TorchScript's ``__prepare_scriptable__`` protocol writes what a child returns into its parent's
+    ``_modules``: were only the blocks to answer (with their plain copies), scripting the model would swap
+    the user's converted blocks for plain ones. So every module above a block answers first, with a plain
+    copy of itself (an instance attribute: the model's own classes stay untouched), and TorchScript then
+    walks that copy. The blocks' own answer (:meth:`GatedUnits.__prepare_scriptable__`) serves modules that
+    only borrow them, such as a torch.fx graph whose leaves they are. Returns the modules hooked.
+    """
+    names = {""}
+    for name in block_names:  # every module above the block
+        parts = name.split(".")
+        names.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    hooked = [model.get_submodule(name) for name in sorted(names)]
+    hooked = [m for m in hooked if not is_gated(m)]  # a block converted as the root answers for itself
+    for module in hooked:
+        module.__dict__[SCRIPT_HOOK] = functools.partial(_scriptable_copy, module)
+    return hooked
+
+
+def _scriptable_copy(module: nn.Module) -> nn.Module:
+    from .deploy import scriptable_copy  # deploy imports this module
+
+    return scriptable_copy(module)
+
+
+def revert_block(block: nn.Module) -> None:
+    """The block's original class back, and every attribute the library set on it (``_sd_*``) removed."""
+    block.__class__ = type(block)._sd_base
+    for attr in [a for a in block.__dict__ if a.startswith("_sd_")]:
+        del block.__dict__[attr]
 
 
 def _refuse_sync_batchnorm(blocks) -> None:
@@ -404,20 +440,24 @@ def revert(model: nn.Module) -> nn.Module:
     swapped the same classes: revert before sharding).
     """
     state = get_state(model)
-    from .fsdp import fsdp_module_types
+    if dist.is_available() and dist.is_initialized():  # FSDP2 shards only with a process group
+        from .fsdp import fsdp_module_types
 
-    types = fsdp_module_types()
-    if types and any(isinstance(m, types) for m in (model, *state.blocks)):
+        types = fsdp_module_types()
+        sharded = types and any(isinstance(m, types) for m in (model, *state.blocks))
+    else:
+        sharded = False
+    if sharded:
         raise ValueError("model: it is sharded with FSDP2 (fully_shard), whose module classes wrap the "
                          "converted ones; revert a model before sharding it, not after")
     for cleanup in reversed(state.cleanups):  # what helpers attached (compiled regions, ...)
         cleanup()
     for block in state.blocks:
-        block.__class__ = type(block)._sd_base
-        for attr in _BLOCK_ATTRS:
-            block.__dict__.pop(attr, None)
+        revert_block(block)
     for handle in state.hook_handles:
         handle.remove()
+    for module in state.script_hooked:
+        module.__dict__.pop(SCRIPT_HOOK, None)
     del model.__dict__[_ROOT_ATTR]
     return model
 

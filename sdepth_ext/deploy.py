@@ -26,10 +26,11 @@ import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import _check_drop, _is_converted_root, get_state, revert, units_of
+from .convert import SCRIPT_HOOK, _check_drop, _is_converted_root, get_state, revert, revert_block, units_of
 from .flops import total_macs
+from .units import is_gated
 
-__all__ = ["prune", "recalibrate_bn", "depth_frontier"]
+__all__ = ["prune", "recalibrate_bn", "depth_frontier", "scriptable_copy"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -42,15 +43,19 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-def _partial_block(block: nn.Module, adapter, kept: list[int]) -> nn.Module:
-    """A GraphModule computing ``block`` with only the units in ``kept`` (the others: their shortcut)."""
+def _partial_block(block: nn.Module, adapter, kept: list[int], scales: dict[int, float]) -> nn.Module:
+    """A GraphModule computing ``block`` with only the units in ``kept`` (the others: their shortcut), the
+    residual of unit ``u`` multiplied by ``scales[u]`` where given (a scale its weights cannot absorb)."""
     num_units = adapter.num_units(block)
 
     def forward(self, x):
         x = adapter.enter(self, x)
         for u in range(num_units):
             if u in kept:
-                x = adapter.shortcut(self, u, x) + adapter.residual(self, u, x)
+                residual = adapter.residual(self, u, x)
+                if u in scales:
+                    residual = scales[u] * residual
+                x = adapter.shortcut(self, u, x) + residual
             else:
                 x = adapter.dropped(self, u, x)
             act = adapter.activation(self)
@@ -59,13 +64,14 @@ def _partial_block(block: nn.Module, adapter, kept: list[int]) -> nn.Module:
         return adapter.exit(self, x)
 
     original = type(block)
-    tracing = type(f"{original.__name__}Pruned", (original,), {"forward": forward})
+    name = f"{getattr(original, '_sd_base', original).__name__}Pruned"  # a converted block: its own class's
+    tracing = type(name, (original,), {"forward": forward})
     block.__class__ = tracing  # for the trace only: the GraphModule keeps none of this class
     try:
         graph = _LeafTracer().trace(block)
     finally:
         block.__class__ = original
-    return torch.fx.GraphModule(block, graph, class_name=f"{original.__name__}Pruned")
+    return torch.fx.GraphModule(block, graph, class_name=name)
 
 
 def prune(model: nn.Module, drop: Iterable[int]) -> nn.Module:
@@ -77,11 +83,13 @@ def prune(model: nn.Module, drop: Iterable[int]) -> nn.Module:
         drop: unit indices, 0-based, forward order (:func:`sdepth_ext.survival_probs` order).
 
     The given model is untouched. With "paper" scaling, each remaining unit's ``p_l`` is multiplied into its
-    branch's last affine layer (for ResNets the last BatchNorm's weight and bias), so ``prune(model, [])``
-    equals the converted eval model and ``prune(model, drop)`` equals ``with sd.lesion(model, drop):
-    model.eval()(x)`` up to float rounding. The result is in eval mode and exports with ``torch.export``
-    (and scripts with ``torch.jit.script`` where the original architecture does); its ``state_dict`` loads
-    into the same pruned architecture. Bad ``drop`` indices raise ``ValueError``/``TypeError``.
+    branch's last affine layer (for ResNets the last BatchNorm's weight and bias; a branch that ends in a
+    non-linear layer, such as an SE gate, gets the multiply in the block's generated forward), so
+    ``prune(model, [])`` equals the converted eval model and ``prune(model, drop)`` equals
+    ``with sd.lesion(model, drop): model.eval()(x)`` up to float rounding. The result is in eval mode and
+    exports with ``torch.export`` (and scripts with ``torch.jit.script`` where the original architecture
+    does); its ``state_dict`` loads into the same pruned architecture. Bad ``drop`` indices raise
+    ``ValueError``/``TypeError``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -103,20 +111,89 @@ def prune(model: nn.Module, drop: Iterable[int]) -> nn.Module:
     pruned = copy.deepcopy(model)
     if converted:
         revert(pruned)
-    modules = dict(pruned.named_modules())
+    return _make_plain(pruned, plan).eval()
+
+
+def _make_plain(module: nn.Module, plan: dict[str, dict]) -> nn.Module:
+    """Fold each kept unit's eval scale into its weights and replace blocks that lost units, in place.
+
+    ``plan`` maps a block's name in ``module`` to its adapter, kept units and their scales (:func:`prune`).
+    Returns ``module``, or the replacement when ``module`` is itself a block that lost units.
+    """
+    modules = dict(module.named_modules())
     for name, entry in plan.items():
-        block, adapter = modules[name], entry["adapter"]
+        block, adapter, kept = modules[name], entry["adapter"], entry["kept"]
+        unfolded = {}
         for u, scale in entry["scales"].items():
             if scale != 1.0:
-                adapter.fold_scale(block, u, scale)
-        num_units = adapter.num_units(block)
-        if len(entry["kept"]) == num_units:
+                try:
+                    adapter.fold_scale(block, u, scale)
+                except ValueError:  # the branch ends in a non-linear layer: the generated forward multiplies
+                    unfolded[u] = scale
+        if len(kept) == adapter.num_units(block) and not unfolded:
             continue
-        replacement = adapter.removed(block) if not entry["kept"] else _partial_block(
-            block, adapter, entry["kept"])
+        replacement = adapter.removed(block) if not kept else _partial_block(block, adapter, kept, unfolded)
+        if not name:
+            return replacement
         parent_name, _, attr = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else pruned, attr, replacement)
-    return pruned.eval()
+        setattr(modules[parent_name] if parent_name else module, attr, replacement)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------------
+# TorchScript
+# ------------------------------------------------------------------------------------------------------------
+def scriptable_copy(module: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` compiles for a converted model, or a part of one: its plain eval equivalent.
+
+    A converted unit draws new gates at every training step, which TorchScript cannot express, so a model in
+    eval mode scripts as plain torch computing the converted eval forward: the root as
+    ``sd.prune(model, lesioned)`` (the original network for "inverted"/"none" scaling; ``p_l`` folded into the
+    weights for "paper"), a part of the model (a stage) as the same kind of copy of the part. A block alone
+    -- also a block that a torch.fx graph borrows as a leaf, whose graph may call the block's submodules
+    directly -- becomes a generated forward over the block's own, unchanged submodules, multiplying by
+    ``p_l``. Modules keep the train/eval flags of the originals; the model itself is never changed. A unit in
+    training mode raises ``TypeError`` naming what works instead.
+    """
+    gated = [(name, m) for name, m in module.named_modules() if is_gated(m)]
+    training = [name or type(m).__name__ for name, m in gated if m.training]
+    if training:
+        raise TypeError(
+            f"torch.jit.script: {type(module).__name__} holds stochastic-depth units in training mode "
+            f"({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}), whose gates change every "
+            "step, which TorchScript cannot express. Script the model in eval mode (model.eval(): it "
+            "compiles the plain equivalent), train with eager PyTorch or torch.compile, export with "
+            "torch.export, or script sd.prune(model, []) / sd.revert(model)")
+    if _is_converted_root(module):
+        plain = prune(module, get_state(module).lesioned)
+    elif is_gated(module):
+        kept, scales = _eval_units(module)
+        plain = module._sd_adapter.removed(module) if not kept else _partial_block(
+            module, module._sd_adapter, kept, {u: s for u, s in scales.items() if s != 1.0})
+    else:
+        # A part of a converted model: copied without the state shared by the whole model, which the plain
+        # copy does not keep.
+        plain = copy.deepcopy(module, {id(m._sd_state): m._sd_state for _, m in gated})
+        plan = {}
+        for name, block in plain.named_modules():
+            if is_gated(block):
+                kept, scales = _eval_units(block)
+                plan[name] = {"adapter": block._sd_adapter, "kept": kept, "scales": scales}
+                revert_block(block)
+        plain = _make_plain(plain, plan)
+    flags = {name: m.training for name, m in module.named_modules()}
+    for name, m in plain.named_modules():
+        m.__dict__.pop(SCRIPT_HOOK, None)
+        m.training = flags.get(name, m.training)
+    prepare = getattr(type(plain), SCRIPT_HOOK, None)  # the model's own class may have one as well
+    return prepare(plain) if prepare is not None else plain
+
+
+def _eval_units(block: nn.Module) -> tuple[list[int], dict[int, float]]:
+    """A converted block's units that run in eval (not lesioned), and their eval scales."""
+    state, first = block._sd_state, block._sd_index
+    kept = [u for u in range(block._sd_num_units) if first + u not in state.lesioned]
+    return kept, {u: state.eval_scale(first + u) for u in kept}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ How ranks agree on the plan of a step
 
 Why dropped blocks need help
     DDP with the default ``find_unused_parameters=False`` expects a gradient for every parameter each step
-    and fails at the *next* forward when a block was dropped. :func:`ddp_ready` sets ``dropped_grads="zero"``:
-    a dropped block's residual parameters get exact zero gradients through a no-op autograd node (no
-    activation work, one parameter-sized zero fill in backward; its BatchNorm layers do not run, so running
-    statistics and ``num_batches_tracked`` are untouched). ``find_unused_parameters=True`` also works but
-    traverses the autograd graph every step (see ``benchmarks/bench_ddp.py``).
+    and fails at the *next* forward when a block was dropped. The default dropped-gradient policy ``"zero"``
+    gives a dropped block's residual parameters exact zero gradients through a no-op autograd node (no
+    activation work, one zero fill per unit in backward; its BatchNorm layers do not run, so running
+    statistics and ``num_batches_tracked`` are untouched). :func:`ddp_ready` keeps that policy and makes the
+    node hand a gradient to every parameter, also to those whose ``.grad`` already exists, so DDP's hooks see
+    each one. ``find_unused_parameters=True`` also works but traverses the autograd graph every step (see
+    ``benchmarks/bench_ddp.py``).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) has its own helper, :func:`sdepth_ext.fully_shard`
 (:mod:`sdepth_ext.fsdp`); ``sync_scheduler``, ``set_dropped_grads``, ``clear_dropped_grads`` and
@@ -28,19 +30,23 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) has its own helper, :func:`sdepth
 SyncBatchNorm in row mode is refused: a unit with no survivor on one rank and some on another would skip
 the collective on the first rank only (a hang, or mismatched collectives).
 
-Optimizer semantics
-    By default a dropped block's residual parameters get no gradient (``grad is None`` after
-    ``zero_grad(set_to_none=True)``): optimizers skip them, so no weight decay and no momentum step that
-    iteration. ``set_dropped_grads(model, "zero")`` (what DDP needs) gives them zero gradients instead, so
-    weight decay and momentum do apply. :func:`clear_dropped_grads`, called after ``backward()``, restores the
-    "no gradient" semantics under DDP by setting those gradients back to ``None`` (for units dropped on every
-    rank: always in batch mode; in row mode the units without a survivor in the global batch, which the
-    ranks agree on through one small all-reduce of their survivor counts, whatever their batch sizes).
+Optimizer semantics (the same in single-process, DDP and FSDP2 runs)
+    ``"zero"`` (default): a dropped block's residual parameters get a zero gradient, so weight decay and
+    momentum apply to them every step -- what the paper's reference code (gradients zeroed every step, SGD
+    over all parameters), timm's ``DropPath`` and torchvision's ``StochasticDepth`` (a zero gate) do.
+    ``"none"`` (``set_dropped_grads(model, "none")``): no gradient (``grad is None`` after
+    ``zero_grad(set_to_none=True)``): optimizers skip them, no weight decay and no momentum step that
+    iteration. Under DDP, which needs every gradient, :func:`ddp_ready` switches to ``"zero"``;
+    :func:`clear_dropped_grads`, called after ``backward()``, then gives the "none" semantics by setting those
+    gradients back to ``None`` (for units dropped on every rank: always in batch mode; in row mode the units
+    without a survivor in the global batch, which the ranks agree on through one small all-reduce of their
+    survivor counts, whatever their batch sizes).
 """
 
 from __future__ import annotations
 
 import struct
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -50,12 +56,16 @@ from .convert import get_state
 
 __all__ = ["ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks"]
 
-DROPPED_GRADS = ("none", "zero")
+DROPPED_GRADS = ("zero", "none")
 _U64 = 1 << 64
 
 
 def set_dropped_grads(model: nn.Module, policy: str) -> nn.Module:
-    """What a dropped block's residual parameters get: ``"none"`` (no gradient, default) or ``"zero"``."""
+    """What a dropped block's residual parameters get: ``"zero"`` (a zero gradient, default) or ``"none"``.
+
+    ``"zero"`` matches the paper's code and models with their own stochastic depth: weight decay and
+    momentum apply to dropped blocks too. ``"none"`` freezes them for the step (the optimizer skips them).
+    """
     if not isinstance(policy, str) or policy not in DROPPED_GRADS:
         raise ValueError(f"policy must be one of {DROPPED_GRADS}, got {policy!r}")
     get_state(model).dropped_grads = policy
@@ -148,7 +158,8 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
 
     Call on every rank, after :func:`sdepth_ext.convert` and before wrapping in DDP (or on the DDP wrapper).
 
-    * dropped blocks' residual parameters get exact zero gradients (``set_dropped_grads(model, "zero")``);
+    * dropped blocks' residual parameters get exact zero gradients (``set_dropped_grads(model, "zero")``, the
+      default), and every one of them reaches DDP's hooks, also when its ``.grad`` already exists;
     * with an initialised process group: the scheduler state of rank ``src`` is broadcast (``sync=True``),
       and in row mode each rank draws the global batch's plan and keeps its slice of rows (subset mode: each
       rank keeps its fixed count of its own samples).
@@ -157,7 +168,12 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
     """
     state = get_state(model)
     check_no_sync_batchnorm(state)
+    if state.dropped_grads == "none":
+        warnings.warn("sdepth_ext.ddp_ready: dropped_grads 'none' switched to 'zero' (DDP with its default "
+                      "flags needs a gradient for every parameter); call sd.clear_dropped_grads(model) after "
+                      "backward() for the 'none' semantics", UserWarning, stacklevel=2)
     set_dropped_grads(model, "zero")
+    state.every_param = True
     if dist.is_available() and dist.is_initialized():
         if sync:
             sync_scheduler(model, src=src, process_group=process_group)

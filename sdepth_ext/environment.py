@@ -86,6 +86,7 @@ def environment(device: torch.device | None = None, *, cpu_allocator: str | None
     except Exception:  # noqa: BLE001
         torchvision_version = None
     from .scheduler import has_compiled_scheduler
+    from .units import DEFAULT_DROPPED_GRADS
     env = {
         "device": device_name(device),
         "device_type": device.type,
@@ -97,6 +98,8 @@ def environment(device: torch.device | None = None, *, cpu_allocator: str | None
         "python": platform.python_version(),
         "compiled_scheduler": has_compiled_scheduler(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        # what converted models gave dropped units' parameters unless a result row says otherwise
+        "dropped_grads": DEFAULT_DROPPED_GRADS,
         "cpu_allocator": cpu_allocator or default_cpu_allocator(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": _command_line(),

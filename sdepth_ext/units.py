@@ -28,11 +28,13 @@ feature extractor) still gets a fresh plan: a unit that finds the plan already u
 next one. Recomputation by activation checkpointing (inside backward) reuses the plan it ran with.
 
 Options on the shared state, set by the helpers of :mod:`sdepth_ext.distributed`, :mod:`sdepth_ext.compiled`
-and :mod:`sdepth_ext.checkpointing` (all off by default):
+and :mod:`sdepth_ext.checkpointing`:
 
-* ``dropped_grads="zero"``: a dropped unit's branch parameters get exact zero gradients through autograd
-  (:class:`_ZeroGradTouch`, no activation work), so DDP's default ``find_unused_parameters=False`` sees every
-  parameter each step. Normalisation layers of the dropped branch still do not run.
+* ``dropped_grads`` (default ``"zero"``): a dropped unit's branch parameters get exact zero gradients through
+  autograd (:class:`_ZeroGradTouch`, no activation work), so optimizers apply weight decay and momentum to
+  them as in the paper's code and in models with their own stochastic depth, and DDP's default
+  ``find_unused_parameters=False`` sees every parameter each step. Normalisation layers of the dropped branch
+  still do not run. ``"none"``: they get no gradient (frozen that step).
 * ``shard=(rank, world_size)`` (row and subset mode): the rank draws its own samples' gates, as samples
   ``i * world_size + rank`` of the global batch.
 * ``fsdp`` (:mod:`sdepth_ext.fsdp`, set once the model runs under FSDP2's ``fully_shard``): each plan tells it
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import functools
 import pickle
 import warnings
 from collections.abc import Callable
@@ -65,6 +68,10 @@ from .functional import fused_epilogue
 from .scheduler import MODES, Plan, Scheduler, mix64, round_plan_rows
 
 __all__ = ["GatedUnits", "UnitsState", "gated_class", "is_gated", "SCALINGS", "MODES"]
+
+# What a dropped unit's branch parameters get (sdepth_ext.set_dropped_grads): zero gradients, as in the
+# paper's code and in models with their own stochastic depth.
+DEFAULT_DROPPED_GRADS = "zero"
 
 # "paper": train act(id + f), evaluate act(id + p f); "inverted": train act(id + f / p), evaluate the plain
 # network; "none": neither (timm's DropPath with scale_by_keep=False): train act(id + f), evaluate plain.
@@ -100,16 +107,19 @@ class UnitsState:
         self.host_plan: Plan | None = None
         self.consumed = bytearray(len(units))  # which units already ran on the current plan
         self.hook_handles: list = []
+        self.script_hooked: list[nn.Module] = []  # modules whose torch.jit.script compiles a plain copy
         self.cleanups: list[Callable[[], None]] = []  # run by revert (compiled regions register theirs)
         self.lesioned: frozenset = frozenset()
         self.call_order: list[nn.Module] | None = []  # blocks in call order during the first forward
         # Options (module docstring); the defaults reproduce the plain converted model.
-        self.dropped_grads = "none"  # "none" | "zero"
+        self.dropped_grads = DEFAULT_DROPPED_GRADS  # "zero" | "none"
+        self.every_param = False  # DDP: every parameter's gradient must reach autograd's hooks each step
         self.shard: tuple[int, int] | None = None  # (rank, world_size), row and subset mode only
         self.fsdp = None  # sdepth_ext.fsdp.FsdpGates under FSDP2
         self.fsdp_seen: int | None = None  # id of the root's class when FSDP2 was last looked for
         self.row_multiple = 1
         self.checkpoint: dict | None = None  # kwargs of torch.utils.checkpoint.checkpoint, or None
+        self.compile_kwargs: dict | None = None  # compile_blocks' torch.compile kwargs (copies recompile)
         self.tally = WorkTally(len(units))  # what ran, for sdepth_ext.compute_stats
         self.input_meta: tuple | None = None  # (shape without the batch, dtype, device) of the last step
         self.macs_cache: dict = {}
@@ -279,6 +289,8 @@ class GatedUnits:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         state: UnitsState = self._sd_state
+        if isinstance(x, _Proxy):
+            return self._sd_symbolic(x, args, kwargs)
         if args or kwargs:
             # Extra arguments of the block's own forward (timm ViT's attn_mask): the plain network accepts
             # them; a gated unit would have to gather them with the survivors. Unset values are fine.
@@ -298,8 +310,6 @@ class GatedUnits:
             if state.scaling != "paper" and not self.__dict__.get("_sd_regions") and not (
                     lesioned and any(first + u in lesioned for u in range(self._sd_num_units))):
                 return self._sd_base.forward(self, x)
-            if isinstance(x, _Proxy):
-                _refuse_symbolic(self)
             if self._sd_reshapes:
                 x = adapter.enter(self, x)
             for u in range(self._sd_num_units):
@@ -311,8 +321,6 @@ class GatedUnits:
                                           state.eval_scale(l))
             return adapter.exit(self, x) if self._sd_reshapes else x
 
-        if isinstance(x, _Proxy):
-            _refuse_symbolic(self)
         if self._sd_reshapes:
             x = adapter.enter(self, x)
         for u in range(self._sd_num_units):
@@ -325,12 +333,81 @@ class GatedUnits:
                 x = adapter.dropped(self, u, x)
                 if state.dropped_grads == "zero" and torch.is_grad_enabled():
                     params = state.unit_parameters(l)
-                    x = _ZeroGradTouch.apply(x, *params) if params else x
+                    x = _ZeroGradTouch.apply(x, state.every_param, *params) if params else x
             elif state.checkpoint is not None and torch.is_grad_enabled():
                 x = self._sd_checkpointed(u, x, plan, state.host_plan, state)
             else:
                 x = self._sd_active(u, x, plan, state.host_plan, state)
         return adapter.exit(self, x) if self._sd_reshapes else x
+
+    # -- torch.fx tracing -----------------------------------------------------------------------------------
+    def _sd_symbolic(self, x: _Proxy, args: tuple, kwargs: dict):
+        """The block under a torch.fx tracer (any: ``symbolic_trace``, torchvision's and timm's).
+
+        Training: the block becomes a leaf (a ``call_module`` node), so the traced graph calls this module,
+        which draws the gates of each step as it runs; inlining it would freeze one step's gates into the
+        graph. Evaluation: traced through, as the plain ops of the eval forward (the original block's own
+        forward for "inverted"/"none" scaling, ``act(shortcut + p_l * residual)`` with lesioned units as
+        their shortcut for "paper"), so the graph equals ``sd.prune(model, lesioned)`` and scripts. Extra
+        arguments whose values the trace cannot know (timm's ViT passes its traced ``attn_mask`` on): with
+        "paper" scaling the block's own forward is traced, its drop modules standing for the ``p_l`` scales,
+        where the adapter names them (:meth:`~sdepth_ext.families.UnitAdapter.drop_module`); otherwise, and
+        with lesioned units, the block stays a leaf and checks them when the graph runs.
+        """
+        state: UnitsState = self._sd_state
+        first, count = self._sd_index, self._sd_num_units
+        lesioned = [first + u in state.lesioned for u in range(count)]
+        plain = state.scaling != "paper" and not any(lesioned)
+        extra = any(a is not None and a is not False for a in (*args, *kwargs.values()))
+        adapter = self._sd_adapter
+        if not self.training and extra and state.scaling == "paper" and not any(lesioned):
+            slots = [adapter.drop_module(self, u) for u in range(count)]
+            if all(slots):  # the block's own forward, its drop modules standing for the p_l scales
+                return self._sd_trace_with_eval_scales(x, args, kwargs, slots)
+        if self.training or (extra and not plain):
+            tracer = x.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x, *args), kwargs)
+        if plain:
+            return self._sd_base.forward(self, x, *args, **kwargs)
+        x = adapter.enter(self, x)
+        for u in range(count):
+            if lesioned[u]:
+                x = adapter.dropped(self, u, x)
+                continue
+            residual = adapter.residual(self, u, x)
+            # The eager eval path's arithmetic (functional._gated_residual_add_torch): p * residual, then one
+            # add, after the same cast of an autocast shortcut to the residual's dtype.
+            scale = state.eval_scale(first + u)
+            scaled = residual if scale == 1.0 else scale * residual
+            x = adapter.shortcut(self, u, x).to(residual.dtype) + scaled
+            act = adapter.activation(self)
+            if act is not None:
+                x = torch.relu(x) if act == ACTIVATION_RELU else act(x)
+        return adapter.exit(self, x)
+
+    def _sd_trace_with_eval_scales(self, x: _Proxy, args: tuple, kwargs: dict, slots: list[str]):
+        """Trace the block's own forward (with the extra arguments it takes) in eval, each unit's drop module
+        shadowed, for the trace only, by a multiplication by its ``p_l``: "paper" scaling's eval forward.
+
+        A plain function in the instance ``__dict__`` shadows the submodule (a module put in its place would
+        have to be known to the tracer's module table); the graph holds the multiplication.
+        """
+        state: UnitsState = self._sd_state
+        try:
+            for u, name in enumerate(slots):
+                self.__dict__[name] = functools.partial(_eval_scale, state.eval_scale(self._sd_index + u))
+            return self._sd_base.forward(self, x, *args, **kwargs)
+        finally:
+            for name in slots:
+                self.__dict__.pop(name, None)
+
+    # -- TorchScript -----------------------------------------------------------------------------------------
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` compiles the block's plain eval equivalent (:func:`sdepth_ext.deploy.
+        scriptable_copy`); a block in training mode raises TypeError naming what works instead."""
+        from .deploy import scriptable_copy  # deploy imports this module
+
+        return scriptable_copy(self)
 
     def _sd_active(self, u: int, x: torch.Tensor, plan: Plan, host_plan: Plan | None,
                    state: UnitsState) -> torch.Tensor:
@@ -469,14 +546,9 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return view.index_select(0, rows).permute(inverse)
 
 
-def _refuse_symbolic(block: nn.Module) -> None:
-    """torch.fx tracing (the input is a Proxy) would bake one step's gates into the graph (the same units
-    dropped forever)."""
-    raise TypeError(
-        f"{type(block).__name__}: a stochastic-depth unit cannot be traced by torch.fx (the trace would "
-        "freeze one step's gates); keep converted blocks as leaf modules, e.g. torchvision's "
-        "create_feature_extractor(model, nodes, "
-        "tracer_kwargs={'leaf_modules': [sdepth_ext.units.GatedUnits]})")
+def _eval_scale(p: float, t: torch.Tensor) -> torch.Tensor:
+    """``p * t``: what a block's own drop module stands for while torch.fx traces its "paper" eval forward."""
+    return t if p == 1.0 else p * t
 
 
 def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]:
@@ -491,33 +563,62 @@ def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]
         for d in range(2))
 
 
+# Parameter types whose zero gradients may be views of one shared fill (not DTensors and other subclasses).
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 class _ZeroGradTouch(torch.autograd.Function):
     """``out`` unchanged in forward; in backward, exact zero gradients for ``params`` (a dropped unit's).
 
-    The parameters thereby take part in autograd, so DDP's per-parameter hooks fire with
-    ``find_unused_parameters=False``, at the cost of one parameter-sized zero fill each in backward and no
-    activation work. ``out.detach()`` (not ``out`` itself) is returned so that autograd treats the result as a
-    fresh tensor: an input returned as-is becomes a view that may not be modified in place. It still shares
-    memory and version counter with ``out``, exactly like the un-touched dropped unit returning its input.
+    The parameters thereby take part in autograd, as they do in a model whose stochastic depth multiplies the
+    residual by a zero gate (timm's DropPath, torchvision's StochasticDepth): optimizers apply weight decay
+    and momentum to them, and DDP's per-parameter hooks fire with ``find_unused_parameters=False``. No
+    activation work; in backward one zero fill per dtype and device for the whole unit, whose views become
+    the gradients (autograd keeps a fresh gradient tensor as ``.grad`` without a copy), not one per parameter.
+    A parameter that already has a gradient (``zero_grad(set_to_none=False)``, gradient accumulation) gets
+    ``None``, which leaves it as it is -- the same as adding zero, with no launch -- unless every parameter
+    must reach autograd's hooks (``every_param``: DDP).
 
-    A parameter that is a tensor subclass (FSDP2's sharded DTensor of a block whose collectives were skipped)
+    A parameter that is a tensor subclass (FSDP2's sharded DTensor, of a block whose collectives were skipped)
     gets ``zeros_like`` of itself: a zero gradient of its local shard, with no communication.
+
+    ``out.detach()`` (not ``out`` itself) is returned so that autograd treats the result as a fresh tensor:
+    an input returned as-is becomes a view that may not be modified in place. It still shares memory and
+    version counter with ``out``, exactly like the un-touched dropped unit returning its input.
     """
 
     @staticmethod
-    def forward(ctx, out, *params):
-        ctx.param_meta = [(p.shape, p.dtype, p.device) if type(p) in _PLAIN_TENSORS else p for p in params]
+    def forward(ctx, out, every_param, *params):
+        ctx.every_param = every_param
+        ctx.params = params
         return out.detach()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        zeros = (torch.zeros(meta[0], dtype=meta[1], device=meta[2]) if type(meta) is tuple
-                 else torch.zeros_like(meta) for meta in ctx.param_meta)
-        return (grad, *zeros)
+        params = ctx.params
+        wanted = [p for p in params if ctx.every_param or p.grad is None]
+        zeros = dict(zip(map(id, wanted), _zero_views(wanted)))
+        return (grad, None, *(zeros.get(id(p)) for p in params))
 
 
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+def _zero_views(params: list) -> list[torch.Tensor]:
+    """Zero tensors shaped (and strided) like ``params``: views of one zero fill per (dtype, device)."""
+    views: list = [None] * len(params)
+    groups: dict = {}
+    for i, p in enumerate(params):
+        if type(p) in _PLAIN_TENSORS and p.is_contiguous():
+            groups.setdefault((p.dtype, p.device), []).append(i)
+        else:  # a channels_last conv weight, a sharded DTensor: a gradient of the parameter's own kind
+            views[i] = torch.zeros_like(p)
+    for (dtype, device), members in groups.items():
+        flat = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype, device=device)
+        start = 0
+        for i in members:
+            views[i] = flat[start:start + params[i].numel()].view(params[i].shape)
+            start += params[i].numel()
+    return views
+
 
 
 @contextlib.contextmanager

@@ -15,6 +15,33 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Property tests (hypothesis). "ci", the default: a bounded number of examples, the same ones every run
+# (derandomize, no example database), no deadline (2 shared cores make timings meaningless). "deep"
+# (SDEPTH_HYPOTHESIS_PROFILE=deep, what `make test-deep` sets): many more examples, new ones each run, the
+# reproduction blob printed on failure. A machine without hypothesis (a GPU box with only torch) skips the
+# property tests instead of failing the whole suite at collection.
+HYPOTHESIS_PROFILE_ENV = "SDEPTH_HYPOTHESIS_PROFILE"
+try:
+    import hypothesis
+except ImportError:
+    hypothesis = None
+else:
+    _QUIET = [hypothesis.HealthCheck.too_slow]
+    hypothesis.settings.register_profile("ci", max_examples=40, derandomize=True, database=None,
+                                         deadline=None, suppress_health_check=_QUIET)
+    hypothesis.settings.register_profile("deep", max_examples=1000, derandomize=False, database=None,
+                                         deadline=None, print_blob=True, suppress_health_check=_QUIET)
+    _profile = os.environ.get(HYPOTHESIS_PROFILE_ENV, "ci")
+    if _profile not in ("ci", "deep"):
+        raise ValueError(f"{HYPOTHESIS_PROFILE_ENV} must be 'ci' or 'deep', got {_profile!r}")
+    hypothesis.settings.load_profile(_profile)
+
+
+def property_examples(share: float):
+    """``hypothesis.settings`` running ``share`` of the profile's examples (at least 5): what an expensive
+    property (a model step, a collective, per example) uses, so that the deep profile deepens it too."""
+    return hypothesis.settings(max_examples=max(5, int(hypothesis.settings.default.max_examples * share)))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: test needs a CUDA GPU (auto-skipped without one)")

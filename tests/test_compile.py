@@ -7,6 +7,7 @@ scheduler state, hence the same plan every step). Recompiles are counted with Dy
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -213,6 +214,40 @@ def test_revert_drops_compiled_regions():
     for name, module in model.named_modules():  # nothing of sdepth_ext is left on any module
         assert not [k for k in vars(module) if k.startswith(("_sd", "sd_"))], name
     model.train()(torch.randn(2, 3, 16, 16))  # and the plain forward runs
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_a_compiled_model_compiles_and_trains_its_own_blocks(how):
+    """A compiled region is bound to its block: a copy that carried it ran the original's blocks (gradients
+    went to the original's parameters, none to the copy's residual branches). A copy recompiles its own,
+    with the settings of the original, and trains exactly like an eager model in the same state."""
+    model = sd.convert(cifar8(), p_last=0.5, rule="uniform", mode="row", seed=3).train()
+    eager = copy.deepcopy(model)
+    sd.compile_blocks(model, backend="eager", dynamic=False)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    assert get_state(twin).compile_kwargs == {"backend": "eager", "dynamic": False}
+    for step in range(2):
+        torch.manual_seed(200 + step)
+        x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
+        for m in (model, twin, eager):
+            m.zero_grad(set_to_none=True)
+        outs = [m(x) for m in (twin, eager)]
+        for out in outs:
+            F.cross_entropy(out, y).backward()
+        torch.testing.assert_close(outs[0], outs[1], **AOT_TOL)
+        assert all(p.grad is None for p in model.parameters()), "the copy trained the original"
+        for (name, p), q in zip(twin.named_parameters(), eager.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **AOT_TOL, msg=f"step {step} {name}")
+    for block in get_state(twin).blocks:
+        assert block.__dict__["_sd_regions"].block is block  # compiled for the copy's own blocks
 
 
 def test_recompile_limit_is_raised_for_every_block_shape():

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
@@ -98,6 +99,8 @@ def ddp_train(kind, mode, rank, ready=True, clear=False, uneven_step=None):
     model = sd.convert(MODELS[kind](), p_last=0.5, rule="uniform", mode=mode, seed=SEED + rank).train()
     if ready:
         sd.ddp_ready(model)
+    else:  # dropped blocks without a gradient: what DDP's default flags cannot take
+        sd.set_dropped_grads(model, "none")
     ddp = DistributedDataParallel(model)  # default flags: find_unused_parameters=False
     opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     counts, local_counts, dropped, steps = [], [], [], []
@@ -127,6 +130,8 @@ def _worker(rank, port, out_dir):
         results = {
             # batch mode, BatchNorm, "no gradient" semantics restored after the all-reduce
             "batch_bn": ddp_train("bn", "batch", rank, clear=True),
+            # batch mode, BatchNorm, the default "zero" semantics (decay and momentum on dropped blocks)
+            "batch_bn_zero": ddp_train("bn", "batch", rank),
             # row mode, GroupNorm: equal to one process over the concatenated batch
             "row_gn": ddp_train("gn", "row", rank),
             # row mode, BatchNorm: trains without errors (statistics are per rank, so no exact reference)
@@ -187,16 +192,17 @@ def ranks(tmp_path_factory):
 # ============================================================================================================
 # Single-process references
 # ============================================================================================================
-def reference_batch_bn():
+def reference_batch_bn(policy):
     """What DDP computes for a BatchNorm model in batch mode, in one process.
 
     Each rank normalises with its own batch statistics: run the two halves separately, with the plan of the
     step (batch-mode gates do not depend on the batch size: rewind the stream for the second half) and add
     the gradients / 2 (DDP averages). DDP broadcasts rank 0's buffers before every forward, so the running
-    statistics are rank 0's: run rank 1's half first and restore the buffers after it. Default "no gradient"
-    semantics for dropped blocks (the DDP run restores them with clear_dropped_grads).
+    statistics are rank 0's: run rank 1's half first and restore the buffers after it. ``policy``: the
+    dropped-gradient policy ("none": what the DDP run restores with clear_dropped_grads).
     """
     model = sd.convert(bn_model(), p_last=0.5, rule="uniform", mode="batch", seed=SEED).train()
+    sd.set_dropped_grads(model, policy)
     scheduler = get_state(model).scheduler
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     for step in range(STEPS):
@@ -220,8 +226,7 @@ def reference_row_gn(clear=False):
     """One process over the global batch; zero gradients for blocks without any survivor (as DDP), or no
     gradient (``clear``: what clear_dropped_grads restores)."""
     model = sd.convert(gn_model(), p_last=0.5, rule="uniform", mode="row", seed=SEED).train()
-    if not clear:
-        sd.set_dropped_grads(model, "zero")
+    sd.set_dropped_grads(model, "none" if clear else "zero")
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     counts = []
     for step in range(STEPS):
@@ -249,7 +254,8 @@ def assert_same(a, b, tol=None):
 # ============================================================================================================
 # Tests
 # ============================================================================================================
-@pytest.mark.parametrize("scenario", ["batch_bn", "row_gn", "row_bn", "row_gn_clear", "row_gn_uneven"])
+@pytest.mark.parametrize("scenario", ["batch_bn", "batch_bn_zero", "row_gn", "row_bn", "row_gn_clear",
+                                      "row_gn_uneven"])
 def test_ranks_agree_and_drop_before_the_last_step(ranks, scenario):
     r0, r1 = ranks[0][scenario], ranks[1][scenario]
     assert r0["counts"] == r1["counts"]  # the same (global) plan on both ranks, seeds SEED and SEED + 1
@@ -264,12 +270,18 @@ def test_ranks_agree_and_drop_before_the_last_step(ranks, scenario):
         assert torch.isfinite(p).all()
 
 
-def test_batch_mode_with_batchnorm_equals_single_process(ranks):
-    expected = reference_batch_bn()
-    assert_same(ranks[0]["batch_bn"]["params"], expected["params"], TOL)
+@pytest.mark.parametrize("scenario, policy", [("batch_bn", "none"), ("batch_bn_zero", "zero")])
+def test_batch_mode_with_batchnorm_equals_single_process(ranks, scenario, policy):
+    """SGD with momentum and weight decay: the DDP run equals one process under either dropped-gradient
+    policy (the "zero" run moves dropped blocks' weights by weight decay, the "none" run does not)."""
+    expected = reference_batch_bn(policy)
+    assert_same(ranks[0][scenario]["params"], expected["params"], TOL)
     # Running statistics and num_batches_tracked: those of rank 0 (DDP broadcasts them), undisturbed by the
     # dropped blocks that ddp_ready made take part in autograd.
-    assert_same(ranks[0]["batch_bn"]["buffers"], expected["buffers"], TOL)
+    assert_same(ranks[0][scenario]["buffers"], expected["buffers"], TOL)
+    # The two policies really differ on this run (some block was dropped before the last step).
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["batch_bn"]["params"].values(),
+                                                     ranks[0]["batch_bn_zero"]["params"].values()))
 
 
 @pytest.mark.parametrize("scenario", ["row_gn", "row_gn_clear"])
@@ -390,7 +402,7 @@ def residual_params(block):
 def test_dropped_block_gradients_and_batchnorm_buffers(policy):
     model, dropped, before = _dropped_step(policy)
     blocks = get_state(model).blocks
-    zero = policy in ("zero", "ddp_ready")
+    zero = policy in (None, "zero", "ddp_ready")  # "zero" is the default
     for l in dropped:
         for name, p in residual_params(blocks[l]):
             if zero:
@@ -405,6 +417,51 @@ def test_dropped_block_gradients_and_batchnorm_buffers(policy):
     kept = [l for l in range(len(blocks)) if l not in dropped]
     for l in kept:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in residual_params(blocks[l]))
+
+
+class _FillCounter(TorchDispatchMode):
+    """Counts the aten ops that write zeros (``zeros``, ``zero_``, ``fill_``, ``new_zeros``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fills = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("zeros", "zero_", "fill_", "new_zeros", "zeros_like"):
+            self.fills += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_dropped_gradients_cost_one_fill_per_unit_not_per_parameter():
+    """The default "zero" policy's backward: one zero fill per dropped unit (its gradients are views of it),
+    however many parameters the unit has; a second backward before zero_grad (gradient accumulation) leaves
+    the existing zero gradients alone with no fill at all, unless DDP needs every gradient (ddp_ready)."""
+    seed = seed_where(drops_some_keeps_some, sd.uniform(3, 0.3), "batch", 4)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for ready in (False, True):
+        torch.manual_seed(0)
+        model = sd.convert(sd.cifar_resnet(8), p_last=0.3, rule="uniform", mode="batch", seed=seed).train()
+        if ready:
+            sd.ddp_ready(model)
+        loss = F.cross_entropy(model(x), y)
+        dropped = sd.dropped_blocks(model)
+        params = [p for l in dropped for p in get_state(model).unit_parameters(l)]
+        assert len(params) >= 6 * len(dropped)  # two convs and two BatchNorms (weight, bias) per unit
+        with _FillCounter() as counter:
+            loss.backward()
+        assert counter.fills == len(dropped)
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+        sd.get_scheduler(model).step -= 1  # the same plan again: accumulate into the existing gradients
+        loss = F.cross_entropy(model(x), y)
+        assert sd.dropped_blocks(model) == dropped
+        grads = [p.grad for p in params]
+        with _FillCounter() as counter:
+            loss.backward()
+        assert counter.fills == (len(dropped) if ready else 0)
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+        if not ready:
+            assert all(p.grad is g for p, g in zip(params, grads))  # untouched, not replaced
 
 
 @pytest.mark.parametrize("policy", ["none", "zero", "zero+clear"])
@@ -431,7 +488,7 @@ def test_optimizer_semantics_of_dropped_blocks(policy):
 
 def test_dropped_grads_arguments():
     model = sd.convert(sd.cifar_resnet(8), seed=0)
-    with pytest.raises(ValueError, match="policy.*none.*zero"):
+    with pytest.raises(ValueError, match="policy.*zero.*none"):
         sd.set_dropped_grads(model, "skip")
     with pytest.raises(ValueError, match="model"):
         sd.ddp_ready(sd.cifar_resnet(8))  # not converted

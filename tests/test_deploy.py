@@ -125,14 +125,23 @@ def test_prune_of_a_plain_model():
     torch.testing.assert_close(sd.prune(plain, [1, 4])(x), expected)
 
 
-def test_paper_scaling_that_cannot_fold_says_so():
-    """EfficientNetV2's FusedMBConv with expand ratio 1 ends in its SiLU: no scale folds through it."""
+def test_paper_scaling_that_cannot_fold_is_multiplied_in_the_generated_forward():
+    """EfficientNetV2's FusedMBConv with expand ratio 1 ends in its SiLU: no scale folds through it, so the
+    pruned block is a generated forward that multiplies its residual by p_l; still plain torch, and equal to
+    the converted eval model (and to its TorchScript)."""
     from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig
 
+    torch.manual_seed(0)
     model = EfficientNet([FusedMBConvConfig(1, 3, 1, 16, 16, 2)], dropout=0.0, stochastic_depth_prob=0.5)
-    sd.convert(model, p_last=0.5, scaling="paper", seed=0)
-    with pytest.raises(ValueError, match="cannot fold.*scaling='inverted'"):
-        sd.prune(model, [])
+    sd.convert(model, p_last=0.5, scaling="paper", seed=0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruned = sd.prune(model, [])
+    assert not any(type(m).__module__.startswith("sdepth_ext") for m in pruned.modules())
+    assert any(isinstance(m, torch.fx.GraphModule) for m in pruned.modules())
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-6)
     sd.convert(model, p_last=0.5, scaling="inverted", seed=0)
     assert sd.prune(model, [0])  # nothing to fold with inverted scaling
 

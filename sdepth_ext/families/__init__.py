@@ -105,6 +105,12 @@ class UnitAdapter:
         return None
 
     @staticmethod
+    def drop_module(block: nn.Module, unit: int) -> str | None:
+        """The attribute of ``block`` holding its own stochastic-depth module for the unit (timm's
+        ``drop_path1``), if its forward applies it to the residual just before the add; else None."""
+        return None
+
+    @staticmethod
     def own_scaling(block: nn.Module, unit: int) -> str | None:
         """The scaling the model's own module applies ("inverted", "none"), if its family defers to it."""
         return None

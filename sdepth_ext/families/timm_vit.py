@@ -9,7 +9,9 @@ Two units per block, attention then MLP, with their layer scales (``ls1``, ``ls2
 gates replace ``drop_path1`` / ``drop_path2``; nothing follows the adds. LayerNorm and attention work per
 sample, so row mode runs the two branches on the surviving samples only, exactly, with a Bernoulli gate
 per sample (not a fixed count of them) and no device sync. Calls with an attention mask are not converted
-(the mask would need the same gather): they raise, naming the argument. Defaults: timm's drop_path_rate
+(the mask would need the same gather): they raise, naming the argument; a torch.fx trace that passes the
+mask on (timm's ViT forwards its ``attn_mask`` argument) traces the eval forward through ``Block.forward``
+with ``drop_path1``/``drop_path2`` standing for the ``p_l`` scale. Defaults: timm's drop_path_rate
 schedule, row mode, DropPath's scale_by_keep. ViT variants built from other block classes (ResPostBlock,
 ParallelScalingBlock, ...) are refused naming the class.
 """
@@ -45,6 +47,10 @@ class TimmViT(UnitAdapter):
     @staticmethod
     def own_drop(block, unit):
         return own_drop(block.drop_path1 if unit == 0 else block.drop_path2)
+
+    @staticmethod
+    def drop_module(block, unit):
+        return "drop_path1" if unit == 0 else "drop_path2"
 
     @staticmethod
     def own_scaling(block, unit):

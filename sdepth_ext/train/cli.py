@@ -24,7 +24,7 @@ from .. import survival_probs
 from ..data import DATASETS, load_dataset
 from ..environment import environment
 from ..flops import expected_compute_fraction
-from .config import MODES, RUNS, SCALINGS, SCHEDULES, TrainConfig, check_config
+from .config import DROPPED_GRADS, MODES, RUNS, SCALINGS, SCHEDULES, TrainConfig, check_config
 from .files import atomic_write_text
 from .interrupts import handle_interrupts
 from .lesion import frontier_study, lesion_study
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", default=d.scaling, choices=SCALINGS,
                    help=f"paper: scale residuals by p_l at test time; inverted: by 1/p_l in training "
                         f"(default: {d.scaling})")
+    p.add_argument("--dropped-grads", default=d.dropped_grads, choices=DROPPED_GRADS,
+                   help="what a dropped block's parameters get: zero (a zero gradient: weight decay and "
+                        "momentum apply, as in the paper's code) or none (no gradient: frozen that step) "
+                        f"(default: {d.dropped_grads})")
     p.add_argument("--runs", default=",".join(d.runs), type=lambda s: [r.strip() for r in s.split(",")],
                    help=f"comma list of {', '.join(RUNS)} (default: {','.join(d.runs)})")
     p.add_argument("--seed", type=int, default=d.seed,
@@ -135,7 +139,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, Path, bool]:
                       schedule=a.schedule, milestones=a.milestones, p_last=a.p_last, mode=a.mode,
                       scaling=a.scaling, seed=a.seed, device=device, subset=a.subset, runs=a.runs,
                       lesion=not a.no_lesion, lesion_draws=a.lesion_draws, progress=not a.no_progress,
-                      drop_schedule=a.drop_schedule, frontier=a.frontier)
+                      drop_schedule=a.drop_schedule, frontier=a.frontier, dropped_grads=a.dropped_grads)
     try:
         check_config(cfg)
     except ValueError as err:

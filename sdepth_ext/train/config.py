@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TrainConfig", "RUNS", "SCHEDULES", "MODES", "SCALINGS", "LOG_FIELDS", "STEP_FIELDS",
-           "FIXED_ON_RESUME", "DATA_BOUND_SHARE", "default_milestones", "milestones_for", "lr_at",
-           "check_config", "describe_setting", "device_kind", "parse_drop_schedule"]
+__all__ = ["TrainConfig", "RUNS", "SCHEDULES", "MODES", "SCALINGS", "DROPPED_GRADS", "LOG_FIELDS",
+           "STEP_FIELDS", "FIXED_ON_RESUME", "DATA_BOUND_SHARE", "default_milestones", "milestones_for",
+           "lr_at", "check_config", "describe_setting", "device_kind", "parse_drop_schedule"]
 
 RUNS = ("constant", "stochastic")
 SCHEDULES = ("step", "cosine")
 MODES = ("batch", "row")
 SCALINGS = ("paper", "inverted")
+DROPPED_GRADS = ("zero", "none")  # sdepth_ext.set_dropped_grads
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s",
               "images_per_s", "drop_scale", "work_ran", "work_expected", "data_time_s"]
 # What each extra column means: drop_scale, the drop schedule's value at the epoch's last step (1 without
@@ -39,6 +40,7 @@ FIXED_ON_RESUME = {
     "momentum": "--momentum", "weight_decay": "--weight-decay", "schedule": "--schedule",
     "milestones": "--milestones", "p_last": "--p-last", "mode": "--mode", "scaling": "--scaling",
     "seed": "--seed", "device": "--device", "drop_schedule": "--drop-schedule",
+    "dropped_grads": "--dropped-grads",
 }
 
 
@@ -68,6 +70,7 @@ class TrainConfig:
     lesion_draws: int = 5
     progress: bool = True
     drop_schedule: str = "constant"  # KIND[:ARG] of sdepth_ext.drop_schedule, over the training steps
+    dropped_grads: str = "zero"  # what a dropped block's parameters get: sdepth_ext.set_dropped_grads
     frontier: bool = False  # the depth-pruning frontier of each trained model (sdepth_ext.depth_frontier)
 
     def step_milestones(self) -> list[int]:
@@ -173,6 +176,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
          f"--runs must be a comma list of {', '.join(RUNS)} (each once), got {','.join(cfg.runs)!r}")
     need(_is_int(cfg.lesion_draws) and cfg.lesion_draws >= 1,
          f"--lesion-draws must be an integer >= 1, got {cfg.lesion_draws}")
+    need(cfg.dropped_grads in DROPPED_GRADS,
+         f"--dropped-grads must be one of {', '.join(DROPPED_GRADS)}, got {cfg.dropped_grads!r}")
     parse_drop_schedule(cfg.drop_schedule)
     try:
         device = torch.device(cfg.device)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import cifar_resnet, compute_stats, convert, set_drop_scale
+from .. import cifar_resnet, compute_stats, convert, set_drop_scale, set_dropped_grads
 from ..data import Dataset, augment
 from .config import (
     DATA_BOUND_SHARE,
@@ -63,6 +63,7 @@ def build_model(cfg: TrainConfig, num_classes: int, stochastic: bool, device: to
     model = cifar_resnet(cfg.depth, num_classes)
     if stochastic:
         convert(model, p_last=cfg.p_last, rule="linear", mode=cfg.mode, scaling=cfg.scaling, seed=cfg.seed)
+        set_dropped_grads(model, cfg.dropped_grads)
     return model.to(device)
 
 
@@ -123,6 +124,8 @@ def check_resumable(cfg: TrainConfig, ckpt: dict, name: str, path: Path, fingerp
             old, new = device_kind(old), device_kind(new)
         if key == "drop_schedule":  # checkpoints of before the option trained without a schedule
             old = "constant" if old is None else old
+        if key == "dropped_grads":  # checkpoints of before the option: dropped blocks got no gradient
+            old = "none" if old is None else old
         if old != new:
             raise ResumeError(f"--resume: {option} is {describe_setting(key, old)} in {path}, got "
                               f"{describe_setting(key, new)} (only --epochs may change on --resume)")

@@ -88,16 +88,14 @@ def param_grads(model):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def assert_grads(got: nn.Module, want: nn.Module, exact: bool = False, none_is_zero: bool = False):
-    """``none_is_zero``: the reference multiplies a dropped branch by 0 (zero gradients) where the converted
-    model never ran it (no gradient)."""
+def assert_grads(got: nn.Module, want: nn.Module, exact: bool = False):
+    """Gradients equal. Where the reference never ran a dropped branch (no gradient), the converted model's
+    default dropped-gradient policy ("zero") gave exact zeros; where the reference multiplied it by a zero
+    gate, both are zeros."""
     expected = param_grads(want)
     for name, grad in param_grads(got).items():
-        if none_is_zero and grad is None and expected[name] is not None:
-            assert not expected[name].any(), name
-            continue
         if expected[name] is None:
-            assert grad is None, name
+            assert grad is not None and not grad.any(), name
         elif exact:
             assert grad is not None and torch.equal(grad, expected[name]), name
         else:
@@ -217,7 +215,7 @@ def test_row_mode_equals_the_masked_original(case):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     out.square().sum().backward()
     expected.square().sum().backward()
-    assert_grads(converted, plain, none_is_zero=True)
+    assert_grads(converted, plain)
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
@@ -236,8 +234,9 @@ def test_a_dropped_unit_runs_nothing_of_its_branch(case, mode):
     for l, modules in enumerate(branches):
         ran = any(calls[id(m)] for module in modules for m in module.modules())
         assert ran == (plan.counts[l] > 0), l
-        if plan.counts[l] == 0:
-            assert all(p.grad is None for p in get_state(converted).unit_parameters(l)), l
+        if plan.counts[l] == 0:  # nothing ran, and the default policy gave exact zero gradients
+            params = get_state(converted).unit_parameters(l)
+            assert all(p.grad is not None and not p.grad.any() for p in params), l
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -381,8 +381,8 @@ def assert_close_dicts(got, expected, tol=None):
             torch.testing.assert_close(got[name], expected[name], **tol, msg=name)
 
 
-def seeds_for(spec_name):
-    return SCENARIOS.get(spec_name) or family_scenarios()[spec_name]
+def spec_of(name):
+    return SCENARIOS.get(name) or family_scenarios()[name]
 
 
 # ============================================================================================================
@@ -394,7 +394,7 @@ ALL = [*SCENARIOS, *family_scenarios()]
 @needs_fsdp2
 @pytest.mark.parametrize("name", ALL)
 def test_ranks_run_the_same_collectives_and_equal_one_process(ranks, name):
-    spec = seeds_for(name)
+    spec = spec_of(name)
     r0, r1 = ranks[0][name], ranks[1][name]
     # SPMD: both ranks dispatched the same collectives, of the same sizes, in the same order, every step.
     assert r0["calls"] == r1["calls"]

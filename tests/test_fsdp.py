@@ -204,6 +204,24 @@ def shard(model, spec):
         sd.fully_shard(model, **kwargs)
 
 
+def direct_block_calls(rank):
+    """A sharded block called on its own (a training forward that skips the root) draws a fresh plan in its
+    FSDP gate, so that the gate and the forward agree: dropped, its group stays sharded and silent."""
+    spec = SCENARIOS["batch_helper_zero_prefetch"]
+    model = convert(spec, SEED)
+    sd.fully_shard(model)
+    loss_of(model(local_input(spec, 0, rank))).backward()  # one step through the root first
+    block = get_state(model).blocks[1]
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(7))
+    out = []
+    for _ in range(4):
+        with count_collectives() as counted:
+            block(x).sum().backward()
+        plan = get_state(model).host_plan
+        out.append((plan.step, plan.counts[1], dict(counted.counts)))
+    return out
+
+
 def revert_refused(rank):
     """revert on a sharded model would drop FSDP2's class from the blocks: refused, the model intact."""
     model = convert(SCENARIOS["batch_hand_none"], SEED)
@@ -301,6 +319,7 @@ def _worker(rank, port, out_dir):
         results = {name: fsdp_train(spec, rank) for name, spec in {**SCENARIOS, **family_scenarios()}.items()}
         results["dcp_resume"] = dcp_resume(rank, os.path.join(out_dir, "dcp"))
         results["revert_error"] = revert_refused(rank)
+        results["direct_block_calls"] = direct_block_calls(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -476,6 +495,16 @@ def test_batch_mode_communicates_for_the_units_that_ran_only(ranks, name):
             expected = expected_collectives(counts, spec["model"], spec["pattern"],
                                             spec.get("reshard_after_forward", True))
             assert collectives == expected, (step, counts)
+
+
+@needs_fsdp2
+def test_a_block_called_alone_gathers_only_when_it_runs(ranks):
+    calls = ranks[0]["direct_block_calls"]
+    assert calls == ranks[1]["direct_block_calls"]
+    assert [step for step, _, _ in calls] == [1, 2, 3, 4]  # a fresh plan per call
+    assert {count for _, count, _ in calls} == {0, 2}  # dropped in some calls, run in others
+    for _, count, collectives in calls:  # its group: gather forward and backward, reduce-scatter; or nothing
+        assert collectives == ({"all_gather": 2, "reduce_scatter": 1} if count else {}), calls
 
 
 @needs_fsdp2

@@ -124,8 +124,8 @@ def convert(spec, seed):
 # Every scenario: model, mode, how it is sharded ("hand": fully_shard per converted block, then the root, and
 # nothing else; "helper": sd.fully_shard), dropped-gradient policy, and options.
 SCENARIOS = {
-    "batch_hand_none": {"model": "gn", "mode": "batch", "pattern": "hand", "policy": "none",
-                        "p_last": 0.5, "rule": "uniform"},
+    "batch_hand_none_uneven": {"model": "gn", "mode": "batch", "pattern": "hand", "policy": "none",
+                               "p_last": 0.5, "rule": "uniform", "uneven_step": 1},
     "batch_helper_zero_prefetch": {"model": "gn", "mode": "batch", "pattern": "helper", "policy": "zero",
                                    "p_last": 0.5, "rule": "uniform", "prefetch": True},
     "batch_bn_helper_none": {"model": "bn", "mode": "batch", "pattern": "helper", "policy": "none",
@@ -224,12 +224,12 @@ def direct_block_calls(rank):
 
 def revert_refused(rank):
     """revert on a sharded model would drop FSDP2's class from the blocks: refused, the model intact."""
-    model = convert(SCENARIOS["batch_hand_none"], SEED)
+    model = convert(SCENARIOS["batch_hand_none_uneven"], SEED)
     sd.fully_shard(model)
     try:
         sd.revert(model)
     except ValueError as err:
-        model(local_input(SCENARIOS["batch_hand_none"], 0, rank)).sum().backward()  # still trains
+        model(local_input(SCENARIOS["batch_hand_none_uneven"], 0, rank)).sum().backward()  # still trains
         return str(err)
     return None
 
@@ -438,7 +438,7 @@ def test_the_scenarios_exercise_what_they_claim(ranks):
         one_rank_only = [(step, l) for step in range(STEPS - 1) for l in range(len(counts(name, 0)[0]))
                          if (counts(name, 0)[step][l] == 0) != (counts(name, 1)[step][l] == 0)]
         assert one_rank_only, name
-    for name in ("batch_hand_none", "batch_helper_zero_prefetch", "batch_bn_helper_none"):
+    for name in ("batch_hand_none_uneven", "batch_helper_zero_prefetch", "batch_bn_helper_none"):
         assert any(0 in c for c in counts(name, 0)[:-1]), name
     assert ranks[0]["row_helper_checkpoint_compile"]["graphs"] > 0
     subset = counts("subset_helper_none_uneven", 1)
@@ -484,8 +484,8 @@ def expected_collectives(counts, model, pattern, reshard=True):
 
 
 @needs_fsdp2
-@pytest.mark.parametrize("name", ["batch_hand_none", "batch_helper_zero_prefetch", "batch_bn_helper_none",
-                                  "batch_helper_zero_kept", "batch_bf16_helper_zero"])
+@pytest.mark.parametrize("name", ["batch_hand_none_uneven", "batch_helper_zero_prefetch",
+                                  "batch_bn_helper_none", "batch_helper_zero_kept", "batch_bf16_helper_zero"])
 def test_batch_mode_communicates_for_the_units_that_ran_only(ranks, name):
     spec = SCENARIOS[name]
     for rank in range(WORLD):

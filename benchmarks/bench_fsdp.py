@@ -15,7 +15,8 @@ groups cost more collectives than one group per block (a projection shortcut is 
 fewer elements (a dropped block's branch stays sharded). In batch mode a unit dropped on every
 rank skips its three collectives; row and subset mode run every unit on some rank, so they save compute only.
 
-Run: ``python -m benchmarks.bench_fsdp [--smoke | --full] [--backend gloo|nccl] [--cpu-malloc keep|default]``.
+Run: ``python -m benchmarks.bench_fsdp [--smoke | --full] [--count-only] [--backend gloo|nccl]
+[--cpu-malloc keep|default]``. ``--count-only`` skips the timed steps: exact counts on any machine, no times.
 Prints median step times, ratios and collectives; writes JSON + CSV (``benchmarks.common.write_results``).
 """
 
@@ -140,9 +141,11 @@ def _free_port() -> int:
 
 
 def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
-        cpu_malloc: str = "keep") -> tuple[list[dict], dict, str]:
+        cpu_malloc: str = "keep", count_only: bool = False) -> tuple[list[dict], dict, str]:
     """Rows, samples, and the ``cpu_allocator`` the workers ran with (their timing is what the rows hold)."""
     config = CONFIGS[size]
+    if count_only:
+        config = (*config[:3], 0, 0, config[5])
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "samples.pt")
         context = mp.start_processes(_worker, args=(_free_port(), config, out_path, backend, cpu_malloc),
@@ -165,15 +168,18 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
             sum(n for k, n in c.items() if k != "elements") if kind is None else c.get(kind, 0)
             for c in collectives[v])
 
-    ref_ms = statistics.median(samples["plain"])
+    def median_ms(v: str) -> float | None:
+        return statistics.median(samples[v]) * 1e3 if samples[v] else None
+
+    ref_ms = median_ms("plain")
     ref_comm = per_step("plain", None)
     rows = []
     for v in VARIANTS:
-        ms = statistics.median(samples[v])
+        ms = median_ms(v)
         rows.append({"bench": "fsdp", "variant": v, "mode": {"plain": "", "all_units": "batch"}.get(v, v),
                      "p_last": 1.0 if v in ("plain", "all_units") else 0.5, "depth": depth,
                      "batch_per_rank": batch, "image": image, "world_size": WORLD, "backend": backend,
-                     "steps": steps, "step_ms": ms * 1e3, "ratio_vs_plain": ms / ref_ms,
+                     "steps": steps, "step_ms": ms, "ratio_vs_plain": None if ms is None else ms / ref_ms,
                      "counted_steps": counted, "all_gather_per_step": per_step(v, "all_gather"),
                      "reduce_scatter_per_step": per_step(v, "reduce_scatter"),
                      "collectives_per_step": per_step(v, None),
@@ -188,6 +194,8 @@ def main(argv=None) -> list[dict]:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true", help="seconds-long run, for CI (not a measurement)")
     group.add_argument("--full", action="store_true", help="ResNet-56, batch 64 per rank, more steps")
+    parser.add_argument("--count-only", action="store_true",
+                        help="no timed steps: collectives and elements per step only (exact anywhere)")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                         help="gloo on CPUs (default); nccl with one GPU per rank")
     parser.add_argument("--out-dir", type=Path, default=None,
@@ -201,11 +209,13 @@ def main(argv=None) -> list[dict]:
     env["backend"] = args.backend
     env["world_size"] = WORLD
     print_environment(env)
-    rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc)
+    rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc,
+                                              count_only=args.count_only)
     columns = ["variant", "mode", "step_ms", "ratio_vs_plain", "all_gather_per_step",
                "reduce_scatter_per_step", "collectives_vs_plain", "elements_vs_plain"]
     print(format_table(rows, columns))
-    name = "fsdp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "")
+    name = "fsdp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "") + (
+        "_counts" if args.count_only else "")
     paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows

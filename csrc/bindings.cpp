@@ -7,10 +7,30 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "scheduler.h"
 
 namespace {
+
+sdepth::Mode parse_mode(const std::string& mode) {
+  if (mode == "batch") return sdepth::Mode::kBatch;
+  if (mode == "row") return sdepth::Mode::kRow;
+  if (mode == "subset") return sdepth::Mode::kSubset;
+  throw std::invalid_argument("mode must be one of ('batch', 'row', 'subset'), got '" + mode + "'");
+}
+
+const char* mode_name(sdepth::Mode mode) {
+  switch (mode) {
+    case sdepth::Mode::kBatch:
+      return "batch";
+    case sdepth::Mode::kRow:
+      return "row";
+    default:
+      return "subset";
+  }
+}
 
 py::tuple pack(const sdepth::StepDraw& draw, bool pin_memory) {
   const int64_t n = draw.size;
@@ -50,8 +70,11 @@ py::tuple draw_at(const sdepth::GateSampler& sampler, uint64_t step, int64_t bat
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sdepth_ext compiled scheduler: host-side counter-based Bernoulli gates, survivor compaction";
   py::class_<sdepth::GateSampler>(m, "GateSampler")
-      .def(py::init<const std::vector<double>&, bool, uint64_t, uint64_t>(), py::arg("survival"),
-           py::arg("row_mode"), py::arg("seed"), py::arg("step") = 0)
+      .def(py::init([](const std::vector<double>& survival, const std::string& mode, uint64_t seed,
+                       uint64_t step) {
+             return new sdepth::GateSampler(survival, parse_mode(mode), seed, step);
+           }),
+           py::arg("survival"), py::arg("mode"), py::arg("seed"), py::arg("step") = 0)
       .def("sample", &sample, py::arg("batch_size"), py::arg("rank") = 0, py::arg("world_size") = 1,
            py::arg("pin_memory") = false,
            "Claim the next step and draw it: (active, counts, offsets, buffer, step).")
@@ -60,5 +83,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("seed", &sdepth::GateSampler::seed)
       .def_property("step", &sdepth::GateSampler::step, &sdepth::GateSampler::set_step)
       .def_property_readonly("num_units", &sdepth::GateSampler::num_units)
-      .def_property_readonly("row_mode", &sdepth::GateSampler::row_mode);
+      .def_property_readonly("mode",
+                             [](const sdepth::GateSampler& sampler) { return mode_name(sampler.mode()); });
 }

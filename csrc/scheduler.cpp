@@ -1,5 +1,6 @@
 #include "scheduler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -14,6 +15,12 @@ inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
+}
+
+// Sample g's 32-bit uniform under unit key `unit_key` (scheduler.h).
+inline uint64_t sample_uniform(uint64_t unit_key, uint64_t g) {
+  const uint64_t word = mix64(unit_key + ((g >> 1) + 1) * kGamma);
+  return (g & 1) ? (word >> 32) : (word & 0xFFFFFFFFULL);
 }
 
 // Compacts the survivors of one unit at one step into words[0..K) (branch-free: always write the index,
@@ -42,19 +49,35 @@ inline int64_t compact_unit(uint64_t unit_key, uint64_t threshold, int64_t n, ui
   }
   // DDP rank r of W (W >= 2): local sample i is global sample g = i W + r, each in a word of its own.
   for (int64_t i = 0; i < n; ++i) {
-    const uint64_t g = static_cast<uint64_t>(i) * world_size + rank;
-    const uint64_t word = mix64(unit_key + ((g >> 1) + 1) * kGamma);
-    const uint64_t u = (g & 1) ? (word >> 32) : (word & 0xFFFFFFFFULL);
     words[k] = i;
-    k += static_cast<int64_t>(u < threshold);
+    k += static_cast<int64_t>(sample_uniform(unit_key, static_cast<uint64_t>(i) * world_size + rank) <
+                              threshold);
   }
   return k;
 }
 
+// Subset mode: the `count` samples of the n with the smallest keys (u << 32) | i, sorted by index, into
+// words[0..count); `keys` is scratch space of n words.
+inline void select_subset(uint64_t unit_key, int64_t n, int64_t count, uint64_t world_size, uint64_t rank,
+                          uint64_t* keys, int64_t* words) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t g = static_cast<uint64_t>(i) * world_size + rank;
+    keys[i] = (sample_uniform(unit_key, g) << 32) | static_cast<uint64_t>(i);
+  }
+  std::nth_element(keys, keys + count - 1, keys + n);  // the count smallest keys end up in keys[0..count)
+  for (int64_t k = 0; k < count; ++k) words[k] = static_cast<int64_t>(keys[k] & 0xFFFFFFFFULL);
+  std::sort(words, words + count);
+}
+
 }  // namespace
 
-GateSampler::GateSampler(const std::vector<double>& survival, bool row_mode, uint64_t seed, uint64_t step)
-    : row_mode_(row_mode), seed_(seed), step_(step) {
+int64_t subset_count(int64_t n, double p) {
+  const int64_t count = static_cast<int64_t>(static_cast<double>(n) * p);  // truncation toward zero
+  return std::min(n, std::max<int64_t>(count, 1));
+}
+
+GateSampler::GateSampler(const std::vector<double>& survival, Mode mode, uint64_t seed, uint64_t step)
+    : survival_(survival), mode_(mode), seed_(seed), step_(step) {
   if (survival.empty()) {
     throw std::invalid_argument("survival must hold at least one probability, got an empty list");
   }
@@ -101,7 +124,7 @@ void GateSampler::draw(uint64_t step, int64_t batch_size, int64_t rank, int64_t 
   out.size = 0;
   const uint64_t step_key = mix64(seed_ + (step + 1) * kGamma);
 
-  if (!row_mode_) {
+  if (mode_ == Mode::kBatch) {
     for (int64_t l = 0; l < L; ++l) {
       // Sample 0's uniform (the low half of word 0) gates the whole batch.
       const uint64_t unit_key = mix64(step_key + static_cast<uint64_t>(l + 1) * kGamma);
@@ -121,6 +144,10 @@ void GateSampler::draw(uint64_t step, int64_t batch_size, int64_t rank, int64_t 
   if (out.slot_scratch.size() < static_cast<size_t>(2 * slot_words)) {
     out.slot_scratch.resize(static_cast<size_t>(2 * slot_words));
   }
+  const bool subset = mode_ == Mode::kSubset;
+  if (subset && out.key_scratch.size() < static_cast<size_t>(N)) {
+    out.key_scratch.resize(static_cast<size_t>(N));
+  }
   int64_t* words = out.buffer.data();
   int32_t* slot = out.slot_scratch.data();
   const uint64_t W = static_cast<uint64_t>(world_size);
@@ -128,7 +155,13 @@ void GateSampler::draw(uint64_t step, int64_t batch_size, int64_t rank, int64_t 
   int64_t n = 0;
   for (int64_t l = 0; l < L; ++l) {
     const uint64_t unit_key = mix64(step_key + static_cast<uint64_t>(l + 1) * kGamma);
-    const int64_t count = compact_unit(unit_key, thresholds_[l], N, W, r, words + n);
+    int64_t count;
+    if (subset) {
+      count = subset_count(N, survival_[l]);
+      if (count < N) select_subset(unit_key, N, count, W, r, out.key_scratch.data(), words + n);
+    } else {
+      count = compact_unit(unit_key, thresholds_[l], N, W, r, words + n);
+    }
     out.offsets[l] = n;
     out.counts[l] = count;
     if (count > 0) out.active.push_back(l);

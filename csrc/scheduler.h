@@ -18,6 +18,12 @@
 //     even g, the high 32 bits for odd g;
 //   * a unit survives for sample g iff u < ceil(p * 2^32): exact for p = 0 and p = 1, off by < 2.4e-10
 //     elsewhere. Batch mode uses sample 0's uniform for the whole batch.
+//   * subset mode (a fixed count, as DINOv2/DINOv3 train their ViTs): a unit keeps exactly
+//     K = min(N, max(trunc(N * p), 1)) of the N samples (N * p a double product, truncated toward zero), the
+//     K with the smallest keys (u << 32) | i, where u is sample i's uniform defined above and i its index in
+//     the batch (unique keys: the index breaks ties of u). The uniforms being independent, every K-subset is
+//     equally likely. Under DDP/FSDP the rule applies per rank, to the rank's own N samples (their uniforms
+//     are those of their global indices g, as in row mode), so every rank keeps a count fixed by its N.
 //   * DDP rank r of W ranks: local sample i is global sample g = i * W + r (ranks interleaved), so a single
 //     process drawing the global batch W * N at the same step draws exactly the union of the ranks' plans.
 //
@@ -44,12 +50,20 @@ struct StepDraw {
   // zero-fill tens of KB per step.
   std::vector<int64_t> buffer;
   std::vector<int32_t> slot_scratch;
+  std::vector<uint64_t> key_scratch;  // subset mode: one unit's (uniform << 32 | index) keys
   int64_t size = 0;
 };
 
+// batch: one gate per unit and step; row: one Bernoulli gate per unit and sample; subset: a fixed count of
+// samples per unit (above).
+enum class Mode { kBatch, kRow, kSubset };
+
+// Subset mode's count of kept samples out of n at survival probability p (see above).
+int64_t subset_count(int64_t n, double p);
+
 class GateSampler {
  public:
-  GateSampler(const std::vector<double>& survival, bool row_mode, uint64_t seed, uint64_t step);
+  GateSampler(const std::vector<double>& survival, Mode mode, uint64_t seed, uint64_t step);
 
   // Claims the next step (atomically: concurrent callers get distinct steps) and draws it for rank `rank` of
   // `world_size`. Returns the step drawn.
@@ -61,11 +75,12 @@ class GateSampler {
   uint64_t step() const { return step_.load(std::memory_order_relaxed); }
   void set_step(uint64_t step) { step_.store(step, std::memory_order_relaxed); }
   int64_t num_units() const { return static_cast<int64_t>(thresholds_.size()); }
-  bool row_mode() const { return row_mode_; }
+  Mode mode() const { return mode_; }
 
  private:
   std::vector<uint64_t> thresholds_;  // ceil(p_l * 2^32), in [0, 2^32]
-  bool row_mode_;
+  std::vector<double> survival_;      // p_l itself: subset mode's counts
+  Mode mode_;
   uint64_t seed_;
   std::atomic<uint64_t> step_;
 };

@@ -11,6 +11,7 @@ from .convert import convert, get_scheduler, lesion, revert, set_drop_scale, sur
 from .deploy import depth_frontier, prune, recalibrate_bn
 from .distributed import clear_dropped_grads, ddp_ready, dropped_blocks, set_dropped_grads, sync_scheduler
 from .flops import compute_stats
+from .fsdp import fully_shard
 from .functional import gated_residual_add, gated_residual_relu
 from .rules import drop_schedule, linear_decay, uniform
 from .scheduler import Plan, Scheduler, has_compiled_scheduler
@@ -21,6 +22,7 @@ __all__ = ["gated_residual_add", "gated_residual_relu", "linear_decay", "uniform
            "has_compiled_scheduler", "convert", "revert", "survival_probs", "lesion", "cifar_resnet",
            "get_scheduler", "set_drop_scale", "drop_schedule", "compute_stats", "prune", "recalibrate_bn",
            "depth_frontier",
-           # training where users train: DDP, torch.compile, activation checkpointing, dropped-unit grads
+           # where users train: DDP, FSDP2, torch.compile, activation checkpointing, dropped-unit grads
            "ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks",
+           "fully_shard",
            "compile_blocks", "set_row_multiple", "effective_survival", "checkpoint_blocks"]

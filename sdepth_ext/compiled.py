@@ -16,12 +16,13 @@ recompiles per plan.
 Recompiles, per distinct block shape:
 
 * batch mode: one graph for training (plus one for eval): ``f`` always sees the whole batch;
-* row mode: the sub-batch size varies. Unless ``dynamic=False``, the batch dimension of the region's input is
-  marked dynamic (``torch._dynamo.maybe_mark_dynamic``), so one graph serves every sub-batch size >= 2 and
-  one more the size 1 (Dynamo always specialises sizes 0 and 1): at most 2 training graphs per shape, the
-  first whatever size comes first (without the mark Dynamo would compile the first size statically and
-  recompile at the second). With ``dynamic=False`` every distinct size is a graph; pass ``row_multiple=k`` to
-  round survivor counts up to multiples of k (:func:`set_row_multiple`), leaving ``ceil(N / k)`` sizes.
+* row and subset mode: the sub-batch size varies (subset mode: from unit to unit). Unless ``dynamic=False``,
+  the batch dimension of the region's input is marked dynamic (``torch._dynamo.maybe_mark_dynamic``), so
+  one graph serves every sub-batch size >= 2 and one more the size 1 (Dynamo always specialises sizes 0 and
+  1): at most 2 training graphs per shape, the first whatever size comes first (without the mark Dynamo
+  would compile the first size statically and recompile at the second). With ``dynamic=False`` every
+  distinct size is a graph; pass ``row_multiple=k`` to round survivor counts up to multiples of k
+  (:func:`set_row_multiple`), leaving ``ceil(N / k)`` sizes.
 
 All regions share one Dynamo cache (torch.compile wraps each ``functools.partial`` in the same function), and
 Dynamo caps the graphs per cache (``recompile_limit``, 8 by default; ``cache_size_limit`` before torch 2.7):
@@ -58,8 +59,10 @@ def set_row_multiple(model: nn.Module, multiple: int) -> nn.Module:
         raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
     state = get_state(model)
     if state.mode != "row" and multiple != 1:
+        why = ("every unit runs on all samples or none" if state.mode == "batch"
+               else "every unit keeps a fixed count of samples, the same shapes every step")
         raise ValueError(f"multiple: row_multiple={multiple} rounds row-mode survivor counts, but the model "
-                         "converts in batch mode (every unit runs on all samples or none)")
+                         f"converts in {state.mode} mode ({why})")
     state.row_multiple = multiple
     return model
 
@@ -146,7 +149,8 @@ def _compile_regions(state) -> None:
     """Every block's compiled regions, made with ``state.compile_kwargs`` for the blocks of ``state``."""
     compile_kwargs = state.compile_kwargs
     shapes = set()
-    dynamic_batch = state.mode == "row" and compile_kwargs.get("dynamic") is not False
+    # Subset mode's counts are fixed per unit, but units of one shape (one shared graph) keep different ones.
+    dynamic_batch = state.mode != "batch" and compile_kwargs.get("dynamic") is not False
     blocks = state.blocks
     for block in blocks:
         adapter = block._sd_adapter
@@ -162,7 +166,7 @@ def _compile_regions(state) -> None:
         block.__dict__["_sd_regions"] = regions
         shapes.add(_shape_key(block))
     buckets = _GRAPHS_PER_SHAPE
-    if compile_kwargs.get("dynamic") is False and state.mode == "row":
+    if compile_kwargs.get("dynamic") is False and state.mode != "batch":
         buckets = 64  # every sub-batch size is a graph; with row_multiple that is ceil(N / k) sizes
     distinct = len(shapes) if _inlines_nn_modules() else len(blocks)
     _raise_recompile_limit(max(8, buckets * distinct))

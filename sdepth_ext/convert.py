@@ -44,7 +44,7 @@ from .scheduler import MODES, Scheduler, check_u64
 from .units import SCALINGS, UnitsState, gated_class, in_backward, is_gated
 
 __all__ = ["convert", "revert", "survival_probs", "set_drop_scale", "lesion", "get_state", "get_scheduler",
-           "units_of",
+           "units_of", "root_of", "put_plan_draw_first",
            "RULES", "SCALINGS", "MODES"]
 
 RULES = ("linear", "uniform")
@@ -129,6 +129,12 @@ def get_state(model: nn.Module) -> UnitsState:
     ``model`` is the root given to :func:`convert`, or a wrapper of it: DDP (``.module``) or ``torch.compile``
     (``._orig_mod``). Raises ``TypeError`` for a non-module, ``ValueError`` if it was not converted.
     """
+    return root_of(model).__dict__[_ROOT_ATTR]
+
+
+def root_of(model: nn.Module) -> nn.Module:
+    """The module :func:`convert` was called on: ``model``, or the module its DDP / torch.compile wrapper
+    holds. Errors as :func:`get_state`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     root = model
@@ -138,7 +144,7 @@ def get_state(model: nn.Module) -> UnitsState:
             raise ValueError(f"model: {type(model).__name__} is not converted by sdepth_ext.convert "
                              "(pass the module convert() was called on, or its DDP / torch.compile wrapper)")
         root = inner
-    return root.__dict__[_ROOT_ATTR]
+    return root
 
 
 def get_scheduler(model: nn.Module) -> Scheduler:
@@ -178,8 +184,13 @@ def _draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The whole root runs inside torch.utils.checkpoint and is being recomputed during backward: the
         # recomputation must see the step's plan, not draw a new one (gradients would be wrong).
         return None
-    state.sample(int(x.shape[0]), x.device)
-    state.input_meta = (tuple(x.shape[1:]), x.dtype, x.device)
+    if id(type(module)) != state.fsdp_seen:  # first training call, or FSDP2 applied since (a new class)
+        from .fsdp import detect
+        detect(module, state)
+    # Under FSDP2 this hook runs before FSDP's root pre-forward, which moves the input to its device.
+    device = x.device if state.fsdp is None else state.fsdp.device
+    state.sample(int(x.shape[0]), device)
+    state.input_meta = (tuple(x.shape[1:]), x.dtype, device)
     return None
 
 
@@ -211,7 +222,17 @@ def _load_scheduler_state_hook(module: nn.Module, state_dict: dict, prefix: str,
                       "the model keeps its own gate stream", UserWarning, stacklevel=2)
 
 
+def put_plan_draw_first(model: nn.Module) -> None:
+    """Re-register the plan draw in front of the root's other forward pre-hooks (FSDP2's registers itself in
+    front when the root is sharded, and may prefetch blocks the plan is about to drop)."""
+    state = get_state(model)
+    state.hook_handles[0].remove()
+    state.hook_handles[0] = model.register_forward_pre_hook(_draw_plan_pre_hook, with_kwargs=True,
+                                                            prepend=True)
+
+
 def _install_hooks(model: nn.Module) -> list:
+    # The plan draw stays the first handle (put_plan_draw_first replaces it).
     handles = [model.register_forward_pre_hook(_draw_plan_pre_hook, with_kwargs=True),
                model.register_forward_hook(_first_forward_post_hook)]
     # Public names where they exist (torch >= 2.5); the private ones (same signatures) on torch 2.4.
@@ -303,9 +324,11 @@ def convert(model: nn.Module, p_last: float | None = None, rule: str | None = No
             ResNets; for models with their own stochastic depth, their rates).
         rule: ``"linear"`` (``p_l = 1 - l/L (1 - p_last)`` over the L units, the paper's) or ``"uniform"``
             (``p_l = p_last``). None: linear, or the model's own rates when ``p_last`` is None too.
-        mode: ``"batch"`` (one gate per unit and step; a dropped unit runs no residual at all) or ``"row"``
+        mode: ``"batch"`` (one gate per unit and step; a dropped unit runs no residual at all), ``"row"``
             (one gate per unit and sample; the residual runs on the surviving samples only, so BatchNorm
-            statistics are those of the survivors). None: batch for ResNets, the model's own mode otherwise.
+            statistics are those of the survivors) or ``"subset"`` (each unit keeps exactly
+            ``max(int(N * p_l), 1)`` of its N samples, drawn uniformly: the same shapes every step; "inverted"
+            scaling multiplies by ``N / kept``). None: batch for ResNets, the model's own mode otherwise.
         scaling: ``"paper"`` (train with ``act(id + f)``, evaluate ``act(id + p_l f)``), ``"inverted"``
             (train with ``act(id + f / p_l)``, evaluate the plain network, bit-identical to the original) or
             ``"none"`` (train ``act(id + f)``, evaluate the plain network: timm's ``scale_by_keep=False``).
@@ -413,9 +436,20 @@ def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: original block classes and forward, hooks removed; returns ``model``.
 
     Weights and state_dict keys are unchanged (they never changed); the model's own stochastic-depth modules
-    run again. Raises ``ValueError`` if ``model`` is not a converted root.
+    run again. Raises ``ValueError`` if ``model`` is not a converted root, or is sharded with FSDP2 (which
+    swapped the same classes: revert before sharding).
     """
     state = get_state(model)
+    if dist.is_available() and dist.is_initialized():  # FSDP2 shards only with a process group
+        from .fsdp import fsdp_module_types
+
+        types = fsdp_module_types()
+        sharded = types and any(isinstance(m, types) for m in (model, *state.blocks))
+    else:
+        sharded = False
+    if sharded:
+        raise ValueError("model: it is sharded with FSDP2 (fully_shard), whose module classes wrap the "
+                         "converted ones; revert a model before sharding it, not after")
     for cleanup in reversed(state.cleanups):  # what helpers attached (compiled regions, ...)
         cleanup()
     for block in state.blocks:

@@ -23,6 +23,10 @@ Why dropped blocks need help
     each one. ``find_unused_parameters=True`` also works but traverses the autograd graph every step (see
     ``benchmarks/bench_ddp.py``).
 
+FSDP2 (``torch.distributed.fsdp.fully_shard``) has its own helper, :func:`sdepth_ext.fully_shard`
+(:mod:`sdepth_ext.fsdp`); ``sync_scheduler``, ``set_dropped_grads``, ``clear_dropped_grads`` and
+``dropped_blocks`` serve both.
+
 SyncBatchNorm in row mode is refused: a unit with no survivor on one rank and some on another would skip
 the collective on the first rank only (a hang, or mismatched collectives).
 
@@ -78,8 +82,8 @@ def dropped_blocks(model: nn.Module, process_group=None) -> list[int]:
     """
     state = get_state(model)
     plan = state.host_plan
-    if plan is None:
-        return []
+    if plan is None or plan.mode == "subset":
+        return []  # subset mode keeps at least one sample of every unit on every rank
     counts = plan.counts
     if state.shard is not None and state.mode == "row":
         rank, world_size = state.shard
@@ -157,7 +161,8 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
     * dropped blocks' residual parameters get exact zero gradients (``set_dropped_grads(model, "zero")``, the
       default), and every one of them reaches DDP's hooks, also when its ``.grad`` already exists;
     * with an initialised process group: the scheduler state of rank ``src`` is broadcast (``sync=True``),
-      and in row mode each rank draws the global batch's plan and keeps its slice of rows.
+      and in row mode each rank draws the global batch's plan and keeps its slice of rows (subset mode: each
+      rank keeps its fixed count of its own samples).
 
     Without a process group only the first point applies (single-process runs with zero-gradient semantics).
     """
@@ -174,5 +179,5 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
             sync_scheduler(model, src=src, process_group=process_group)
         world_size = dist.get_world_size(process_group)
         rank = dist.get_rank(process_group)
-        state.shard = (rank, world_size) if state.mode == "row" and world_size > 1 else None
+        state.shard = (rank, world_size) if state.mode != "batch" and world_size > 1 else None
     return model

@@ -86,7 +86,8 @@ def compute_stats(model: nn.Module, example_input: torch.Tensor | None = None, r
     promoted samples of ``row_multiple`` included), over what every unit on every sample would cost. The
     ``model_*`` entries are the same over the whole model's MACs (stem, shortcuts and head always run): the
     ideal train-step time ratio. The per-unit MACs are counted once per input shape, on one sample of the
-    shape the last training step saw (or of ``example_input``), with an eval-mode forward under no_grad.
+    shape the last training step saw (or of ``example_input``), with an eval-mode forward under no_grad. That
+    forward communicates under FSDP2 (it gathers parameters): there, call it on every rank.
 
     Returns ``{"steps", "last_step", "cumulative", "expected", "model_last_step", "model_cumulative",
     "model_expected"}`` (fractions in [0, 1]). ``reset=True`` starts a new cumulative count after reading.

@@ -33,9 +33,12 @@ import torch
 
 from .rules import check_probability, check_survival
 
-__all__ = ["Scheduler", "Plan", "has_compiled_scheduler", "shard_plan", "round_plan_rows", "MODES"]
+__all__ = ["Scheduler", "Plan", "has_compiled_scheduler", "shard_plan", "round_plan_rows", "subset_count",
+           "MODES"]
 
-MODES = ("batch", "row")
+# batch: one gate per unit and step; row: one Bernoulli gate per unit and sample; subset: each unit keeps a
+# fixed count of the samples, max(int(N * p_l), 1), drawn uniformly (csrc/scheduler.h).
+MODES = ("batch", "row", "subset")
 _U64 = 1 << 64
 _MASK64 = _U64 - 1
 _MASK32 = 0xFFFFFFFF
@@ -107,9 +110,10 @@ def _thresholds(survival: Sequence[float]) -> np.ndarray:
 class _PythonGateSampler:
     """NumPy twin of ``_C.GateSampler``: the same gate function, the same packed plans."""
 
-    def __init__(self, survival: list[float], row_mode: bool, seed: int, step: int = 0):
+    def __init__(self, survival: list[float], mode: str, seed: int, step: int = 0):
         self._thresholds = _thresholds(survival)
-        self.row_mode = row_mode
+        self._survival = list(survival)
+        self.mode = mode
         self.seed = seed
         self._step = step
         self._lock = threading.Lock()
@@ -147,14 +151,29 @@ class _PythonGateSampler:
     def draw(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
         _check_shard(batch_size, rank, world_size)
         n = batch_size
-        samples = np.zeros(1, dtype=np.uint64) if not self.row_mode else (
+        samples = np.zeros(1, dtype=np.uint64) if self.mode == "batch" else (
             np.arange(n, dtype=np.uint64) * np.uint64(world_size) + np.uint64(rank))
-        keep = self.uniforms(step, samples) < self._thresholds[:, None]
-        if not self.row_mode:
+        uniforms = self.uniforms(step, samples)
+        if self.mode == "subset":
+            # The K smallest keys (u << 32) | i of each unit, in index order (csrc/scheduler.h).
+            keys = (uniforms << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+            survivors = [np.sort(np.argsort(row)[:subset_count(n, p)])
+                         for row, p in zip(keys, self._survival)]
+            return pack_rows(n, survivors)
+        keep = uniforms < self._thresholds[:, None]
+        if self.mode == "batch":
             survivors = [range(n) if k else () for k in keep[:, 0]]
         else:
             survivors = [np.flatnonzero(row) for row in keep]
         return pack_rows(n, survivors)
+
+
+def subset_count(batch_size: int, p: float) -> int:
+    """Subset mode's kept samples of a unit at survival ``p``: ``min(N, max(int(N * p), 1))``.
+
+    ``N * p`` is a double product truncated toward zero, as in csrc/scheduler.h: the two backends agree.
+    """
+    return min(batch_size, max(int(batch_size * p), 1))
 
 
 def _check_shard(batch_size: int, rank: int, world_size: int) -> None:
@@ -200,7 +219,7 @@ class Plan:
     """The gates of every residual unit for one training step.
 
     Attributes:
-        mode: ``"batch"`` or ``"row"``.
+        mode: ``"batch"``, ``"row"`` or ``"subset"``.
         batch_size: the batch size the plan was drawn for.
         active: 0-based indices of units with at least one survivor, ascending.
         counts: ``counts[l]``, the number of surviving samples of unit ``l``.
@@ -395,8 +414,9 @@ class Scheduler:
 
     Args:
         survival: ``p_l`` for each unit, e.g. :func:`sdepth_ext.linear_decay` (each in [0, 1]).
-        mode: ``"batch"`` (one gate per unit and step, the paper's choice) or ``"row"`` (one gate per
-            unit and sample).
+        mode: ``"batch"`` (one gate per unit and step, the paper's choice), ``"row"`` (one gate per
+            unit and sample) or ``"subset"`` (each unit keeps exactly ``max(int(N * p_l), 1)`` of the N
+            samples, drawn uniformly: static shapes, as DINOv2/DINOv3 train their ViTs).
         seed: an int in [0, 2^64) for a reproducible stream; ``None`` takes a seed from torch's default
             generator (so ``torch.manual_seed`` reproduces the run).
         backend: ``None`` (compiled if built, else NumPy), ``"cpp"`` or ``"python"``.
@@ -428,8 +448,8 @@ class Scheduler:
 
     def _make_sampler(self, seed: int, step: int):
         if self.backend == "cpp":
-            return _C.GateSampler(self.effective_survival, self.mode == "row", seed, step)
-        return _PythonGateSampler(self.effective_survival, self.mode == "row", seed, step)
+            return _C.GateSampler(self.effective_survival, self.mode, seed, step)
+        return _PythonGateSampler(self.effective_survival, self.mode, seed, step)
 
     def set_drop_scale(self, scale: float) -> None:
         """Draw from now on with ``p_l(s) = 1 - s (1 - p_l)``; ``s`` in [0, 1] (a drop schedule's value).
@@ -489,9 +509,10 @@ class Scheduler:
                pin_memory: bool = False) -> Plan:
         """Draw the gates of every unit for the next step of ``batch_size`` samples.
 
-        ``rank``/``world_size``: draw the slice of DDP rank ``rank`` (row mode; its samples are global samples
-        ``i * world_size + rank``). ``pin_memory``: allocate the plan's buffer in pinned host memory (for a
-        plan about to be copied to a GPU; :meth:`Plan.to` pins otherwise).
+        ``rank``/``world_size``: draw the slice of DDP rank ``rank`` (row and subset mode; its samples are
+        global samples ``i * world_size + rank``; subset mode keeps its fixed count of the rank's samples).
+        ``pin_memory``: allocate the plan's buffer in pinned host memory (for a plan about to be copied to a
+        GPU; :meth:`Plan.to` pins otherwise).
         """
         batch_size = _check_count(batch_size, "batch_size", 1)
         active, counts, offsets, buffer, step = self._sampler.sample(batch_size, rank, world_size, pin_memory)

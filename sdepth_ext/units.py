@@ -14,11 +14,12 @@ reads ``plan.counts[l]`` / ``plan.rows(l)`` / ``plan.slot(l)``. In training mode
 * no survivor (dropped): nothing of the branch runs (no module call, nothing in the autograd graph); the
   output is ``act(shortcut(x))`` (the adapter's :meth:`~sdepth_ext.families.UnitAdapter.dropped`);
 * every sample survives: ``act(shortcut + scale * residual(x))``, one fused epilogue;
-* some samples survive (row mode): the branch runs on ``x.index_select(0, rows)`` only and the epilogue
-  scatters the result back. Normalisation layers in the branch see the survivors alone: exact for LayerNorm
-  (per sample), survivors' statistics for BatchNorm.
+* some samples survive (row and subset mode): the branch runs on ``x.index_select(0, rows)`` only and the
+  epilogue scatters the result back. Normalisation layers in the branch see the survivors alone: exact for
+  LayerNorm (per sample), survivors' statistics for BatchNorm.
 
-``scale`` is 1 ("paper" and "none" scaling) or ``1 / p_l`` ("inverted"). In eval mode every unit runs:
+``scale`` is 1 ("paper" and "none" scaling) or, "inverted", ``1 / p_l`` (batch and row mode) or ``N / K``
+(subset mode: K of the N samples kept, a count fixed by the plan). In eval mode every unit runs:
 "paper" fuses ``act(shortcut + p_l * residual)``; "inverted" and "none" call the original block's forward, so
 the network is bit-identical to the unconverted one.
 
@@ -34,8 +35,12 @@ and :mod:`sdepth_ext.checkpointing`:
   them as in the paper's code and in models with their own stochastic depth, and DDP's default
   ``find_unused_parameters=False`` sees every parameter each step. Normalisation layers of the dropped branch
   still do not run. ``"none"``: they get no gradient (frozen that step).
-* ``shard=(rank, world_size)`` (row mode): the rank draws its own samples' gates, as samples
+* ``shard=(rank, world_size)`` (row and subset mode): the rank draws its own samples' gates, as samples
   ``i * world_size + rank`` of the global batch.
+* ``fsdp`` (:mod:`sdepth_ext.fsdp`, set once the model runs under FSDP2's ``fully_shard``): each plan tells it
+  which sharded blocks skip their collectives; in row mode a unit without a survivor on this rank still runs
+  its branch on an empty sub-batch, because another rank may run it (its all-gathers and reduce-scatter
+  must happen on every rank).
 * ``row_multiple=k`` (row mode): survivor counts rounded up to a multiple of k by promoting dropped samples
   (:func:`~sdepth_ext.scheduler.round_plan_rows`), so compiled regions see few shapes.
 * ``checkpoint``: each surviving unit's branch runs under ``torch.utils.checkpoint`` with the plan bound at
@@ -109,7 +114,9 @@ class UnitsState:
         # Options (module docstring); the defaults reproduce the plain converted model.
         self.dropped_grads = DEFAULT_DROPPED_GRADS  # "zero" | "none"
         self.every_param = False  # DDP: every parameter's gradient must reach autograd's hooks each step
-        self.shard: tuple[int, int] | None = None  # (rank, world_size), row mode only
+        self.shard: tuple[int, int] | None = None  # (rank, world_size), row and subset mode only
+        self.fsdp = None  # sdepth_ext.fsdp.FsdpGates under FSDP2
+        self.fsdp_seen: int | None = None  # id of the root's class when FSDP2 was last looked for
         self.row_multiple = 1
         self.checkpoint: dict | None = None  # kwargs of torch.utils.checkpoint.checkpoint, or None
         self.compile_kwargs: dict | None = None  # compile_blocks' torch.compile kwargs (copies recompile)
@@ -140,7 +147,7 @@ class UnitsState:
         pinning is stored, so a model pickled on a GPU machine trains on a CPU-only one).
         """
         pin = device.type == "cuda"
-        if self.shard is not None and self.mode == "row":
+        if self.shard is not None and self.mode != "batch":
             rank, world_size = self.shard  # this rank's samples of the global batch
             host_plan = self.scheduler.sample(batch_size, rank=rank, world_size=world_size, pin_memory=pin)
         else:
@@ -155,6 +162,8 @@ class UnitsState:
         self.plan = host_plan.to(device)
         self.consumed = bytearray(len(self.units))
         self.tally.add(host_plan)
+        if self.fsdp is not None:
+            self.fsdp.on_plan(host_plan)
         return self.plan
 
     def reset_tally(self) -> None:
@@ -176,9 +185,12 @@ class UnitsState:
         """``p_l(s)``: the rates the gates are drawn with under the scheduler's drop scale ``s``."""
         return self.scheduler.effective_survival
 
-    def train_scale(self, l: int) -> float:
+    def train_scale(self, l: int, count: int | None = None, batch_size: int | None = None) -> float:
+        """Unit ``l``'s residual factor in training; subset mode needs its ``count`` of ``batch_size``."""
         if self.scaling != "inverted":
             return 1.0
+        if self.mode == "subset":
+            return batch_size / count  # exactly K of the N samples kept: an unbiased residual
         p = self.effective_survival[l]  # the rate the gate was drawn with: an unbiased residual
         # p_l = 0 means the unit never survives a training step, so its scale is never used.
         return 1.0 / p if p > 0.0 else 0.0
@@ -315,6 +327,9 @@ class GatedUnits:
             l = first + u
             plan = state.plan_for(l, x)
             if plan.counts[l] == 0:
+                if state.fsdp is not None and plan.mode == "row":
+                    x = self._sd_empty_rows(u, x, plan)  # another rank may run it (module docstring)
+                    continue
                 x = adapter.dropped(self, u, x)
                 if state.dropped_grads == "zero" and torch.is_grad_enabled():
                     params = state.unit_parameters(l)
@@ -399,7 +414,7 @@ class GatedUnits:
         """A unit with at least one survivor under ``plan`` (an argument: recomputation passes the same)."""
         l = self._sd_index + u
         count = plan.counts[l]
-        scale = state.train_scale(l)
+        scale = state.train_scale(l, count, plan.batch_size)
         if count == plan.batch_size:
             # Batch mode's survivors, or row mode with every sample kept: no gather, no scatter.
             return self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x), scale)
@@ -416,6 +431,21 @@ class GatedUnits:
             residual = self._sd_residual(u, gather_rows(x, rows))
         # Scheduler rows are sorted, unique and in range by construction, and the plan carries their map.
         return self._sd_epilogue(u, shortcut, residual, scale, rows, plan.slot(l))
+
+    def _sd_empty_rows(self, u: int, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """A unit without a survivor on this rank, run on an empty sub-batch: ``act(shortcut(x))``.
+
+        Under FSDP2 in row mode another rank may have survivors: this rank must take part in the unit's
+        collectives (the all-gathers of any sharded module inside the branch, the reduce-scatter of the
+        branch's gradients). Running the branch on zero rows does that, and gives its parameters exact zero
+        gradients. BatchNorm layers of the branch keep their statistics (an empty batch would count a step).
+        """
+        l = self._sd_index + u
+        rows = plan.rows(l)
+        shortcut = self._sd_shortcut(u, x)
+        with _frozen_batchnorm_stats(*self._sd_adapter.branch_modules(self, u)):
+            residual = self._sd_residual(u, gather_rows(x, rows))
+        return self._sd_epilogue(u, shortcut, residual, 1.0, rows, plan.slot(l))
 
     def _sd_epilogue(self, u: int, shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
                      rows: torch.Tensor | None = None, slot: torch.Tensor | None = None) -> torch.Tensor:
@@ -533,6 +563,10 @@ def _conv_output_size(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int]
         for d in range(2))
 
 
+# Parameter types whose zero gradients may be views of one shared fill (not DTensors and other subclasses).
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 class _ZeroGradTouch(torch.autograd.Function):
     """``out`` unchanged in forward; in backward, exact zero gradients for ``params`` (a dropped unit's).
 
@@ -544,6 +578,9 @@ class _ZeroGradTouch(torch.autograd.Function):
     A parameter that already has a gradient (``zero_grad(set_to_none=False)``, gradient accumulation) gets
     ``None``, which leaves it as it is -- the same as adding zero, with no launch -- unless every parameter
     must reach autograd's hooks (``every_param``: DDP).
+
+    A parameter that is a tensor subclass (FSDP2's sharded DTensor, of a block whose collectives were skipped)
+    gets ``zeros_like`` of itself: a zero gradient of its local shard, with no communication.
 
     ``out.detach()`` (not ``out`` itself) is returned so that autograd treats the result as a fresh tensor:
     an input returned as-is becomes a view that may not be modified in place. It still shares memory and
@@ -570,9 +607,9 @@ def _zero_views(params: list) -> list[torch.Tensor]:
     views: list = [None] * len(params)
     groups: dict = {}
     for i, p in enumerate(params):
-        if p.is_contiguous():
+        if type(p) in _PLAIN_TENSORS and p.is_contiguous():
             groups.setdefault((p.dtype, p.device), []).append(i)
-        else:  # e.g. a channels_last conv weight: a gradient in the parameter's own layout
+        else:  # a channels_last conv weight, a sharded DTensor: a gradient of the parameter's own kind
             views[i] = torch.zeros_like(p)
     for (dtype, device), members in groups.items():
         flat = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype, device=device)
@@ -583,16 +620,17 @@ def _zero_views(params: list) -> list[torch.Tensor]:
     return views
 
 
+
 @contextlib.contextmanager
-def _frozen_batchnorm_stats(module: nn.Module):
-    """Inside, BatchNorm layers of ``module`` update stand-in copies of their buffers; originals untouched.
+def _frozen_batchnorm_stats(*modules: nn.Module):
+    """Inside, BatchNorm layers of ``modules`` update stand-in copies of their buffers; originals untouched.
 
     Swapping in clones (rather than restoring values with ``copy_`` afterwards) leaves the originals' version
     counters alone: the recomputed graph saves the running statistics for BatchNorm's backward, and an
     in-place restore would make autograd reject that graph.
     """
     swapped = []
-    for m in module.modules():
+    for m in (m for module in modules for m in module.modules()):
         if isinstance(m, _BatchNorm):
             for name, buf in list(m._buffers.items()):
                 if buf is not None:

@@ -399,6 +399,26 @@ def test_ddp_results_carry_the_workers_cpu_allocator(tmp_path):
     assert rows and all(r["cpu_allocator"] == data["environment"]["cpu_allocator"] for r in rows)
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 7),
+                    reason="FSDP2 on a CPU with gloo needs torch >= 2.7 (CPU stream events)")
+def test_fsdp_smoke_counts_the_collectives_of_the_units_that_ran(tmp_path):
+    """bench_fsdp's collectives are exact: with nothing dropped (and in row and subset mode, where every unit
+    runs on some rank) the converted model communicates as the plain one; in batch mode less."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_fsdp", "--smoke", "--out-dir", str(tmp_path)],
+                   cwd=root, check=True, capture_output=True, timeout=600)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "fsdp_smoke.json").read_text())["rows"]}
+    assert set(rows) == {"plain", "all_units", "batch", "row", "subset"}
+    # cifar_resnet(8): 3 blocks and 2 projection shortcuts, each its own group, then the root
+    assert (rows["plain"]["all_gather_per_step"], rows["plain"]["reduce_scatter_per_step"]) == (11, 6)
+    for v in ("all_units", "row", "subset"):
+        assert rows[v]["collectives_per_step"] == rows["plain"]["collectives_per_step"], v
+    assert rows["batch"]["collectives_per_step"] < rows["plain"]["collectives_per_step"]
+    assert rows["batch"]["elements_per_step"] < rows["plain"]["elements_per_step"]
+    assert rows["row"]["elements_per_step"] == rows["plain"]["elements_per_step"]
+    assert all(r["step_ms"] > 0 for r in rows.values())
+
+
 def test_rotation_covers_four_times_l2_in_every_size():
     from benchmarks.bench_epilogue import L2_MULTIPLE, READ_TENSORS, _shapes, rotation_sets
 

@@ -1,7 +1,8 @@
 """The documentation is kept true: every public name has a section in docs/api.md, and the snippets of
 docs/api.md and docs/training.md run as written (CPU here; they pick CUDA when present). The DDP script runs
 under ``torchrun --nproc_per_node 2`` with the gloo backend; the torch.compile snippet takes about a minute
-of inductor compilation on a CPU and is left to tests/test_compile.py."""
+of inductor compilation on a CPU and is left to tests/test_compile.py. The FSDP2 script runs the same way
+(torch >= 2.7)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import sdepth_ext as sd
 
@@ -43,9 +45,16 @@ def test_snippets_run(page):
     assert ran >= 5
 
 
-def test_ddp_script_runs_under_torchrun(tmp_path):
-    script = next(s for s in snippets("training.md") if "init_process_group" in s)
-    path = tmp_path / "ddp_script.py"
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_distributed_script_runs_under_torchrun(tmp_path, kind):
+    if kind == "fsdp":
+        from sdepth_ext.fsdp import MIN_TORCH
+
+        if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+            pytest.skip("FSDP2 on a CPU with gloo needs torch >= 2.7 (CPU stream events)")
+    marker = "sd.fully_shard(model)" if kind == "fsdp" else "DistributedDataParallel"
+    script = next(s for s in snippets("training.md") if "init_process_group" in s and marker in s)
+    path = tmp_path / f"{kind}_script.py"
     path.write_text(script)
     # the package as this test imports it: installed, or built in place (make test-oldest), wherever the cwd
     package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)

@@ -73,6 +73,43 @@ def test_row_gates_match_the_definition(backend):
             assert plan.survivors(unit) == expected
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 3)])
+def test_subset_gates_match_the_definition(backend, rank, world_size):
+    """Each unit keeps exactly K = max(int(N p), 1) samples: the K with the smallest keys (u << 32) | i, u the
+    uniform of the sample's global index (csrc/scheduler.h), listed in index order."""
+    seed, survival = 78, [0.0, 0.3, 0.5, 0.9, 1.0]
+    sched = sd.Scheduler(survival, mode="subset", seed=seed, backend=backend)
+    for step, n in enumerate([9, 9, 4, 1, 16]):
+        plan = sched.sample(n, rank=rank, world_size=world_size)
+        for unit, p in enumerate(survival):
+            count = min(n, max(int(n * p), 1))
+            keys = sorted((uniform_by_hand(seed, step, unit, i * world_size + rank) << 32) | i
+                          for i in range(n))
+            expected = sorted(key & 0xFFFFFFFF for key in keys[:count])
+            assert plan.counts[unit] == count and plan.survivors(unit) == expected, (step, unit)
+        assert plan.active == list(range(len(survival)))  # never dropped: at least one sample each
+
+
+def test_subset_count_truncates_like_the_compiled_sampler():
+    assert [sd.scheduler.subset_count(10, p) for p in (0.0, 0.05, 0.15, 0.29, 0.3, 0.999, 1.0)] == \
+        [1, 1, 1, 2, 3, 9, 10]
+    assert sd.scheduler.subset_count(3, 0.7) == 2  # 3 * 0.7 = 2.0999...: truncated, not rounded
+
+
+def test_subset_samples_are_uniform():
+    """Every sample index is kept equally often (K / N) over many steps: no index is favoured."""
+    n, p, steps = 8, 0.4, 3000
+    sched = sd.Scheduler([p], mode="subset", seed=21)
+    kept = np.zeros(n, dtype=np.int64)
+    for _ in range(steps):
+        kept[sched.sample(n).survivors(0)] += 1
+    count = max(int(n * p), 1)
+    assert kept.sum() == steps * count
+    for i in range(n):
+        assert binomtest(int(kept[i]), steps, count / n).pvalue > 1e-4, (i, kept)
+
+
 @pytest.mark.skipif(not sd.has_compiled_scheduler(), reason="sdepth_ext._C not built")
 def test_has_compiled_scheduler_uses_cpp_by_default():
     assert sd.Scheduler([0.5], seed=0).backend == "cpp"
@@ -80,7 +117,7 @@ def test_has_compiled_scheduler_uses_cpp_by_default():
 
 # -- determinism --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", sd.scheduler.MODES)
 def test_same_seed_same_plans(backend, mode):
     a = sd.Scheduler(RESNET110, mode=mode, seed=123, backend=backend)
     b = sd.Scheduler(RESNET110, mode=mode, seed=123, backend=backend)
@@ -96,7 +133,7 @@ def test_same_seed_same_plans(backend, mode):
 
 
 @pytest.mark.skipif(not sd.has_compiled_scheduler(), reason="sdepth_ext._C not built")
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", sd.scheduler.MODES)
 @pytest.mark.parametrize("batch_size", [1, 2, 7, 128])
 @pytest.mark.parametrize("seed", [0, 1, 2**63 + 12345])
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2), (2, 3)])
@@ -134,7 +171,7 @@ def test_slot_maps_equal_the_inverse_of_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", sd.scheduler.MODES)
 def test_batch_size_does_not_move_later_steps(backend, mode):
     """Counter-based gates: step t's gates do not depend on how many samples earlier steps drew, so ranks (or
     epochs) with unequal batches stay in lockstep."""
@@ -220,7 +257,7 @@ def test_numpy_scalars_are_numbers():
 
 # -- checkpointing --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", sd.scheduler.MODES)
 def test_state_dict_resume(backend, mode):
     original = sd.Scheduler(RESNET110, mode=mode, seed=99, backend=backend)
     for _ in range(5):
@@ -455,8 +492,11 @@ def test_compiled_sampler_checks_its_arguments():
     from sdepth_ext import _C
 
     with pytest.raises(ValueError, match=r"survival\[1\]"):
-        _C.GateSampler([0.5, 2.0], True, 0)
-    sampler = _C.GateSampler([0.5], True, 0)
+        _C.GateSampler([0.5, 2.0], "row", 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        _C.GateSampler([0.5], "rows", 0)
+    sampler = _C.GateSampler([0.5], "subset", 0)
+    assert sampler.mode == "subset"
     with pytest.raises(ValueError, match="batch_size"):
         sampler.sample(0)
     with pytest.raises(ValueError, match="rank"):

@@ -41,7 +41,7 @@ def test_smoke_run_writes_logs_and_plots(tmp_path, restore_rng_state):
     assert summary["lesion"]["constant"]["downsampling"] == [1, 2]
 
 
-@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("mode", ["batch", "row", "subset"])
 def test_resume_reproduces_next_epoch_exactly(tmp_path, restore_rng_state, mode):
     # Explicit milestones stay as given when --epochs grows on resume (tests/test_train_resume.py covers
     # the default ones, which follow the new --epochs).

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-last", type=float, default=d.p_last,
                    help=f"survival probability of the last block, linear decay from 1 (default: {d.p_last})")
     p.add_argument("--mode", default=d.mode, choices=MODES,
-                   help=f"draw gates per mini-batch or per sample (default: {d.mode})")
+                   help=f"draw gates per mini-batch, per sample, or a fixed count of samples per unit "
+                        f"(default: {d.mode})")
     p.add_argument("--scaling", default=d.scaling, choices=SCALINGS,
                    help=f"paper: scale residuals by p_l at test time; inverted: by 1/p_l in training "
                         f"(default: {d.scaling})")

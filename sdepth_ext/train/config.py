@@ -19,7 +19,7 @@ __all__ = ["TrainConfig", "RUNS", "SCHEDULES", "MODES", "SCALINGS", "DROPPED_GRA
 
 RUNS = ("constant", "stochastic")
 SCHEDULES = ("step", "cosine")
-MODES = ("batch", "row")
+MODES = ("batch", "row", "subset")
 SCALINGS = ("paper", "inverted")
 DROPPED_GRADS = ("zero", "none")  # sdepth_ext.set_dropped_grads
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s",

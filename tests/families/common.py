@@ -94,7 +94,8 @@ def unit_gates(converted: nn.Module, plan) -> list[tuple]:
     gates = []
     for l in range(len(state.units)):
         rows = plan.rows(l)
-        gates.append((None if rows is None else rows.cpu().tolist(), state.train_scale(l)))
+        gates.append((None if rows is None else rows.cpu().tolist(),
+                      state.train_scale(l, plan.counts[l], plan.batch_size)))
     return gates
 
 

@@ -170,6 +170,37 @@ def test_train_matches_the_reference(case, mode, scaling):
     assert_grads(converted, plain)
 
 
+@pytest.mark.parametrize("scaling", ["paper", "inverted"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_subset_mode_keeps_a_fixed_count_and_matches_the_reference(case, scaling):
+    """Each unit runs on exactly max(int(N p_l), 1) samples; "inverted" scales their residual by N / kept.
+    The plan state rides in the state_dict: a model loading it draws the same next plan."""
+    converted = convert_case(case, p_last=0.5, mode="subset", scaling=scaling, seed=3).train()
+    plain = case.make().train()
+    n = case.batch
+    x = case.input(n, 4)
+    out = converted(x)
+    plan = get_state(converted).host_plan
+    gates = []
+    for l, p in enumerate(sd.survival_probs(converted)):
+        kept = max(int(n * p), 1)
+        assert plan.counts[l] == kept, l
+        rows = plan.rows(l)
+        gates.append((None if rows is None else rows.tolist(), n / kept if scaling == "inverted" else 1.0))
+    assert any(rows is not None for rows, _ in gates)  # some unit ran on a strict subset
+    expected = reference_forward(case, converted, plain, x, gates)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_grads(converted, plain)
+    resumed = convert_case(case, p_last=0.5, mode="subset", scaling=scaling, seed=99).train()
+    resumed.load_state_dict(converted.state_dict())
+    converted(x), resumed(x)
+    assert get_state(resumed).host_plan.counts == get_state(converted).host_plan.counts
+    assert all(get_state(resumed).host_plan.survivors(l) == get_state(converted).host_plan.survivors(l)
+               for l in range(len(gates)))
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.exact_row_mode], ids=lambda c: c.name)
 def test_row_mode_equals_the_masked_original(case):
     """Per-sample normalisation: the branch on the survivors alone is the original's masked forward, outputs

@@ -262,8 +262,8 @@ def _footprint_rows(rows: list[dict]) -> list[dict]:
                         f"{r['saved_mib']:.1f} MiB, {r['launches_gpu']:.0f} launches",
                         f"original {original['saved_mib']:.1f} MiB, {original['launches_gpu']:.0f} launches",
                         ratio, limit,
-                        {"what": f"footprint {r['model']} row", "ratio": ratio,
-                         "ideal/limit": f"batch saved x{batch['saved_x_original']:.3f}"}))
+                        {"what": f"footprint {r['model']} row", "sdepth_ext": f"{r['saved_mib']:.3g} MiB",
+                         "ratio": ratio, "ideal/limit": f"batch saved x{batch['saved_x_original']:.3f}"}))
     return out
 
 

@@ -323,7 +323,8 @@ def test_compiled_regions_keep_the_savings():
         eager = converted(model, "row", **kw)
         compiled = sd.compile_blocks(converted(model, "row", **kw), backend="aot_eager")
         base, got = counted(eager, x, True), counted(compiled, x, True)
-        assert got["saved_bytes"] == base["saved_bytes"]
+        # the compiled branch keeps no more than the eager one (nor its gathered rows); equal on torch 2.14
+        assert got["saved_bytes"] <= base["saved_bytes"]
         assert _row_ops(got) == _row_ops(base)
 
 

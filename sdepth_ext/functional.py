@@ -153,11 +153,9 @@ class TorchEpilogue:
         if rows is None:
             return _gated_residual_add_torch(shortcut, residual, scale, None, relu), None
         scaled = _rows_in_layout_of(residual if scale == 1.0 else scale * residual, shortcut)
-        if torch.is_grad_enabled():  # a differentiable backward (create_graph=True): no out= variant
-            out = shortcut.index_add(0, rows, scaled)
-        else:
-            # One op: the shortcut copied into ``out`` (which keeps the shortcut's layout) and the rows added.
-            out = torch.index_add(shortcut, 0, rows, scaled, out=torch.empty_like(shortcut))
+        # One op (a Function's forward runs without grad): the shortcut copied into ``out``, which keeps the
+        # shortcut's layout, and the rows added.
+        out = torch.index_add(shortcut, 0, rows, scaled, out=torch.empty_like(shortcut))
         return (out.relu_() if relu else out), rows
 
     @staticmethod

@@ -98,6 +98,9 @@ def stubbed_triton_launch():
 def _call_variants(device: torch.device) -> dict:
     import sdepth_ext as sd
     from sdepth_ext.functional import GatedResidualAddFunction
+    from sdepth_ext.kernels import load_epilogue
+
+    kernels = load_epilogue()
 
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(SHAPE, device=device, generator=gen).requires_grad_()
@@ -112,7 +115,7 @@ def _call_variants(device: torch.device) -> dict:
         return sd.gated_residual_relu(x, y, SCALE, rows=r, backend="triton")
 
     def units_call(x, y):  # what a converted unit runs on CUDA (sdepth_ext.functional.fused_epilogue)
-        return GatedResidualAddFunction.apply(x, y, SCALE, rows, slot, True)
+        return GatedResidualAddFunction.apply(x, y, SCALE, rows, slot, True, kernels)
 
     def eager(x, y):
         return torch.relu(x + SCALE * y)

@@ -3,7 +3,8 @@
     python -m benchmarks.report benchmarks/results/cpu      # summary, model and host tables of that device
 
 Reads ``summary.json``, ``models.json`` (``resnet.json`` of runs before bench_models covered the other
-families), ``host.json``, ``prune.json`` and ``break_even.json`` (all written by ``make bench``) and
+families), ``host.json``, ``prune.json``, ``break_even.json`` and ``footprint.json`` (all written by
+``make bench``) and
 ``ddp.json`` (``python -m benchmarks.bench_ddp``), and prints what they hold, with the stamp (device,
 versions, allocator, date, command) of the run, so a README number can always be traced to a file
 (``tests/test_readme.py`` checks that the tables pasted in the docs still match their files). The notes
@@ -161,6 +162,62 @@ def ddp_markdown(path: Path) -> str:
     return f"Run: {_stamp(env)}\n\n{setup}\n\n{_table(header, rows)}"
 
 
+def footprint_markdown(path: Path) -> str:
+    """bench_footprint's rows: per model, what batch and row mode save for backward and launch per step,
+    next to the model's own mask-multiply stochastic depth (``original``) and the ideals of the plans
+    drawn; the launches the ``"zero"`` dropped-gradient policy adds on the same plans."""
+    data = json.loads(path.read_text())
+    rows = []
+    for original in (r for r in data["rows"] if r["variant"] == "original"):
+        model = original["model"]
+        same = {(r["variant"], r["dropped_grads"]): r for r in data["rows"] if r["model"] == model}
+        rate = f"{original['rate_kind']} {original['rate']:g}"
+        cpu = "-" if original.get("launches_cpu") is None else f"{original['launches_cpu']:.0f}"
+        rows.append([f"{model} b{original['batch']}@{original['size']}, {rate}", "original (mask-multiply)",
+                     f"{original['saved_mib']:.1f} MiB", "-", "-", "-", f"{original['launches_gpu']:.0f}",
+                     "-", cpu, "-"])
+        for mode in ("batch", "row"):
+            r, zero = same[(f"sdepth {mode}", "none")], same[(f"sdepth {mode}", "zero")]
+            cpu_saved = "-" if r.get("saved_bytes_cpu") is None else \
+                f"{r['saved_bytes_cpu'] / original['saved_bytes']:.3f}"
+            cpu_launches = "-" if r.get("launches_cpu") is None else f"{r['launches_cpu_x_original']:.3f}"
+            rows.append(["", f"sdepth {mode}", f"{r['saved_x_original']:.3f}",
+                         f"{r['flop_ideal_x_full']:.3f} ({r['saved_over_flop_ideal']:+.3f})",
+                         f"{r['by_hand_saved_x_full']:.3f}", cpu_saved, f"{r['launches_gpu_x_original']:.3f}",
+                         f"{r['launches_gpu'] / r['launches_ideal']:.3f}", cpu_launches,
+                         f"{zero['launches_gpu'] - r['launches_gpu']:+.0f}"])
+    header = ["model, drop rate", "variant", "saved for backward, GPU path (x original)",
+              "FLOP ideal of the plans (saved over it), x full", "same plans by hand, x full",
+              "saved, CPU path (x original)", "launches, GPU path (x original)", "launches x ideal",
+              "launches, CPU path (x original)", "launches added by dropped grads \"zero\""]
+    steps = max(r["steps"] for r in data["rows"])
+    note = (f"Counted, not timed; forward + backward of one train step, {steps} plan(s) per mode, dropped "
+            f"grads \"none\" unless stated. GPU path: {data['environment'].get('gpu_path', 'CUDA')}.")
+    return f"Run: {_stamp(data['environment'])}\n\n{note}\n\n{_table(header, rows)}"
+
+
+def footprint_row_markdown(path: Path) -> str:
+    """The README's view of ``footprint.json``: per model, row mode (and batch mode) against the model's own
+    mask-multiply stochastic depth, on the GPU's path and the CPU's."""
+    data = json.loads(path.read_text())
+    rows = []
+    for original in (r for r in data["rows"] if r["variant"] == "original"):
+        same = {(r["variant"], r["dropped_grads"]): r for r in data["rows"]
+                if r["model"] == original["model"]}
+        row, batch = same[("sdepth row", "none")], same[("sdepth batch", "none")]
+        cpu = "-" if row.get("launches_cpu") is None else f"{row['launches_cpu_x_original']:.3f}"
+        rows.append([f"{original['model']} b{original['batch']}@{original['size']}",
+                     f"{original['rate_kind']} {original['rate']:g}",
+                     f"{original['saved_mib']:.1f} MiB, {original['launches_gpu']:.0f}",
+                     f"{row['saved_x_original']:.3f} ({row['saved_over_flop_ideal']:+.3f})",
+                     f"{batch['saved_x_original']:.3f} ({batch['saved_over_flop_ideal']:+.3f})",
+                     f"{row['launches_gpu_x_original']:.3f}", cpu, f"{batch['launches_gpu_x_original']:.3f}"])
+    header = ["model (CPU size)", "drop rate", "original: saved, launches",
+              "row: saved x original (over FLOP ideal)", "batch: saved x original (over FLOP ideal)",
+              "row: launches x original, GPU path", "CPU path", "batch: launches x original, GPU path"]
+    return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
+
+
 def _models_path(results_dir: Path, suffix: str) -> Path:
     """``models{suffix}.json``; a results folder from before bench_models has ``resnet{suffix}.json``."""
     path = results_dir / f"models{suffix}.json"
@@ -181,13 +238,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--suffix", default="", help="'_full' or '_smoke' for those runs' files")
     args = parser.parse_args(argv)
     parts = []
-    optional = {"prune", "break_even", "ddp"}  # older runs, runs without timm, bench_ddp not run: none
+    optional = {"prune", "break_even", "ddp", "footprint"}  # older runs, without timm, bench_ddp not run
     # (file, renderer, view): the headline is a second view of models.json, cited as such
     for name, render, view in (("models", headline_markdown, " (headline)"),
                                ("summary", summary_markdown, ""), ("models", models_markdown, ""),
                                ("host", host_markdown, ""),
                                ("prune", prune_markdown, ""), ("break_even", break_even_markdown, ""),
-                               ("ddp", ddp_markdown, "")):
+                               ("footprint", footprint_row_markdown, " (row mode)"),
+                               ("footprint", footprint_markdown, ""), ("ddp", ddp_markdown, "")):
         path = args.results_dir / f"{name}{args.suffix}.json"
         if name == "models":
             path = _models_path(args.results_dir, args.suffix)

@@ -1,13 +1,14 @@
 """``make bench``: every sdepth_ext microbenchmark on the best device present, one command.
 
 Prints an environment report, then runs with a progress bar: the gate scheduler, the fused epilogue, the host
-cost of the epilogue and of a host-bound train step (``bench_host``), and the end-to-end train-step benchmark
-of ResNets, ConvNeXt, Swin and EfficientNet (``bench_models``). Each writes JSON + CSV with every sample under
-``benchmarks/results/<device-slug>/`` (stamped with device, versions, allocator, date and command); their
-detailed tables go to ``bench.log`` there. Then two PNG plots, and a compact summary table printed last
-(within 120 columns; ``summary.json`` has the long form).
+cost of the epilogue and of a host-bound train step (``bench_host``), the end-to-end train-step benchmark
+of ResNets, ConvNeXt, Swin and EfficientNet (``bench_models``), pruned models (``bench_prune``) and the
+counted footprint of a train step, saved bytes and launches (``bench_footprint``). Each writes JSON + CSV
+with every sample under ``benchmarks/results/<device-slug>/`` (stamped with device, versions, allocator,
+date and command); their detailed tables go to ``bench.log`` there. Then two PNG plots, and a compact
+summary table printed last (within 120 columns; ``summary.json`` has the long form).
 
-    python -m benchmarks.run            # default: ~7 minutes on a 2-core CPU (models: ~6)
+    python -m benchmarks.run            # default: ~11 minutes on a 2-core CPU (models: ~7.5)
     python -m benchmarks.run --full     # large shapes, more steps, the whole p_last sweep
     python -m benchmarks.run --smoke    # seconds; what CI runs (checks that it runs: no measurements)
 """
@@ -32,7 +33,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import bench_epilogue, bench_host, bench_models, bench_prune, bench_scheduler  # noqa: E402
+from . import (  # noqa: E402
+    bench_epilogue,
+    bench_footprint,
+    bench_host,
+    bench_models,
+    bench_prune,
+    bench_scheduler,
+)
 from .common import (  # noqa: E402
     RESULTS_DIR,
     add_cpu_malloc_option,
@@ -52,6 +60,7 @@ BENCHES = {
     "host": bench_host,
     "models": bench_models,
     "prune": bench_prune,
+    "footprint": bench_footprint,
 }
 NO_FULL = {"host", "prune"}  # benchmarks with one size besides --smoke: --full is not passed on to them
 
@@ -234,6 +243,30 @@ def _model_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _footprint_rows(rows: list[dict]) -> list[dict]:
+    """bench_footprint's headline: per model, row mode's saved bytes and launches per step against the
+    model's own mask-multiply stochastic depth, next to batch mode's and the ideal (counted, not timed)."""
+    out = []
+    for r in rows:
+        if r["variant"] != "sdepth row" or r["dropped_grads"] != "none":
+            continue
+        original = next(o for o in rows if o["model"] == r["model"] and o["variant"] == "original")
+        batch = next(b for b in rows if b["model"] == r["model"] and b["variant"] == "sdepth batch"
+                     and b["dropped_grads"] == "none")
+        ratio = f"saved x{r['saved_x_original']:.3f}, launches x{r['launches_gpu_x_original']:.3f}"
+        limit = (f"saved over FLOP ideal {r['saved_over_flop_ideal']:+.3f} "
+                 f"(batch {batch['saved_over_flop_ideal']:+.3f}); "
+                 f"launches x{r['launches_gpu'] / r['launches_ideal']:.3f} of ideal")
+        out.append(_row(f"footprint {r['model']} b{r['batch']}@{r['size']} row mode, {r['rate_kind']} "
+                        f"{r['rate']:g} (GPU path, counted)",
+                        f"{r['saved_mib']:.1f} MiB, {r['launches_gpu']:.0f} launches",
+                        f"original {original['saved_mib']:.1f} MiB, {original['launches_gpu']:.0f} launches",
+                        ratio, limit,
+                        {"what": f"footprint {r['model']} row", "sdepth_ext": f"{r['saved_mib']:.3g} MiB",
+                         "ratio": ratio, "ideal/limit": f"batch saved x{batch['saved_x_original']:.3f}"}))
+    return out
+
+
 def _summary(results: dict[str, list[dict]], device_type: str) -> list[dict]:
     """The headline rows of ``results`` measured on a ``device_type`` ("cpu" or "cuda") device."""
     out = []
@@ -250,6 +283,7 @@ def _summary(results: dict[str, list[dict]], device_type: str) -> list[dict]:
     out += _host_rows(results.get("host", []))
     out += _model_rows(results.get("models", []))
     out += _prune_rows(results.get("prune", []))
+    out += _footprint_rows(results.get("footprint", []))
     return out
 
 
@@ -323,6 +357,7 @@ def main(argv=None) -> dict[str, list[dict]]:
     if bar is not None:
         bar.close()
     suffix = "_smoke" if args.smoke else ("_full" if args.full else "")
+    log.write(f"[total: {time.perf_counter() - started:.0f} s]\n")  # the figure the README states
     (out_dir / f"bench{suffix}.log").write_text(log.getvalue())
 
     title = f"{env['device']} | torch {env['torch']}, triton {env['triton']} | {env['date']}"

@@ -6,7 +6,8 @@
    is the ``backend="torch"`` path: the same arithmetic in fewer memory passes. Autograd differentiates both;
    torch.compile/inductor fuses them on its own.
 2. Triton kernels and launchers in :mod:`sdepth_ext.kernels.epilogue` (one pass forward, one pass backward,
-   row-mode scatter/gather fused in, layout analysis cached per shape).
+   row-mode scatter/gather fused in, layout analysis cached per shape), and :class:`TorchEpilogue`, the same
+   two launchers' interface in PyTorch ops (what the units run on a CPU in row mode).
 3. :class:`GatedResidualAddFunction` -- the eager hot path: its forward and backward call the launchers
    directly, one Python layer above the launch (on a fast GPU every layer shows in the step time: see
    ``benchmarks/bench_host.py``).
@@ -25,6 +26,7 @@ With ReLU the fused path saves only the output for backward (``out > 0`` is relu
 inputs; without an activation it saves nothing, and ``grad_shortcut`` is the incoming gradient itself.
 """
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -33,8 +35,9 @@ import torch
 
 from .kernels import load_epilogue, output_strides, triton_available
 
-__all__ = ["ACTIVATIONS", "GatedResidualAddFunction", "fused_epilogue", "gated_residual_add",
-           "gated_residual_add_reference", "gated_residual_relu", "gated_residual_relu_reference"]
+__all__ = ["ACTIVATIONS", "GatedResidualAddFunction", "TorchEpilogue", "epilogue_kernels", "fused_epilogue",
+           "gated_residual_add", "gated_residual_add_reference", "gated_residual_relu", "gather_rows",
+           "gated_residual_relu_reference", "gpu_path_on_cpu", "keeps_output"]
 
 ACTIVATIONS = (None, "relu")
 _DOUBLE_BACKWARD = (
@@ -88,19 +91,99 @@ def _gated_residual_add_torch(shortcut: torch.Tensor, residual: torch.Tensor, sc
             # rounding; equal strides, so the output keeps the shortcut's layout either way).
             out = scaled.add_(shortcut)
     else:
-        if scaled.stride()[1:] != shortcut.stride()[1:] and scaled.numel():
-            # index_add_ walks the source in the destination's order: a source in another layout (ConvNeXt's
-            # branch ends in a permute, so its residual is NHWC in memory) runs ~3x slower on a CPU than a
-            # copy to the shortcut's layout and then the add (measured on a 16x96x16x16 batch).
-            fmt = torch.channels_last if shortcut.is_contiguous(memory_format=torch.channels_last) and \
-                shortcut.dim() == 4 and not shortcut.is_contiguous() else torch.contiguous_format
-            scaled = scaled.contiguous(memory_format=fmt)
+        scaled = _rows_in_layout_of(scaled, shortcut)
         # clone + in-place index_add_ rather than out-of-place index_add, which returns a contiguous tensor
-        # for an empty ``rows`` and would turn a channels_last batch into NCHW.
+        # and would turn a channels_last batch into NCHW.
         out = shortcut.clone(memory_format=torch.preserve_format).index_add_(0, rows, scaled)
     # The in-place relu_ acts on a fresh tensor (the sum, the clone): no extra allocation and pass, and
     # autograd saves the output for ReluBackward, as it would for an out-of-place relu.
     return out.relu_() if relu else out
+
+
+def _rows_in_layout_of(rows_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``rows_tensor`` (K samples) in the per-sample layout of ``like`` (N samples); copied only if needed.
+
+    index_add_ walks the source in the destination's order: a source in another layout (ConvNeXt's branch
+    ends in a permute, so its residual is NHWC in memory) runs ~3x slower on a CPU than a copy to the
+    shortcut's layout and then the add (measured on a 16x96x16x16 batch).
+    """
+    if rows_tensor.stride()[1:] == like.stride()[1:] or not rows_tensor.numel():
+        return rows_tensor
+    fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) and \
+        like.dim() == 4 and not like.is_contiguous() else torch.contiguous_format
+    return rows_tensor.contiguous(memory_format=fmt)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, rows)`` in ``x``'s own memory layout.
+
+    ``index_select`` returns a row-major tensor whatever its input's layout, so a channels_last batch (and
+    ConvNeXt's activations, NHWC in memory after its permutes) would reach the branch as NCHW: another
+    convolution algorithm for the sub-batch than for the full batch (a depthwise 7x7 ran 2x slower on a CPU),
+    and layout copies downstream. Gathering on the permuted view that is contiguous keeps the layout.
+    """
+    if x.dim() < 3 or x.is_contiguous():
+        return x.index_select(0, rows)
+    order = [0, *sorted(range(1, x.dim()), key=lambda d: -x.stride(d))]
+    view = x.permute(order)
+    if not view.is_contiguous():  # not a permutation of a dense batch-outermost tensor: plain gather
+        return x.index_select(0, rows)
+    inverse = [order.index(d) for d in range(x.dim())]
+    return view.index_select(0, rows).permute(inverse)
+
+
+_threshold_backward = torch.ops.aten.threshold_backward.default  # relu's backward, as autograd runs it
+
+
+class TorchEpilogue:
+    """The two launchers of :mod:`sdepth_ext.kernels.epilogue`, written in PyTorch ops (any device).
+
+    What :class:`GatedResidualAddFunction` runs for the units' row mode on a CPU, so that both paths save
+    the same tensors and take as few passes as PyTorch allows. Autograd over the ops of
+    :func:`_gated_residual_add_torch` would in addition keep the residual alive (``index_add``'s backward
+    saves its source) and run clone + index_add_ + relu_ forward. The row map of these ops is ``rows``
+    itself: the forward returns it where the Triton launcher returns its inverse map, and the backward takes
+    it back in that place. Arithmetic, and so every bit of the result, is that of the torch path.
+    """
+
+    @staticmethod
+    def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
+                                   rows: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None,
+                                   *, relu: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if rows is None:
+            return _gated_residual_add_torch(shortcut, residual, scale, None, relu), None
+        scaled = _rows_in_layout_of(residual if scale == 1.0 else scale * residual, shortcut)
+        # One op (a Function's forward runs without grad): the shortcut copied into ``out``, which keeps the
+        # shortcut's layout, and the rows added.
+        out = torch.index_add(shortcut, 0, rows, scaled, out=torch.empty_like(shortcut))
+        return (out.relu_() if relu else out), rows
+
+    @staticmethod
+    def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor], scale: float,
+                                    slot: Optional[torch.Tensor] = None, num_rows: Optional[int] = None, *,
+                                    relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_shortcut = _threshold_backward(grad, out, 0) if relu else grad
+        # In the gradient's layout, as the Triton kernel writes it (index_select alone returns row-major rows,
+        # and a branch ending in a permute, like ConvNeXt's, would then copy them in its backward).
+        grad_residual = grad_shortcut if slot is None else gather_rows(grad_shortcut, slot)
+        if scale != 1.0:
+            grad_residual = grad_residual * scale
+        return grad_shortcut, grad_residual
+
+    @staticmethod
+    def add_rows(full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``full`` with ``part`` added into its ``rows``: the row gather's backward, one op (the Triton path
+        runs the forward kernel with scale 1 instead). Where the two layouts differ the output takes
+        ``part``'s, so that index_add's own copy of ``full`` converts it and no second copy runs."""
+        if torch.is_grad_enabled():  # a differentiable backward (create_graph=True): no out= variant
+            return full.index_add(0, rows, part)
+        if part.stride()[1:] == full.stride()[1:] or not part.numel():
+            out = torch.empty_like(full)
+        elif part.dim() == 4 and part.is_contiguous(memory_format=torch.channels_last):
+            out = torch.empty_like(full, memory_format=torch.channels_last)
+        else:
+            out, part = torch.empty_like(full), _rows_in_layout_of(part, full)
+        return torch.index_add(full, 0, rows, part, out=out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,36 +202,47 @@ def _kernels():
 class GatedResidualAddFunction(torch.autograd.Function):
     """Fused ``act(shortcut + scale * residual)`` (optionally row-scattered) with a one-pass backward.
 
-    ``apply(shortcut, residual, scale, rows, slot, relu)``: ``slot`` is the row map of ``rows``
-    (:func:`sdepth_ext.kernels.epilogue.inverse_map`) or None to build it. No input validation
-    (:func:`gated_residual_add` does it). Backward is not differentiable: with ``create_graph=True`` it raises
-    at once, naming the alternative (the error ``once_differentiable`` gives names neither the op nor the way
-    out, and its wrapper costs microseconds per call).
+    ``apply(shortcut, residual, scale, rows, slot, relu, kernels)``: ``kernels`` are the launchers that run
+    it, the Triton ones (:mod:`sdepth_ext.kernels.epilogue`) or :class:`TorchEpilogue`; ``slot`` is the row
+    map of ``rows`` (:func:`sdepth_ext.kernels.epilogue.inverse_map`) or None to build it. No input
+    validation (:func:`gated_residual_add` does it). Saves the output (ReLU) and the row map, nothing else.
+    The Triton backward is not differentiable: with ``create_graph=True`` it raises at once, naming the
+    alternative (the error ``once_differentiable`` gives names neither the op nor the way out, and its wrapper
+    costs microseconds per call); the torch ops' backward is differentiated as usual.
     """
 
     @staticmethod
-    def forward(ctx, shortcut, residual, scale, rows, slot, relu):
-        out, slot = _kernels().gated_residual_add_forward(shortcut, residual, scale, rows, slot, relu=relu)
+    def forward(ctx, shortcut, residual, scale, rows, slot, relu, kernels):
+        out, slot = kernels.gated_residual_add_forward(shortcut, residual, scale, rows, slot, relu=relu)
         if relu:
             ctx.save_for_backward(out, slot)
         elif slot is not None:
             ctx.save_for_backward(slot)
-        ctx.args = (scale, relu, None if rows is None else residual.shape[0])
+        ctx.args = (scale, relu, None if rows is None else residual.shape[0], kernels)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
+        scale, relu, num_rows, kernels = ctx.args
+        # autograd runs backward in grad mode only for create_graph=True
+        if torch.is_grad_enabled() and kernels is not TorchEpilogue:
             raise RuntimeError(_DOUBLE_BACKWARD)
         saved = ctx.saved_tensors
-        scale, relu, num_rows = ctx.args
         if relu:
             out, slot = saved
         else:
             out, slot = None, (saved[0] if saved else None)
-        grad_shortcut, grad_residual = _kernels().gated_residual_add_backward(
+        grad_shortcut, grad_residual = kernels.gated_residual_add_backward(
             grad, out, scale, slot, num_rows, relu=relu)
-        return grad_shortcut, grad_residual, None, None, None, None
+        return grad_shortcut, grad_residual, None, None, None, None, None
+
+
+def keeps_output(grad_fn) -> bool:
+    """True when ``grad_fn`` (a tensor's autograd node) saved that tensor, its output, for backward: a ReLU
+    (ReluBackward0 keeps its result) or a ReLU epilogue of :class:`GatedResidualAddFunction`."""
+    if isinstance(grad_fn, GatedResidualAddFunction._backward_cls):
+        return grad_fn.args[1]
+    return type(grad_fn).__name__ == "ReluBackward0"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,13 +330,43 @@ def fused_epilogue(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
     """The library's units' epilogue: no checks (inputs right by construction), backend by device.
 
     ``rows`` must be sorted, unique and in range and ``slot`` its row map (from a :class:`~sdepth_ext.Plan`),
-    or None to build it. Triton for CUDA tensors when triton is installed, the torch path otherwise.
+    or None to build it. Triton for CUDA tensors when triton is installed (and for CPU tensors inside
+    :func:`gpu_path_on_cpu`), the torch ops otherwise: :class:`TorchEpilogue` through the same Function in row
+    mode, plain autograd ops without rows (their backward is already one pass and saves only the output).
     """
-    if shortcut.is_cuda and _triton_installed():
+    if shortcut.is_cuda and _triton_installed() or _GPU_PATH_ON_CPU:
         if _is_compiling():
             return _gated_residual_add_op(shortcut, residual, scale, rows, slot, relu)
-        return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, slot, relu)
-    return _gated_residual_add_torch(shortcut, residual, scale, rows, relu)
+        return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, slot, relu, _kernels())
+    if rows is None or _is_compiling():
+        return _gated_residual_add_torch(shortcut, residual, scale, rows, relu)
+    return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, slot, relu, TorchEpilogue)
+
+
+def epilogue_kernels(t: torch.Tensor):
+    """The launchers the units use for tensors like ``t``: Triton's (a CUDA tensor with triton installed, or
+    any tensor inside :func:`gpu_path_on_cpu`), else :class:`TorchEpilogue`."""
+    return _kernels() if t.is_cuda and _triton_installed() or _GPU_PATH_ON_CPU else TorchEpilogue
+
+
+_GPU_PATH_ON_CPU = False
+
+
+@contextlib.contextmanager
+def gpu_path_on_cpu():
+    """Inside, the units take the path a GPU takes for CPU tensors too: the Triton kernels, run by Triton's
+    interpreter. For counting what a GPU would run (launches, saved tensors) on a machine without one
+    (``benchmarks/bench_footprint.py``, tests); ``TRITON_INTERPRET=1`` must have been set before the kernels
+    were first loaded. Process-wide while it lasts (not for concurrent use)."""
+    global _GPU_PATH_ON_CPU
+    if not load_epilogue().is_interpreted() and not torch.cuda.is_available():
+        raise RuntimeError("gpu_path_on_cpu: the Triton kernels were not defined under the interpreter; set "
+                           "TRITON_INTERPRET=1 before sdepth_ext first loads them")
+    previous, _GPU_PATH_ON_CPU = _GPU_PATH_ON_CPU, True
+    try:
+        yield
+    finally:
+        _GPU_PATH_ON_CPU = previous
 
 
 def _check_rows_values(rows: torch.Tensor, n: int) -> None:
@@ -346,7 +470,7 @@ def _gated_residual_add(shortcut, residual, scale, rows, relu: bool, backend, tr
         return _gated_residual_add_torch(shortcut, residual, scale, rows, relu)
     if _is_compiling():
         return _gated_residual_add_op(shortcut, residual, scale, rows, None, relu)
-    return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, None, relu)
+    return GatedResidualAddFunction.apply(shortcut, residual, scale, rows, None, relu, _kernels())
 
 
 def gated_residual_add(shortcut: torch.Tensor, residual: torch.Tensor, scale: float = 1.0,

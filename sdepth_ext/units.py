@@ -15,8 +15,9 @@ reads ``plan.counts[l]`` / ``plan.rows(l)`` / ``plan.slot(l)``. In training mode
   output is ``act(shortcut(x))`` (the adapter's :meth:`~sdepth_ext.families.UnitAdapter.dropped`);
 * every sample survives: ``act(shortcut + scale * residual(x))``, one fused epilogue;
 * some samples survive (row and subset mode): the branch runs on ``x.index_select(0, rows)`` only and the
-  epilogue scatters the result back. Normalisation layers in the branch see the survivors alone: exact for
-  LayerNorm (per sample), survivors' statistics for BatchNorm.
+  epilogue scatters the result back (:mod:`sdepth_ext.rows`: one backward node sums both gradients of the
+  input; the gathered copy is not kept for backward where the input is kept anyway). Normalisation layers in
+  the branch see the survivors alone: exact for LayerNorm (per sample), survivors' statistics for BatchNorm.
 
 ``scale`` is 1 ("paper" and "none" scaling) or, "inverted", ``1 / p_l`` (batch and row mode) or ``N / K``
 (subset mode: K of the N samples kept, a count fixed by the plan). In eval mode every unit runs:
@@ -64,10 +65,18 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .families import ACTIVATION_RELU, UnitAdapter
-from .functional import fused_epilogue
+from .functional import (
+    TorchEpilogue,
+    _is_compiling,
+    epilogue_kernels,
+    fused_epilogue,
+    gather_rows,
+    keeps_output,
+)
+from .rows import Regather, SplitRows, can_regather
 from .scheduler import MODES, Plan, Scheduler, mix64, round_plan_rows
 
-__all__ = ["GatedUnits", "UnitsState", "gated_class", "is_gated", "SCALINGS", "MODES"]
+__all__ = ["GatedUnits", "UnitsState", "gated_class", "is_gated", "gather_rows", "SCALINGS", "MODES"]
 
 # What a dropped unit's branch parameters get (sdepth_ext.set_dropped_grads): zero gradients, as in the
 # paper's code and in models with their own stochastic depth.
@@ -423,14 +432,30 @@ class GatedUnits:
                 f"row-mode plan was drawn for a batch of {plan.batch_size} samples but unit {l} "
                 f"({type(self).__name__}) got {x.shape[0]}: the converted model's first tensor argument must "
                 "carry the batch in dimension 0, and the blocks must keep it")
-        rows = plan.rows(l)
-        shortcut = self._sd_shortcut(u, x)
-        if count == 1 and self._sd_bn_needs_two_samples(u, x):
-            residual = self._sd_single_survivor_residual(u, x, host_plan or plan, l)
-        else:
-            residual = self._sd_residual(u, gather_rows(x, rows))
         # Scheduler rows are sorted, unique and in range by construction, and the plan carries their map.
-        return self._sd_epilogue(u, shortcut, residual, scale, rows, plan.slot(l))
+        rows, slot = plan.rows(l), plan.slot(l)
+        if count == 1 and self._sd_bn_needs_two_samples(u, x):
+            shortcut = self._sd_shortcut(u, x)
+            residual = self._sd_single_survivor_residual(u, x, host_plan or plan, l)
+        elif _is_compiling():  # plain ops for the compiler, which decides itself what to save and fuse
+            shortcut = self._sd_shortcut(u, x)
+            residual = self._sd_residual(u, gather_rows(x, rows))
+        else:
+            # One node for the input's two consumers: its backward adds the rows' gradient into the
+            # shortcut's in one pass (sdepth_ext.rows).
+            kernels = epilogue_kernels(x)
+            x_all, gathered = SplitRows.apply(x, rows, slot, kernels)
+            shortcut = self._sd_shortcut(u, x_all)
+            # x is kept for backward anyway: the branch's copy of its rows need not be. On the GPU's path
+            # only: on a CPU the gather again is a memory-bound pass of the step's time, and the torch path
+            # would launch more than the model's own mask-multiply does.
+            if (kernels is not TorchEpilogue and keeps_output(x.grad_fn) and state.checkpoint is None
+                    and can_regather()):
+                with Regather(x, rows, gathered):
+                    residual = self._sd_residual(u, gathered)
+            else:
+                residual = self._sd_residual(u, gathered)
+        return self._sd_epilogue(u, shortcut, residual, scale, rows, slot)
 
     def _sd_empty_rows(self, u: int, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         """A unit without a survivor on this rank, run on an empty sub-batch: ``act(shortcut(x))``.
@@ -526,24 +551,6 @@ class GatedUnits:
         pair_rows = pair_rows.to(x.device, non_blocking=True)
         residual_pair = self._sd_residual(u, gather_rows(x, pair_rows))
         return residual_pair.narrow(0, pair.index(survivor), 1)
-
-
-def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x.index_select(0, rows)`` in ``x``'s own memory layout.
-
-    ``index_select`` returns a row-major tensor whatever its input's layout, so a channels_last batch (and
-    ConvNeXt's activations, NHWC in memory after its permutes) would reach the branch as NCHW: another
-    convolution algorithm for the sub-batch than for the full batch (a depthwise 7x7 ran 2x slower on a CPU),
-    and layout copies downstream. Gathering on the permuted view that is contiguous keeps the layout.
-    """
-    if x.dim() < 3 or x.is_contiguous():
-        return x.index_select(0, rows)
-    order = [0, *sorted(range(1, x.dim()), key=lambda d: -x.stride(d))]
-    view = x.permute(order)
-    if not view.is_contiguous():  # not a permutation of a dense batch-outermost tensor: plain gather
-        return x.index_select(0, rows)
-    inverse = [order.index(d) for d in range(x.dim())]
-    return view.index_select(0, rows).permute(inverse)
 
 
 def _eval_scale(p: float, t: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ FAMILIES = {"torchvision ResNet", "torchvision ConvNeXt", "torchvision Swin", "t
 
 def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     results, out_dir, printed = smoke_run
-    assert set(results) == {"scheduler", "epilogue", "host", "models", "prune"}
+    assert set(results) == {"scheduler", "epilogue", "host", "models", "prune", "footprint"}
     for name in ("scheduler_smoke", "epilogue_smoke", "host_smoke", "models_smoke", "prune_smoke"):
         data = json.loads((out_dir / f"{name}.json").read_text())
         assert all(data["environment"][k] for k in ("device", "torch", "date", "command", "cpu_allocator"))
@@ -69,6 +69,11 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
             rows = list(csv.DictReader(f))
         assert len(rows) == len(data["rows"])
         assert all(k in rows[0] for k in STAMP)
+    footprint = json.loads((out_dir / "footprint_smoke.json").read_text())  # counted: no timing samples
+    assert all(footprint["environment"][k] for k in ("device", "torch", "date", "command", "gpu_path"))
+    assert {(r["variant"], r["dropped_grads"]) for r in footprint["rows"]} == {
+        ("full", None), ("original", None),
+        *((f"sdepth {mode}", policy) for mode in ("batch", "row") for policy in ("none", "zero"))}
     for r in results["epilogue"]:  # every row says how much it rotated, and that covers 4x the L2 (by reads)
         tensor = r["bytes"] // {"fwd": 3, "bwd": 4, "fwd+bwd": 7}[r["pass"]]
         assert r["rotation_bytes"] == r["rotation_sets"] * 3 * tensor
@@ -111,6 +116,7 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     assert markdown.count("| per call |") == 1 and markdown.count("| host step |") == 1
     assert "not measurements" in markdown
     assert all(f"| {m} b4@32 | sdepth row p0.5 |" in markdown for m in OWN_SD)
+    assert markdown.count("| model, drop rate |") == 1 and "| original (mask-multiply) |" in markdown
 
 
 def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):

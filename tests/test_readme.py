@@ -81,12 +81,13 @@ def test_result_tables_are_the_committed_files(page):
     renderers = {"summary": report.summary_markdown, "models": report.models_markdown,
                  "resnet": report.models_markdown, "host": report.host_markdown,
                  "prune": report.prune_markdown, "break_even": report.break_even_markdown,
-                 "ddp": report.ddp_markdown}
+                 "ddp": report.ddp_markdown, "footprint": report.footprint_markdown}
     for cited, body in blocks:
         path, _, view = cited.partition(" ")
         file = ROOT / path
         assert file.exists(), f"{page.name} cites {path}, which is not committed"
         kind = file.stem.removesuffix("_full")
-        views = {"(headline)": report.headline_markdown, "(training)": report.training_markdown}
+        views = {"(headline)": report.headline_markdown, "(training)": report.training_markdown,
+                 "(row mode)": report.footprint_row_markdown}
         render = views[view] if view else renderers[kind]
         assert body == render(file).strip(), f"{page.name}: the table from {path} differs from the file"

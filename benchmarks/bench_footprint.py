@@ -1,0 +1,269 @@
+"""Footprint of a train step, counted (not timed): activation memory kept for backward, kernel launches.
+
+On a GPU, memory decides the batch a user can fit and on small steps launches decide the time. Both are
+counted exactly, on any machine (:mod:`benchmarks.counting`), for bench_models' models and sizes at the
+headline drop rates (ResNets p_last 0.5; torchvision models stochastic_depth_prob 0.5; timm models at
+bench_models' highest drop_path_rate, 0.4). Variants per model:
+
+* ``full``: every unit runs, nothing dropped (the plain ResNet; the model built at rate 0);
+* ``original``: what users run today, a mask-multiply stochastic depth that computes every unit (the
+  model's own StochasticDepth/DropPath at the rate; ResNets: ``torchvision.ops.stochastic_depth`` on the
+  residual of the same blocks, bench_models' peer);
+* ``sdepth batch`` / ``sdepth row``: ``sd.convert`` in that mode at the same rates (seed 0), with the
+  dropped-unit gradient policy set explicitly (``sd.set_dropped_grads``), ``"none"`` and ``"zero"`` on the
+  same plans: their difference is what ``"zero"`` costs (counted again only where a plan has a unit
+  without survivors, the only units the policy touches).
+
+Each sdepth configuration of a step replays the same plan (the scheduler's step is set back), after a
+warm-up step that fills the caches of first calls (launch geometry, fp32 scales). Per row (means over the
+counted steps; forward + backward, no optimizer step, which is the same for every variant):
+
+* ``saved_bytes`` (``saved_mib``): bytes of the distinct storages autograd saves for backward on the path a
+  GPU takes, parameters and buffers left out; ``saved_bytes_cpu``: the same on the CPU's torch path (more
+  for ReLU units in row mode: there the branch keeps its gathered rows instead of gathering them again);
+* ``launches_gpu``: kernel launches on the path a GPU takes, ATen ops that launch a kernel plus Triton
+  launches (without a GPU the units take that path on CPU tensors through
+  ``sdepth_ext.functional.gpu_path_on_cpu``, each Triton launch counted, its grid not executed);
+  ``launches_cpu``: the same on the CPU's torch path (not counted on a GPU machine);
+* ideals of the plans drawn: ``flop_ideal_x_full``, the share of the full network's multiply-accumulates
+  they run (:func:`sdepth_ext.flops.compute_fraction`), the memory ideal the issue states, and
+  ``saved_over_flop_ideal`` = ``saved_x_full - flop_ideal_x_full`` (plan-independent, so batch and row mode
+  compare on it though they draw different plans); ``launches_ideal``, the full network less the work of
+  the units the plan dropped entirely (those units skipped by hand, every other unit run whole, eager);
+* ``by_hand_saved_bytes`` / ``by_hand_launches``: bench_models' comparators on the same plan (batch mode:
+  the units skipped by hand, equal to ``launches_ideal``; row mode: each unit's survivors run as the first K
+  samples, a view, and concatenated back: the row gather and scatter for free);
+* ``x_full`` / ``x_original`` ratios to the ``full`` / ``original`` rows; ``peak_mib``: the step's peak
+  allocation above its start (``torch.cuda.max_memory_allocated``), CUDA only.
+
+    python -m benchmarks.bench_footprint            # about 2 minutes on a 2-core CPU
+    python -m benchmarks.bench_footprint --smoke    # seconds: two models at tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import types
+
+import torch
+from torch import nn
+
+# The units' GPU path runs on CPU tensors through Triton's interpreter: set before the kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sdepth_ext as sd  # noqa: E402
+from sdepth_ext.convert import get_state, units_of  # noqa: E402
+from sdepth_ext.flops import compute_fraction, unit_macs  # noqa: E402
+
+from .bench_models import _configs, _hand_forward, _num_classes, _patch_units, with_peer  # noqa: E402
+from .common import (  # noqa: E402
+    add_cpu_malloc_option,
+    best_device,
+    configure_cpu_malloc,
+    environment,
+    format_table,
+    print_environment,
+    write_results,
+)
+from .counting import count_step  # noqa: E402
+
+RESNET_P_LAST = 0.5
+OWN_SD_RATE = 0.5  # torchvision models; timm models: the highest rate bench_models times (TIMM_RATES)
+POLICIES = ("none", "zero")
+MODES = ("batch", "row")
+STEPS = {"smoke": 1, "quick": 1, "full": 3}
+MIB = 2**20
+
+
+def _rate(config: dict) -> float:
+    if config["kind"] == "resnet":
+        return RESNET_P_LAST
+    return max(config["rates"]) if config.get("rates") else OWN_SD_RATE
+
+
+def _models(config: dict, device: torch.device) -> tuple[nn.Module, nn.Module, nn.Module, dict]:
+    """(full network, masked original at the rate, the model sd.convert takes, its keyword arguments)."""
+    rate = _rate(config)
+    if config["kind"] == "resnet":
+        full = config["make"]().to(device)
+        original = with_peer(copy.deepcopy(full), "torchvision", rate)  # its blocks' forward replaced
+        return full, original, full, {"p_last": rate}
+    full = config["make"](0.0).to(device)
+    original = config["make"](rate).to(device)
+    original.load_state_dict(full.state_dict())
+    return full, original, original, {}  # converted with the model's own rates
+
+
+def _counted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gpu_path: bool) -> dict:
+    """One counted step; the peak allocation above the step's start where the device tells it."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+        start = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+    counts = count_step(model, x, y, gpu_path=gpu_path and not x.is_cuda, run_triton=x.is_cuda)
+    counts["peak_bytes"] = torch.cuda.max_memory_allocated(x.device) - start if x.is_cuda else None
+    return counts
+
+
+def _by_hand(full: nn.Module, scales: list[float]) -> tuple[nn.Module, dict]:
+    """A copy of ``full`` running by hand whatever plan counts ``current["plan"].counts`` says (bench_models'
+    comparators: a unit with no survivor skipped, all survivors run whole and eager, K of N run on the first
+    K samples, a view, and concatenated): ``(model, current)``."""
+    model, current = copy.deepcopy(full).train(), {}
+    _patch_units(model, _hand_forward, scales, current)
+    return model, current
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _sdepth_rows(model: nn.Module, full: nn.Module, full_launches: int, x: torch.Tensor, y: torch.Tensor,
+                 steps: int, per_unit: list[float], total: float) -> list[dict]:
+    """Rows of one converted model (one mode), one per dropped-gradient policy, over ``steps`` plans."""
+    on_gpu = x.is_cuda
+    state = get_state(model)
+    batch = x.shape[0]
+    scales = [state.train_scale(l) for l in range(len(state.units))]
+    by_hand, by_hand_plan = _by_hand(full, scales)
+    skipping, skipping_plan = _by_hand(full, scales)
+    _counted(model, x, y, gpu_path=True)  # warm-up: first calls fill caches (launch geometry, fp32 scales)
+    first = state.scheduler.step
+    runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
+    for s in range(steps):
+        # Every configuration of this step runs the same plan: the scheduler's step is set back.
+        sd.set_dropped_grads(model, POLICIES[0])
+        state.scheduler.step = first + s
+        base = _counted(model, x, y, gpu_path=True)
+        plan = state.host_plan
+        if not on_gpu:  # the CPU's torch path
+            state.scheduler.step = first + s
+            cpu = _counted(model, x, y, gpu_path=False)
+            base["cpu"], base["cpu_saved"] = cpu["launches"], cpu["saved_bytes"]
+        runs[POLICIES[0]].append(base)
+        for policy in POLICIES[1:]:
+            # The policies differ only for units without a survivor (row mode at these batch sizes: rarely).
+            if 0 in plan.counts:
+                sd.set_dropped_grads(model, policy)
+                state.scheduler.step = first + s
+                runs[policy].append(_counted(model, x, y, gpu_path=True))
+            else:
+                runs[policy].append({k: v for k, v in base.items() if k not in ("cpu", "cpu_saved")})
+        # The comparators, on the same plan.
+        base["flop_ideal"] = compute_fraction(per_unit, total, [c / batch for c in plan.counts])
+        by_hand_plan["plan"] = types.SimpleNamespace(counts=list(plan.counts))
+        hand = _counted(by_hand, x, y, gpu_path=False)
+        base["by_hand_saved"], base["by_hand_launches"] = hand["saved_bytes"], hand["launches"]
+        if all(c in (0, batch) for c in plan.counts):
+            base["ideal_launches"] = hand["launches"]  # batch plans: the same comparator
+        elif 0 not in plan.counts:
+            base["ideal_launches"] = full_launches  # no unit dropped entirely: the full network's
+        else:
+            skipping_plan["plan"] = types.SimpleNamespace(counts=[batch if c else 0 for c in plan.counts])
+            base["ideal_launches"] = _counted(skipping, x, y, gpu_path=False)["launches"]
+    rows = []
+    for policy in POLICIES:
+        same = runs[policy]
+        default = runs[POLICIES[0]]  # the plan's ideals and comparators do not depend on the policy
+        rows.append({"variant": f"sdepth {state.mode}", "mode": state.mode, "dropped_grads": policy,
+                     "steps": len(same), "saved_bytes": _mean(same, "saved_bytes"),
+                     "launches_gpu": _mean(same, "launches"), "peak_bytes": _mean(same, "peak_bytes"),
+                     "launches_cpu": _mean(same, "cpu"), "saved_bytes_cpu": _mean(same, "cpu_saved"),
+                     "flop_ideal_x_full": _mean(default, "flop_ideal"),
+                     "by_hand_saved_bytes": _mean(default, "by_hand_saved"),
+                     "by_hand_launches": _mean(default, "by_hand_launches"),
+                     "launches_ideal": _mean(default, "ideal_launches")})
+    return rows
+
+
+def bench_model(config: dict, device: torch.device, steps: int) -> list[dict]:
+    torch.manual_seed(0)
+    full, original, to_convert, convert_kwargs = _models(config, device)
+    batch, size = config["batch"], config["size"]
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, _num_classes(full, x), (batch,), device=device)
+    per_unit, total = unit_macs(full, x[:1])
+    head = {"model": config["name"], "family": units_of(full)[0][2].family, "batch": batch, "size": size,
+            "rate_kind": "p_last" if config["kind"] == "resnet" else "stochastic_depth_prob",
+            "rate": _rate(config)}
+    rows = []
+    for name, model in (("full", full), ("original", original)):
+        run = _counted(model.train(), x, y, gpu_path=False)  # no unit: one path
+        on_cpu = not x.is_cuda
+        rows.append({"variant": name, "mode": None, "dropped_grads": None, "steps": 1,
+                     "saved_bytes": run["saved_bytes"], "launches_gpu": run["launches"],
+                     "launches_cpu": run["launches"] if on_cpu else None,
+                     "saved_bytes_cpu": run["saved_bytes"] if on_cpu else None,
+                     "peak_bytes": run["peak_bytes"]})
+    for mode in MODES:
+        model = sd.convert(copy.deepcopy(to_convert), mode=mode, seed=0, **convert_kwargs).train()
+        rows += _sdepth_rows(model, full, rows[0]["launches_gpu"], x, y, steps, per_unit, total)
+
+    full_row, original_row = rows[0], rows[1]
+    out = []
+    for r in rows:
+        r = {**head, **r, "saved_mib": r["saved_bytes"] / MIB,
+             "saved_x_full": r["saved_bytes"] / full_row["saved_bytes"],
+             "saved_x_original": r["saved_bytes"] / original_row["saved_bytes"],
+             "launches_gpu_x_original": r["launches_gpu"] / original_row["launches_gpu"],
+             "peak_mib": None if r["peak_bytes"] is None else r["peak_bytes"] / MIB}
+        if r["launches_cpu"] is not None:
+            r["launches_cpu_x_original"] = r["launches_cpu"] / original_row["launches_cpu"]
+        if r["saved_bytes_cpu"] is not None:
+            r["saved_cpu_x_full"] = r["saved_bytes_cpu"] / full_row["saved_bytes"]
+        if r.get("by_hand_saved_bytes") is not None:
+            r["by_hand_saved_x_full"] = r["by_hand_saved_bytes"] / full_row["saved_bytes"]
+        if r.get("flop_ideal_x_full") is not None:
+            r["saved_over_flop_ideal"] = r["saved_x_full"] - r["flop_ideal_x_full"]
+        out.append(r)
+    return out
+
+
+TABLE_COLUMNS = ["model", "variant", "dropped_grads", "saved_mib", "saved_x_full", "flop_ideal_x_full",
+                 "saved_over_flop_ideal", "by_hand_saved_x_full", "saved_x_original", "launches_gpu",
+                 "launches_ideal", "by_hand_launches", "launches_gpu_x_original", "saved_cpu_x_full",
+                 "launches_cpu", "launches_cpu_x_original", "peak_mib"]
+
+
+def run(quick: bool = True, smoke: bool = False) -> list[dict]:
+    device = best_device()
+    env = environment(device)
+    env["gpu_path"] = ("CUDA tensors, Triton kernels executed" if device.type == "cuda" else
+                       "CPU tensors through sdepth_ext.functional.gpu_path_on_cpu: Triton launches counted, "
+                       "their grids not executed")
+    print_environment(env)
+    configs, _, _ = _configs(device, quick, smoke)
+    if smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth are enough
+        configs = [configs[0], min((c for c in configs if c["kind"] == "own-sd"),
+                                   key=lambda c: c["name"] != "efficientnet_b0")]
+    steps = STEPS["smoke" if smoke else ("quick" if quick else "full")]
+    rows: list[dict] = []
+    for config in configs:
+        model_rows = bench_model(config, device, steps)
+        print(format_table(model_rows, TABLE_COLUMNS))
+        print(flush=True)
+        rows.extend(model_rows)
+    name = "footprint" + ("_smoke" if smoke else "" if quick else "_full")
+    json_path, _ = write_results(name, rows, env)
+    print(f"results: {json_path}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, one step: checks that it runs")
+    size.add_argument("--full", action="store_true", help="bench_models' --full sizes, more steps")
+    add_cpu_malloc_option(parser)
+    args = parser.parse_args(argv)
+    configure_cpu_malloc(args.cpu_malloc)
+    return run(quick=not args.full, smoke=args.smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -71,10 +71,12 @@ def one_thread():
 # Strategies: the full range of every value, its edges drawn on purpose
 # ============================================================================================================
 u64s = st.one_of(st.sampled_from([0, 1, 2**63 - 1, 2**63, U64 - 2, U64 - 1]), st.integers(0, U64 - 1))
-probabilities = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0))
+# Subnormal rates are left out of the random draws: a library that sets the CPU's flush-to-zero mode in the
+# process (one does in the torch 2.4 environment of `make test-oldest`) makes hypothesis refuse them.
+probabilities = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0.0, 1.0, allow_subnormal=False))
 # -0.0 is a valid drop scale (it compares equal to 0) whose float64 bits are 2**63: a word sync_scheduler
 # must carry like any other.
-drop_scales = st.one_of(st.sampled_from([-0.0, 0.0, 1.0]), st.floats(0.0, 1.0))
+drop_scales = st.one_of(st.sampled_from([-0.0, 0.0, 1.0]), st.floats(0.0, 1.0, allow_subnormal=False))
 survivals = st.lists(probabilities, min_size=1, max_size=8)
 modes = st.sampled_from(MODES)
 backends = st.sampled_from(BACKENDS)

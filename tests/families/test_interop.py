@@ -14,6 +14,7 @@ and serves feature extraction. A converted model must pass them at drop rates wh
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import warnings
 
@@ -202,6 +203,20 @@ def test_script_of_a_part_of_a_converted_model_leaves_the_model_converted():
     assert not torch.allclose(got, full)
 
 
+@functools.cache
+def strict_export_takes_root_hooks() -> bool:
+    """Whether this torch's strict ``torch.export`` accepts a model whose root has a forward pre-hook (a
+    converted model's root draws the step's plan in one). torch 2.4's traces the hook as a frame of its own
+    and refuses any such model, a plain one with a no-op hook too; non-strict export takes it."""
+    probe = torch.nn.Linear(2, 2)
+    probe.register_forward_pre_hook(lambda module, args: None)
+    try:
+        torch.export.export(probe, (torch.randn(1, 2),), strict=True)
+    except (AssertionError, torch._dynamo.exc.UserError):  # "whole graph export entails exactly one guard
+        return False  # export", or the hook's frame seen as referring to tensors that are not inputs
+    return True
+
+
 @pytest.mark.parametrize("scaling", ["paper", "inverted"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_export_gives_the_plain_eval_equivalent(case, scaling):
@@ -211,7 +226,8 @@ def test_export_gives_the_plain_eval_equivalent(case, scaling):
         torch.export.export(case.make().eval(), (x,))
     except Exception as err:  # noqa: BLE001 - whatever stops the plain model stops the test
         pytest.skip(f"torch.export cannot export the plain {case.name} on this torch: {type(err).__name__}")
-    exported = torch.export.export(model, (x,)).module()
+    strict = {} if strict_export_takes_root_hooks() else {"strict": False}  # torch's default where it can
+    exported = torch.export.export(model, (x,), **strict).module()
     with torch.no_grad():
         torch.testing.assert_close(exported(x), sd.prune(model, [])(x), **TOL)
     assert_still_converted(model, blocks)

@@ -334,7 +334,7 @@ def dynamo_compiles_under_a_dispatch_mode() -> bool:
 @needs_triton_cpu
 def test_compiled_regions_keep_the_savings():
     if not dynamo_compiles_under_a_dispatch_mode():
-        pytest.skip(f"torch {torch.__version__} cannot compile under a TorchDispatchMode (the launch counter)")
+        pytest.skip(f"torch {torch.__version__} cannot compile under a TorchDispatchMode (the counter)")
     for _, model, x, kw in small_models():
         eager = converted(model, "row", **kw)
         compiled = sd.compile_blocks(converted(model, "row", **kw), backend="aot_eager")

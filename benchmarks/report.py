@@ -1,6 +1,7 @@
 """Markdown tables from committed result files, for the README and docs/benchmarks.md.
 
     python -m benchmarks.report benchmarks/results/cpu      # summary, model and host tables of that device
+    python -m benchmarks.report . --update-pages README.md docs/benchmarks.md docs/reproduction.md
 
 Reads ``summary.json``, ``models.json`` (``resnet.json`` of runs before bench_models covered the other
 families), ``host.json``, ``prune.json``, ``break_even.json`` and ``footprint.json`` (all written by
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from pathlib import Path
 
 from .common import ratio_text
@@ -232,11 +235,64 @@ def _host_path(results_dir: Path, suffix: str) -> Path:
     return results_dir / "host.json" if suffix == "_full" and not path.exists() else path
 
 
+# A table pasted into a page: "<!-- from <path>[ (<view>)] -->", then the table, up to the next heading,
+# marker or image. tests/test_readme.py checks every such block against its file; --update-pages rewrites
+# them.
+CITED_BLOCK = re.compile(r"<!-- from (?P<cited>[^\n]*?) -->\n(?P<body>.*?)(?=\n(?:#|<!-- |!\[)|\Z)", re.S)
+RENDERERS = {"summary": summary_markdown, "models": models_markdown, "resnet": models_markdown,
+             "host": host_markdown, "prune": prune_markdown, "break_even": break_even_markdown,
+             "ddp": ddp_markdown, "footprint": footprint_markdown}
+VIEWS = {"(headline)": headline_markdown, "(training)": training_markdown,
+         "(row mode)": footprint_row_markdown}
+
+
+def cited_blocks(text: str) -> list[tuple[str, str]]:
+    """The ``(cited, table)`` blocks of a page; ``cited`` is "path" or "path (view)"."""
+    return [(m["cited"].strip(), m["body"].strip()) for m in CITED_BLOCK.finditer(text)]
+
+
+def render_cited(cited: str, root: Path) -> str:
+    """What a block citing ``cited`` (a path relative to ``root``, maybe a view) must hold."""
+    path, _, view = cited.partition(" ")
+    file = root / path
+    if not file.exists():
+        raise FileNotFoundError(f"{path} is cited but not committed")
+    render = VIEWS[view] if view else RENDERERS[file.stem.removesuffix("_full")]
+    return render(file).strip()
+
+
+def update_pages(pages: list[Path], root: Path) -> list[Path]:
+    """Rewrite every cited block of ``pages`` with what its file holds now (atomically, page by page);
+    returns the pages that changed."""
+    changed = []
+    for page in pages:
+        text = page.read_text()
+
+        def fresh(m: re.Match) -> str:
+            trailing = m["body"][len(m["body"].rstrip()):]
+            return f"<!-- from {m['cited']} -->\n{render_cited(m['cited'].strip(), root)}{trailing}"
+
+        new = CITED_BLOCK.sub(fresh, text)
+        if new != text:
+            tmp = page.with_name(f".{page.name}.tmp")
+            tmp.write_text(new)
+            os.replace(tmp, page)
+            changed.append(page)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", type=Path, help="e.g. benchmarks/results/cpu")
     parser.add_argument("--suffix", default="", help="'_full' or '_smoke' for those runs' files")
+    parser.add_argument("--update-pages", nargs="+", type=Path, metavar="PAGE",
+                        help="instead: rewrite the tables these pages cite from their files (paths relative "
+                             "to the current directory, the repository root)")
     args = parser.parse_args(argv)
+    if args.update_pages:
+        changed = update_pages(args.update_pages, Path.cwd())
+        print("updated: " + (", ".join(map(str, changed)) or "nothing"))
+        return ""
     parts = []
     optional = {"prune", "break_even", "ddp", "footprint"}  # older runs, without timm, bench_ddp not run
     # (file, renderer, view): the headline is a second view of models.json, cited as such

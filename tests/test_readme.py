@@ -60,34 +60,14 @@ def test_relative_links_resolve(page):
     assert not missing, f"{page.name} links to files that do not exist: {missing}"
 
 
-def _report_blocks(text: str) -> list[tuple[str, str]]:
-    """``<!-- from path -->`` blocks of a page: (path, the text up to the next block or heading)."""
-    blocks = re.split(r"(?=<!-- from )", text)
-    found = []
-    for block in blocks[1:]:
-        head, body = block.split("-->\n", 1)
-        body = re.split(r"\n(?=#|<!-- |!\[)", body, maxsplit=1)[0]
-        found.append((head.removeprefix("<!-- from ").strip(), body.strip()))  # "path" or "path (headline)"
-    return found
-
-
 @pytest.mark.parametrize("page", [README, ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "reproduction.md"],
                          ids=lambda p: p.name)
 def test_result_tables_are_the_committed_files(page):
     """A table of results on these pages is pasted from ``benchmarks.report``: it must still be what the
     committed file holds, so a number can always be traced to its file (stamp included)."""
-    blocks = _report_blocks(page.read_text())
+    blocks = report.cited_blocks(page.read_text())
     assert blocks, f"{page.name} shows no result table from a committed file"
-    renderers = {"summary": report.summary_markdown, "models": report.models_markdown,
-                 "resnet": report.models_markdown, "host": report.host_markdown,
-                 "prune": report.prune_markdown, "break_even": report.break_even_markdown,
-                 "ddp": report.ddp_markdown, "footprint": report.footprint_markdown}
     for cited, body in blocks:
-        path, _, view = cited.partition(" ")
-        file = ROOT / path
-        assert file.exists(), f"{page.name} cites {path}, which is not committed"
-        kind = file.stem.removesuffix("_full")
-        views = {"(headline)": report.headline_markdown, "(training)": report.training_markdown,
-                 "(row mode)": report.footprint_row_markdown}
-        render = views[view] if view else renderers[kind]
-        assert body == render(file).strip(), f"{page.name}: the table from {path} differs from the file"
+        assert body == report.render_cited(cited, ROOT), (
+            f"{page.name}: the table from {cited} differs from the file (python -m benchmarks.report . "
+            "--update-pages README.md docs/benchmarks.md docs/reproduction.md)")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
+
+from sdepth_ext.train.files import atomic_write_text
 
 from .common import ratio_text
 
@@ -274,9 +275,7 @@ def update_pages(pages: list[Path], root: Path) -> list[Path]:
 
         new = CITED_BLOCK.sub(fresh, text)
         if new != text:
-            tmp = page.with_name(f".{page.name}.tmp")
-            tmp.write_text(new)
-            os.replace(tmp, page)
+            atomic_write_text(page, new)
             changed.append(page)
     return changed
 

@@ -26,7 +26,6 @@ runs there) so the default finishes in about a minute; ``--smoke`` takes seconds
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 
@@ -35,13 +34,12 @@ import torch
 import sdepth_ext
 
 from .common import (
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     copy_bandwidth,
     environment,
     format_table,
     median,
+    parse_size_args,
     print_environment,
     time_interleaved,
     write_results,
@@ -272,13 +270,9 @@ def _columns(variants) -> list[str]:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", action="store_true", help="seconds-long CI run: 2 shapes, fp32, no compile")
-    size.add_argument("--full", action="store_true", help="more repeats")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_size_args(argv, __doc__.splitlines()[0],
+                           smoke_help="seconds-long CI run: 2 shapes, fp32, no compile",
+                           full_help="more repeats")
     env = environment()
     print_environment(env)
     samples: dict = {}

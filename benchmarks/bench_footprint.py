@@ -42,7 +42,6 @@ counted steps; forward + backward, no optimizer step, which is the same for ever
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -61,11 +60,10 @@ from sdepth_ext.flops import compute_fraction, unit_macs  # noqa: E402
 
 from .bench_models import _configs, _hand_forward, _num_classes, _patch_units, with_peer  # noqa: E402
 from .common import (  # noqa: E402
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     environment,
     format_table,
+    parse_size_args,
     print_environment,
     write_results,
 )
@@ -255,13 +253,9 @@ def run(quick: bool = True, smoke: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", action="store_true", help="tiny sizes, one step: checks that it runs")
-    size.add_argument("--full", action="store_true", help="bench_models' --full sizes, more steps")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_size_args(argv, __doc__.split("\n")[0],
+                           smoke_help="tiny sizes, one step: checks that it runs",
+                           full_help="bench_models' --full sizes, more steps")
     return run(quick=not args.full, smoke=args.smoke)
 
 

@@ -66,7 +66,6 @@ rounds (:func:`ratio_interval`), the ratio of medians, and ideal ratios (variant
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
@@ -87,12 +86,11 @@ from sdepth_ext.families import ACTIVATION_RELU
 from sdepth_ext.flops import compute_fraction, unit_macs
 
 from .common import (
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     environment,
     format_table,
     median,
+    parse_size_args,
     print_environment,
     time_fn,
     time_interleaved,
@@ -690,13 +688,9 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps: checks that it runs")
-    size.add_argument("--full", action="store_true", help="more timed steps, larger non-ResNet inputs")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_size_args(argv, __doc__.split("\n")[0],
+                           smoke_help="tiny sizes, a few steps: checks that it runs",
+                           full_help="more timed steps, larger non-ResNet inputs")
     return run(quick=not args.full, smoke=args.smoke)
 
 

@@ -7,6 +7,7 @@ Timing is never asserted anywhere: benchmarks print ratios measured side by side
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -46,6 +47,20 @@ def configure_cpu_malloc(choice: str) -> None:
     """Apply ``--cpu-malloc`` before anything is allocated; the result files' stamp records it."""
     if choice == "keep":
         keep_freed_cpu_memory()
+
+
+def parse_size_args(argv: list[str] | None, description: str, smoke_help: str,
+                    full_help: str) -> argparse.Namespace:
+    """The command line of a benchmark with three sizes: ``--smoke`` or ``--full`` (else the default size,
+    what ``make bench`` runs), and ``--cpu-malloc``, applied before anything is allocated."""
+    parser = argparse.ArgumentParser(description=description)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help=smoke_help)
+    size.add_argument("--full", action="store_true", help=full_help)
+    add_cpu_malloc_option(parser)
+    args = parser.parse_args(argv)
+    configure_cpu_malloc(args.cpu_malloc)
+    return args
 
 
 def environment(device: torch.device | None = None) -> dict:

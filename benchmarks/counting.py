@@ -79,9 +79,11 @@ class LaunchCounter(TorchDispatchMode):
             epilogue = load_epilogue()
             launch = epilogue._launch
 
+            forward_kernel = epilogue._gated_residual_add_forward_kernel
+
             def counted_launch(geo, device, *args):
-                # The launchers pass 8 arguments to the forward kernel, 9 to the backward kernel.
-                self.by_phase[self.phase]["triton:" + ("forward" if len(args) == 8 else "backward")] += 1
+                kernel = "forward" if geo.kernel is forward_kernel else "backward"
+                self.by_phase[self.phase]["triton:" + kernel] += 1
                 if not self.run_triton:
                     return None
                 self._in_kernel = True

@@ -23,7 +23,8 @@
    units' inputs are right by construction and their plan already carries the row map, so it skips the checks.
 
 With ReLU the fused path saves only the output for backward (``out > 0`` is relu's derivative), never both
-inputs; without an activation it saves nothing, and ``grad_shortcut`` is the incoming gradient itself.
+inputs, and in row mode not even that: the mask's bits (1/32 of an fp32 output); without an activation it
+saves nothing, and ``grad_shortcut`` is the incoming gradient itself.
 """
 
 import contextlib
@@ -149,14 +150,14 @@ class TorchEpilogue:
     @staticmethod
     def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
                                    rows: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None,
-                                   *, relu: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                                   *, relu: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], None]:
         if rows is None:
-            return _gated_residual_add_torch(shortcut, residual, scale, None, relu), None
+            return _gated_residual_add_torch(shortcut, residual, scale, None, relu), None, None
         scaled = _rows_in_layout_of(residual if scale == 1.0 else scale * residual, shortcut)
         # One op (a Function's forward runs without grad): the shortcut copied into ``out``, which keeps the
         # shortcut's layout, and the rows added.
         out = torch.index_add(shortcut, 0, rows, scaled, out=torch.empty_like(shortcut))
-        return (out.relu_() if relu else out), rows
+        return (out.relu_() if relu else out), rows, None
 
     @staticmethod
     def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor], scale: float,
@@ -205,7 +206,8 @@ class GatedResidualAddFunction(torch.autograd.Function):
     ``apply(shortcut, residual, scale, rows, slot, relu, kernels)``: ``kernels`` are the launchers that run
     it, the Triton ones (:mod:`sdepth_ext.kernels.epilogue`) or :class:`TorchEpilogue`; ``slot`` is the row
     map of ``rows`` (:func:`sdepth_ext.kernels.epilogue.inverse_map`) or None to build it. No input
-    validation (:func:`gated_residual_add` does it). Saves the output (ReLU) and the row map, nothing else.
+    validation (:func:`gated_residual_add` does it). Saves the output (ReLU; on the Triton path in row mode
+    the ReLU mask's bits instead) and the row map, nothing else.
     The Triton backward is not differentiable: with ``create_graph=True`` it raises at once, naming the
     alternative (the error ``once_differentiable`` gives names neither the op nor the way out, and its wrapper
     costs microseconds per call); the torch ops' backward is differentiated as usual.
@@ -213,21 +215,38 @@ class GatedResidualAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, shortcut, residual, scale, rows, slot, relu, kernels):
-        out, slot = kernels.gated_residual_add_forward(shortcut, residual, scale, rows, slot, relu=relu)
-        if relu:
-            ctx.save_for_backward(out, slot)
-        elif slot is not None:
-            ctx.save_for_backward(slot)
-        ctx.args = (scale, relu, None if rows is None else residual.shape[0], kernels)
+        out_strides = None
+        if relu and rows is not None and kernels is not TorchEpilogue:
+            # Row mode: the ReLU's mask as bits, not the output. The next unit keeps only its survivors' rows
+            # of this output (sdepth_ext.rows), so keeping the whole output for the mask alone would cost a
+            # full activation per unit, and a dropped unit in batch mode costs none. (In batch mode the next
+            # layer keeps the output anyway: there the output is the free mask.)
+            out, slot, mask = kernels.gated_residual_add_forward(shortcut, residual, scale, rows, slot,
+                                                                 relu=True, packed_mask=True)
+            ctx.save_for_backward(mask, slot)
+            out_strides = out.stride()
+        else:
+            out, slot, _ = kernels.gated_residual_add_forward(shortcut, residual, scale, rows, slot,
+                                                              relu=relu)
+            if relu:
+                ctx.save_for_backward(out, slot)
+            elif slot is not None:
+                ctx.save_for_backward(slot)
+        ctx.args = (scale, relu, None if rows is None else residual.shape[0], kernels, out_strides)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        scale, relu, num_rows, kernels = ctx.args
+        scale, relu, num_rows, kernels, out_strides = ctx.args
         # autograd runs backward in grad mode only for create_graph=True
         if torch.is_grad_enabled() and kernels is not TorchEpilogue:
             raise RuntimeError(_DOUBLE_BACKWARD)
         saved = ctx.saved_tensors
+        if out_strides is not None:
+            mask, slot = saved
+            grad_shortcut, grad_residual = kernels.gated_residual_add_backward(
+                grad, None, scale, slot, num_rows, relu=True, mask=mask, out_strides=out_strides)
+            return grad_shortcut, grad_residual, None, None, None, None, None
         if relu:
             out, slot = saved
         else:
@@ -239,9 +258,10 @@ class GatedResidualAddFunction(torch.autograd.Function):
 
 def keeps_output(grad_fn) -> bool:
     """True when ``grad_fn`` (a tensor's autograd node) saved that tensor, its output, for backward: a ReLU
-    (ReluBackward0 keeps its result) or a ReLU epilogue of :class:`GatedResidualAddFunction`."""
+    (ReluBackward0 keeps its result) or a ReLU epilogue of :class:`GatedResidualAddFunction` that kept its
+    output (not its mask's bits)."""
     if isinstance(grad_fn, GatedResidualAddFunction._backward_cls):
-        return grad_fn.args[1]
+        return grad_fn.args[1] and grad_fn.args[4] is None
     return type(grad_fn).__name__ == "ReluBackward0"
 
 

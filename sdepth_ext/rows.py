@@ -13,11 +13,14 @@ as the work it skips allows:
   temporaries.
 * :class:`Regather`: while the branch runs, its saves of the gathered rows become ``(x, rows)``, gathered
   again when backward needs them, so the K-row copy is freed after the forward. Only where ``x`` is kept for
-  backward anyway (:func:`sdepth_ext.functional.keeps_output`: a ReLU output, the output of the previous
-  ReLU unit's epilogue): there the copy is pure extra memory, bought back with one gather in backward.
-  Elsewhere (units without an activation, whose input nothing else keeps) the K-row copy is the cheaper of
-  the two and stays; and on the CPU's torch path it stays too (the units decide: there the gather again
-  would be a memory-bound pass of the step's time, and one launch more than a mask-multiply costs).
+  backward anyway (:func:`sdepth_ext.functional.keeps_output`: a ReLU's output, such as a ResNet stem's;
+  or the input of the unit's own projection shortcut, a convolution that keeps it for its weight's
+  gradient): there the copy is pure extra memory, bought back with one gather in backward. Elsewhere the
+  K-row copy is the cheaper of the two and stays: units without an activation, whose input nothing else
+  keeps, and ReLU units after a row-mode ReLU unit, whose epilogue keeps its mask's bits rather than its
+  output (so that the output is freed once the next branch has gathered its rows). On the CPU's torch path it
+  stays too (the units decide: there the gather again would be a memory-bound pass of the step's time, and
+  one launch more than a mask-multiply costs).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class SplitRows(torch.autograd.Function):
         # create_graph=True runs backward in grad mode: differentiable torch ops then, on any device.
         if ctx.kernels is TorchEpilogue or torch.is_grad_enabled():
             return TorchEpilogue.add_rows(grad_x, grad_rows, rows), None, None, None
-        grad, _ = ctx.kernels.gated_residual_add_forward(grad_x, grad_rows, 1.0, rows, slot, relu=False)
+        grad = ctx.kernels.gated_residual_add_forward(grad_x, grad_rows, 1.0, rows, slot, relu=False)[0]
         return grad, None, None, None
 
 

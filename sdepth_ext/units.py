@@ -446,11 +446,12 @@ class GatedUnits:
             kernels = epilogue_kernels(x)
             x_all, gathered = SplitRows.apply(x, rows, slot, kernels)
             shortcut = self._sd_shortcut(u, x_all)
-            # x is kept for backward anyway: the branch's copy of its rows need not be. On the GPU's path
-            # only: on a CPU the gather again is a memory-bound pass of the step's time, and the torch path
-            # would launch more than the model's own mask-multiply does.
-            if (kernels is not TorchEpilogue and keeps_output(x.grad_fn) and state.checkpoint is None
-                    and can_regather()):
+            # Where x is kept for backward anyway (a ReLU output, or the input of a projection shortcut,
+            # which its weight's gradient needs), the branch's copy of its rows need not be. On the GPU's
+            # path only: on a CPU the gather again is a memory-bound pass of the step's time, and the torch
+            # path would launch more than the model's own mask-multiply does.
+            if (kernels is not TorchEpilogue and state.checkpoint is None and can_regather()
+                    and (keeps_output(x.grad_fn) or self._sd_adapter.has_projection(self, u))):
                 with Regather(x, rows, gathered):
                     residual = self._sd_residual(u, gathered)
             else:

@@ -291,13 +291,13 @@ def test_triton_epilogue_keeps_channels_last_without_copies(row_mode):
     residual = torch.randn(2 if row_mode else 4, 8, 5, 5, device=device).to(memory_format=cl)
     slot = None if rows is None else epilogue.inverse_map(rows, 4)
 
-    def forward(*args):
-        return epilogue.gated_residual_add_forward(*args, relu=True)
+    def forward(*args, **kwargs):
+        return epilogue.gated_residual_add_forward(*args, relu=True, **kwargs)
 
-    def backward(*args):
-        return epilogue.gated_residual_add_backward(*args, relu=True)
+    def backward(*args, **kwargs):
+        return epilogue.gated_residual_add_backward(*args, relu=True, **kwargs)
 
-    (out, _), log = launch(forward, shortcut, residual, 0.5, rows, slot)
+    (out, _, _), log = launch(forward, shortcut, residual, 0.5, rows, slot)
     assert out.stride() == shortcut.stride() and not log.copies(), log.ops
     expected = sd.gated_residual_relu(shortcut, residual, 0.5, rows=rows, backend="torch")
     torch.testing.assert_close(out, expected)
@@ -305,6 +305,13 @@ def test_triton_epilogue_keeps_channels_last_without_copies(row_mode):
     (grad_sc, grad_res), log = launch(backward, grad, out, 0.5, slot, None if rows is None else 2)
     assert not log.copies(), log.ops
     assert grad_sc.is_contiguous(memory_format=cl) and grad_res.is_contiguous(memory_format=cl)
+    if row_mode:  # the ReLU mask as bits (row mode's units): no copy either way
+        (out, _, mask), log = launch(lambda *a: forward(*a, packed_mask=True), shortcut, residual, 0.5, rows,
+                                     slot)
+        assert out.stride() == shortcut.stride() and not log.copies(), log.ops
+        (grad_sc, _), log = launch(lambda *a: backward(*a, mask=mask, out_strides=out.stride()), grad, None,
+                                   0.5, slot, 2)
+        assert not log.copies() and grad_sc.is_contiguous(memory_format=cl), log.ops
     # Control: a residual in another layout than the shortcut is copied, and the log sees it.
     _, log = launch(forward, shortcut, residual.contiguous(), 0.5, rows, slot)
     assert log.copies()

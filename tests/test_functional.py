@@ -17,8 +17,10 @@ if not torch.cuda.is_available():  # the lead's conftest does this too; it must 
 import sdepth_ext  # noqa: E402
 from sdepth_ext import functional as F  # noqa: E402
 from sdepth_ext.functional import (  # noqa: E402
+    GatedResidualAddFunction,
     gated_residual_add,
     gated_residual_relu,
+    keeps_output,
 )
 from sdepth_ext.kernels import triton_available  # noqa: E402
 
@@ -197,7 +199,7 @@ def test_launchers_write_every_element(dtype, layout, rows_case, activation):
     scale, relu = 0.37, activation == "relu"
     shortcut, residual, rows = make_inputs(layout, dtype, rows_case, seed=3)
     out = torch.full_like(shortcut, float("nan"))
-    _, slot = epi.gated_residual_add_forward(shortcut, residual, scale, rows, relu=relu, out=out)
+    _, slot, _ = epi.gated_residual_add_forward(shortcut, residual, scale, rows, relu=relu, out=out)
     atol, rtol = tolerances(dtype, "triton", scale, residual)
     assert not out.isnan().any()
     assert_close(out, reference_forward(shortcut, residual, scale, rows, activation), atol, rtol)
@@ -219,6 +221,83 @@ def test_launchers_write_every_element(dtype, layout, rows_case, activation):
     exp_sc, exp_res = reference_backward(grad, out, scale, rows, activation)
     assert_close(got_sc, exp_sc, 0.0, 0.0)
     assert_close(grad_res, exp_res, atol, rtol)
+
+
+def packed_mask_reference(out: torch.Tensor, row_mode: bool, block: int) -> torch.Tensor:
+    """The packed ReLU mask as the kernels lay it out, from the stored output: ``out`` in memory order, one
+    row per sample in row mode (the whole tensor otherwise), each row padded to whole blocks; bit j of byte g
+    of a block is threshold_backward's `out > 0` (NaN passes) for element 8g + j."""
+    order = sorted(range(out.dim()), key=lambda d: (out.shape[d] != 1, out.stride(d)), reverse=True)
+    flat = out.permute(order).reshape(out.shape[0] if row_mode else 1, -1)
+    passes = ~(flat <= 0)
+    blocks = -(-flat.shape[1] // block)
+    padded = torch.zeros(flat.shape[0], blocks * block, dtype=torch.int32)
+    padded[:, : flat.shape[1]] = passes.int()
+    return (padded.reshape(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("rows_case", ROWS)
+@pytest.mark.parametrize("layout", ["3x5x7x11", "3x5x31x29", "channels_last", "channels_last_big", "1x1x1x1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_packed_relu_mask_is_the_saved_outputs_mask(dtype, layout, rows_case):
+    """Row mode's ReLU units keep the mask's bits instead of the output: the bits are exactly
+    threshold_backward's mask of the stored output (a NaN output, a sum that rounds to 0 in the output's
+    dtype, the tail of the last block), and the backward from them is bit for bit the one from the output,
+    also for a gradient in another layout than the output's. Outputs poisoned before the kernels write."""
+    epi = sdepth_ext.kernels.load_epilogue()
+    scale = 0.37
+    shortcut, residual, rows = make_inputs(layout, dtype, rows_case, seed=5)
+    first = (0,) * shortcut.dim()
+    shortcut[first] = float("nan")
+    if residual.shape[0] > 0 and shortcut[0].numel() > 1:
+        second = tuple(int(i) for i in torch.unravel_index(torch.tensor(1), shortcut.shape[1:]))
+        shortcut[(rows[0].item() if rows is not None else 0, *second)] = 0.0
+        residual[(0, *second)] = 1e-9  # 3.7e-10 in fp32: 0 in fp16, kept in bf16
+    out = torch.full_like(shortcut, float("nan"))
+    got, slot, mask = epi.gated_residual_add_forward(shortcut, residual, scale, rows, relu=True,
+                                                     packed_mask=True, out=out)
+    kept, _, none = epi.gated_residual_add_forward(shortcut, residual, scale, rows, relu=True)
+    assert got is out and none is None and got.stride() == kept.stride()
+    assert torch.equal(got.isnan(), kept.isnan()) and torch.equal(got.nan_to_num(), kept.nan_to_num())
+    block = epi._launch_config(out[0].numel() if rows is not None else out.numel(), out.element_size())[0]
+    assert mask.dtype == torch.uint8
+    assert torch.equal(mask, packed_mask_reference(kept, rows is not None, block))
+
+    num_rows = None if rows is None else rows.numel()
+    g = torch.Generator().manual_seed(6)
+    for grad in (torch.empty_like(kept).copy_(torch.randn(kept.shape, generator=g)),
+                 torch.randn(kept.shape, generator=g).to(dtype)):  # contiguous: another layout for some
+        grad_sc = torch.full_like(kept, float("nan"))
+        grad_res = torch.full_like(residual.contiguous(memory_format=torch.channels_last)
+                                   if layout.startswith("channels_last") else residual, float("nan"))
+        from_bits = epi.gated_residual_add_backward(grad, None, scale, slot, num_rows, relu=True, mask=mask,
+                                                    out_strides=got.stride(), grad_shortcut=grad_sc,
+                                                    grad_residual=grad_res)
+        from_output = epi.gated_residual_add_backward(grad, kept, scale, slot, num_rows, relu=True)
+        assert from_bits[0] is grad_sc and from_bits[1] is grad_res
+        assert torch.equal(from_bits[0], from_output[0]) and torch.equal(from_bits[1], from_output[1])
+    with pytest.raises(ValueError, match="mask: expected"):
+        epi.gated_residual_add_backward(grad, None, scale, slot, num_rows, relu=True, mask=mask[1:],
+                                        out_strides=got.stride())
+
+
+@needs_triton_cpu
+def test_row_mode_relu_keeps_the_mask_bits_not_the_output():
+    """What the Function saves: in row mode the bits (1/32 of the fp32 output) and the row map; without rows
+    the output, which the next layer keeps anyway (sdepth_ext.functional.keeps_output tells them apart)."""
+    epi = sdepth_ext.kernels.load_epilogue()
+    shortcut, residual, rows = make_inputs("4x16x32x32", torch.float32, "some", seed=7)
+    sc, res = shortcut.requires_grad_(), residual.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = GatedResidualAddFunction.apply(sc, res, 0.5, rows, None, True, epi)
+    assert [t.dtype for t in saved] == [torch.uint8, torch.int32]
+    assert saved[0].numel() == out.numel() // 8 and not keeps_output(out.grad_fn)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        full = GatedResidualAddFunction.apply(sc, torch.randn_like(sc), 0.5, None, None, True, epi)
+    assert len(saved) == 1 and saved[0].data_ptr() == full.data_ptr() and keeps_output(full.grad_fn)
 
 
 @needs_triton_cpu

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(
     AOT_API is None, reason=f"triton {triton.__version__}: no ahead-of-time compile API this test knows")
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-CONSTEXPRS = ("HAS_ROWS", "IS_FP64", "RELU", "BLOCK")
+CONSTEXPRS = ("HAS_ROWS", "IS_FP64", "RELU", "PACKED_MASK", "BLOCK")
 # Elements per sample of shapes the library launches on: ResNet-50 layer1 (256x56x56) and a CIFAR ResNet's
 # first stage (16x32x32), both multiples of 16; and an odd one (3x5x7x11 = 1155) that cannot vectorise.
 SAMPLES = {"resnet50-layer1": 256 * 56 * 56, "cifar-stage1": 16 * 32 * 32, "odd": 3 * 5 * 7 * 11}
@@ -58,7 +58,7 @@ def _jit_function(kernel):
 
 
 def _compile(kernel, dtype: torch.dtype, has_rows: bool, samples: int, batch: int, arch: int,
-             relu: bool = True):
+             relu: bool = True, packed_mask: bool = False):
     """Compile ``kernel`` as the launcher would launch it on ``batch`` samples of ``samples`` elements."""
     from sdepth_ext.kernels import epilogue
 
@@ -66,7 +66,8 @@ def _compile(kernel, dtype: torch.dtype, has_rows: bool, samples: int, batch: in
     n_rows, m = (batch, samples) if has_rows else (1, batch * samples)  # the launcher's _geometry
     block, num_warps = epilogue._launch_config(m, torch.empty((), dtype=dtype).element_size())
     ints = {"M": m, "blocks_per_row": triton.cdiv(m, block)}
-    constexprs = {"HAS_ROWS": has_rows, "IS_FP64": dtype == torch.float64, "RELU": relu, "BLOCK": block}
+    constexprs = {"HAS_ROWS": has_rows, "IS_FP64": dtype == torch.float64, "RELU": relu,
+                  "PACKED_MASK": packed_mask, "BLOCK": block}
     types, aligned = {}, set()  # argument index -> type; indices Triton would specialise as 16-divisible
     for i, name in enumerate(fn.arg_names):
         if name in CONSTEXPRS:
@@ -78,7 +79,7 @@ def _compile(kernel, dtype: torch.dtype, has_rows: bool, samples: int, batch: in
             if ints[name] % 16 == 0:  # Triton specialises integer arguments divisible by 16
                 aligned.add(i)
         else:  # tensors: PyTorch's allocations are aligned far beyond 16 bytes, as Triton specialises them
-            types[i] = "*i32" if name == "SLOT" else f"*{TYPES[dtype]}"
+            types[i] = {"SLOT": "*i32", "MASK": "*u8"}.get(name, f"*{TYPES[dtype]}")
             aligned.add(i)
     if AOT_API == "named":
         names = fn.arg_names
@@ -133,6 +134,28 @@ def test_kernels_compile_to_vectorised_cubin(which, dtype, has_rows, relu, arch)
     assert sum(n for op, n in bulk.items() if op.startswith("ld")) == operands_read * per_thread
     assert sum(n for op, n in bulk.items() if op.startswith("st")) == operands_written * per_thread
     assert ops.get("ld.global.b32", 0) == (1 if has_rows else 0)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", list(TYPES), ids=lambda d: TYPES[d])
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_packed_relu_mask_kernels_compile_to_vectorised_cubin(which, dtype, arch):
+    """Row mode's ReLU units: the forward also stores the mask's bits, the backward reads them in place of the
+    output. The data keeps its 16-byte vectors and counts; the bits are one small access per thread."""
+    compiled = _compile(_kernels()[which], dtype, True, SAMPLES["resnet50-layer1"], batch=4, arch=arch,
+                        relu=True, packed_mask=True)
+    assert compiled.asm["cubin"], "ptxas produced no cubin"
+    ops = _global_memory_ops(compiled.asm["ptx"])
+    vector = "v2.b64" if dtype == torch.float64 else "v4.b32"
+    data = {op: n for op, n in ops.items() if op.endswith(vector)}
+    operands_read, operands_written = (2, 1) if which == "forward" else (1, 2)  # backward: grad in, 2 out
+    per_thread = 8192 // (16 * 128)
+    assert sum(n for op, n in data.items() if op.startswith("ld")) == operands_read * per_thread, ops
+    assert sum(n for op, n in data.items() if op.startswith("st")) == operands_written * per_thread, ops
+    bits = collections.Counter({op: n for op, n in ops.items() if not op.endswith(vector)})
+    bits["ld.global.b32"] -= 1  # the row's slot
+    bits = +bits
+    assert sum(bits.values()) == 1 and next(iter(bits)).startswith("st" if which == "forward" else "ld"), ops
 
 
 @pytest.mark.parametrize("sample", ["cifar-stage1", "odd"])

@@ -217,6 +217,36 @@ def test_regather_composes_with_the_users_saved_tensor_hooks():
 
 @needs_triton_cpu
 @needs_regather
+def test_which_units_gather_their_rows_again():
+    """Exactly the units whose input is kept anyway gather their branch's rows again in backward: the first
+    (its input is the stem ReLU's output) and those with a projection shortcut (a convolution keeps its
+    input). A unit after a row-mode ReLU unit keeps the gathered rows: that epilogue keeps its mask's bits,
+    not its output, which is then freed."""
+    from tests.conftest import seed_where
+
+    torch.manual_seed(0)
+    survival = [0.5] * 6  # cifar_resnet(14): three stages of two blocks
+    seed = seed_where(lambda plan: all(0 < c < 4 for c in plan.counts), survival, "row", 4)
+    model = sd.convert(sd.cifar_resnet(14), p_last=0.5, rule="uniform", mode="row", seed=seed).train()
+    gathered = []
+    for block in model.modules():
+        if units_module.is_gated(block):
+            block.conv1.register_forward_pre_hook(lambda m, args: gathered.append(args[0]))
+    packed = []
+    with F.gpu_path_on_cpu():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            out = model(torch.randn(4, 3, 8, 8))
+        out.sum().backward()
+    assert all(0 < c < 4 for c in get_state(model).host_plan.counts)
+    seen = {t.untyped_storage().data_ptr() for t in packed}
+    kept = [g.untyped_storage().data_ptr() in seen for g in gathered]
+    projection = [block.downsample is not None for block, _ in get_state(model).units]
+    assert kept == [not (unit == 0 or projection[unit]) for unit in range(6)]
+    assert kept == [False, True, False, True, False, True]
+
+
+@needs_triton_cpu
+@needs_regather
 def test_regather_refuses_an_input_changed_in_place():
     model, x = resnet_row_model()
     inputs = []

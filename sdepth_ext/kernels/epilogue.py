@@ -13,6 +13,14 @@
 # writes grad_residual = scale * grad (gathered to the surviving rows in row mode). The activation is a
 # constexpr flag of one kernel pair, not a second file: the two variants differ in three lines.
 #
+# Packed ReLU mask (PACKED_MASK, row mode's units). "The next layer keeps out alive anyway" fails in row mode:
+# the next unit's branch keeps only its survivors' rows, so keeping the whole output for the mask would cost
+# a full activation per unit, where a dropped unit in batch mode costs nothing. The forward then also writes
+# the mask as bits (BLOCK / 8 bytes per program, 1/32 of an fp32 output, 1/16 of bf16), and the backward
+# reads the bits instead of the output. Both kernels then see a block as [BLOCK / 8, 8] (the same addresses)
+# so that a group of 8 packs into one byte by a sum over the short axis, without a reshape; the other
+# variants keep their flat [BLOCK] block.
+#
 # Row mode: the residual branch ran on the K surviving samples only, so the residual has K rows. Instead of
 # `out = relu(sc); out[rows] = ...` (a full extra read+write of the survivors plus an index kernel), a single
 # launch covers all N output rows; an inverse map `slot[n] = k or -1` (N int32) tells each output row whether
@@ -70,6 +78,7 @@ def _gated_residual_add_forward_kernel(
     SHORTCUT,  # [n_rows, M]
     RESIDUAL,  # [n_rows, M], or [K, M] in row mode
     SLOT,  # [n_rows] int32: residual row of each output row, -1 = none (row mode only)
+    MASK,  # [programs * BLOCK // 8] uint8 output: the ReLU's mask, one bit per element (PACKED_MASK only)
     scale_hi,  # fp32 scale
     scale_lo,  # scale - fp32(scale): fp64 inputs use hi + lo (Triton passes a Python float as fp32)
     M,  # elements per row
@@ -77,6 +86,7 @@ def _gated_residual_add_forward_kernel(
     HAS_ROWS: tl.constexpr,
     IS_FP64: tl.constexpr,
     RELU: tl.constexpr,
+    PACKED_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # A program owns one block of one row: row/col come from scalar math (no per-element division), and all
@@ -84,7 +94,14 @@ def _gated_residual_add_forward_kernel(
     pid = tl.program_id(0)
     row = pid // blocks_per_row
     col_block = pid - row * blocks_per_row
-    cols = col_block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if PACKED_MASK:
+        # The block as [BLOCK // 8, 8], the same addresses: a group of 8 packs into one byte of the mask.
+        # (Inline, not a helper @triton.jit function: the compile-only tests rebuild each kernel from its
+        # source, which under the interpreter cannot reference another interpreted function.)
+        groups = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        cols = col_block.to(tl.int64) * BLOCK + groups
+    else:
+        cols = col_block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < M
     offs = row.to(tl.int64) * M + cols
 
@@ -108,7 +125,23 @@ def _gated_residual_add_forward_kernel(
         x = x + scale_hi * r
     if RELU:
         x = tl.where(x < 0, 0.0, x)  # not maximum(x, 0): NaN must stay NaN, as in torch.relu
-    tl.store(OUT + offs, x.to(OUT.dtype.element_ty), mask=mask)
+    out = x.to(OUT.dtype.element_ty)
+    tl.store(OUT + offs, out, mask=mask)
+    if PACKED_MASK:
+        # Bit j of byte g: element 8g + j of the block passes its gradient, threshold_backward's
+        # `out <= 0 ? 0 : grad` on the stored output (a value that rounds to 0 in fp16 is blocked, a NaN
+        # passes). The tail past M loads 0: bit clear.
+        # Three halvings of the group, each OR-ing the odd half onto the even one: builtins only (a tl.sum
+        # is itself a @triton.jit function, which cannot be compiled ahead of time once the interpreter has
+        # defined it, and the compile-only tests run under the interpreter).
+        bits = tl.where(out <= 0, 0, 1)
+        even, odd = tl.split(tl.reshape(bits, (BLOCK // 8, 4, 2)))
+        pairs = even | (odd << 1)  # [G, 4]: elements 2i, 2i + 1
+        even, odd = tl.split(tl.reshape(pairs, (BLOCK // 8, 2, 2)))
+        quads = even | (odd << 2)  # [G, 2]: elements 4i .. 4i + 3
+        low, high = tl.split(quads)
+        packed = low | (high << 4)
+        tl.store(MASK + pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8), packed.to(tl.uint8))
 
 
 @triton.jit
@@ -116,7 +149,7 @@ def _gated_residual_add_backward_kernel(
     GRAD_SHORTCUT,  # [n_rows, M] output (RELU only; without an activation grad_shortcut is GRAD itself)
     GRAD_RESIDUAL,  # [n_rows, M] output, or [K, M] in row mode
     GRAD,  # [n_rows, M] incoming gradient, same layout as OUT
-    OUT,  # [n_rows, M] saved forward output (RELU only)
+    OUT,  # [n_rows, M] saved forward output (RELU), or with PACKED_MASK the forward's MASK
     SLOT,  # [n_rows] int32, row mode only
     scale_hi,
     scale_lo,
@@ -125,12 +158,20 @@ def _gated_residual_add_backward_kernel(
     HAS_ROWS: tl.constexpr,
     IS_FP64: tl.constexpr,
     RELU: tl.constexpr,
+    PACKED_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid // blocks_per_row
     col_block = pid - row * blocks_per_row
-    cols = col_block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if PACKED_MASK:
+        # The block as [BLOCK // 8, 8], the same addresses: a group of 8 packs into one byte of the mask.
+        # (Inline, not a helper @triton.jit function: the compile-only tests rebuild each kernel from its
+        # source, which under the interpreter cannot reference another interpreted function.)
+        groups = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        cols = col_block.to(tl.int64) * BLOCK + groups
+    else:
+        cols = col_block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < M
     offs = row.to(tl.int64) * M + cols
     if HAS_ROWS:
@@ -147,9 +188,15 @@ def _gated_residual_add_backward_kernel(
     else:
         g = g.to(tl.float32)
     if RELU:
-        o = tl.load(OUT + offs, mask=mask, other=0.0)
-        # torch's threshold_backward(grad, out, 0): `out <= 0 ? 0 : grad` (a NaN output lets grad through).
-        g = tl.where(o.to(g.dtype) <= 0, 0.0, g)
+        if PACKED_MASK:
+            # The forward's bits, laid out by program: the same grid and BLOCK (same shape, layout, dtype).
+            packed = tl.load(OUT + pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)).to(tl.int32)
+            passes = (packed[:, None] >> tl.arange(0, 8)[None, :]) & 1
+            g = tl.where(passes == 0, 0.0, g)
+        else:
+            o = tl.load(OUT + offs, mask=mask, other=0.0)
+            # torch's threshold_backward(grad, out, 0): `out <= 0 ? 0 : grad` (a NaN output passes grad).
+            g = tl.where(o.to(g.dtype) <= 0, 0.0, g)
         tl.store(GRAD_SHORTCUT + offs, g.to(GRAD_SHORTCUT.dtype.element_ty), mask=mask)
     if IS_FP64:
         gr = scale_hi * g + scale_lo * g
@@ -242,6 +289,8 @@ class _Geometry(NamedTuple):
     options: dict  # the constexprs and num_warps of the launch, built once
     launch: Callable  # ``kernel[grid]``: Triton's launcher for this grid, built once
     check_device: bool  # CUDA with more than one visible GPU: the launch may need a device switch
+    mask_bytes: int  # size of the packed ReLU mask of this launch: BLOCK / 8 bytes per program
+    kernel: object  # the @triton.jit function launched (what a launch counter tells apart)
 
 
 def _row_layout(ref_shape, ref_strides, n: int) -> tuple[tuple, tuple]:
@@ -250,7 +299,8 @@ def _row_layout(ref_shape, ref_strides, n: int) -> tuple[tuple, tuple]:
     return (n, *ref_shape[1:]), (sample, *ref_strides[1:])
 
 
-def _geometry(kernel, main: torch.Tensor, num_residual_rows: int, row_mode: bool, relu: bool) -> _Geometry:
+def _geometry(kernel, main: torch.Tensor, num_residual_rows: int, row_mode: bool, relu: bool,
+              packed_mask: bool = False) -> _Geometry:
     """Layout analysis of one launch (the slow part, hence cached by the callers).
 
     ``main`` (the shortcut, or the saved output / incoming gradient in backward) fixes the layout: its own
@@ -273,11 +323,11 @@ def _geometry(kernel, main: torch.Tensor, num_residual_rows: int, row_mode: bool
     block, num_warps = _launch_config(max(M, 1), main.element_size())
     blocks_per_row = triton.cdiv(M, block)
     grid = n_rows * blocks_per_row if math.prod(shape) > 0 else 0
-    options = {"HAS_ROWS": row_mode, "IS_FP64": main.dtype == torch.float64, "RELU": relu, "BLOCK": block,
-               "num_warps": num_warps}
+    options = {"HAS_ROWS": row_mode, "IS_FP64": main.dtype == torch.float64, "RELU": relu,
+               "PACKED_MASK": packed_mask, "BLOCK": block, "num_warps": num_warps}
     check_device = main.is_cuda and torch.cuda.device_count() > 1
     return _Geometry(shape, strides, copy_main, False, res_shape, res_strides, (grid,), M, blocks_per_row,
-                     options, kernel[(grid,)], check_device)
+                     options, kernel[(grid,)], check_device, grid * block // 8, kernel)
 
 
 _FORWARD_GEOMETRY: dict = {}
@@ -305,13 +355,15 @@ def _copy_to(t: torch.Tensor, shape, strides) -> torch.Tensor:
 
 def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
                                rows: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None, *,
-                               relu: bool, out: Optional[torch.Tensor] = None
-                               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                               relu: bool, packed_mask: bool = False, out: Optional[torch.Tensor] = None
+                               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``act(shortcut + scale * residual)``, ``act`` = ReLU if ``relu``; one launch over the whole output.
 
     With ``rows`` (row mode), residual row k goes to output row ``rows[k]`` and the other rows get
-    ``act(shortcut)``; ``slot`` is the inverse map (:func:`inverse_map`), built here when not given. Returns
-    ``(out, slot)`` so that backward can reuse the map.
+    ``act(shortcut)``; ``slot`` is the inverse map (:func:`inverse_map`), built here when not given. With
+    ``relu`` and ``packed_mask`` the same launch also writes the ReLU's mask, one bit per element (uint8), for
+    a backward that does not keep the output (:func:`gated_residual_add_backward`'s ``mask``). Returns
+    ``(out, slot, mask)``: backward reuses the map, and ``mask`` is None unless asked for.
 
     Inputs are trusted (validated by :func:`sdepth_ext.gated_residual_add`). Shortcut and residual are used in
     place when they share a dense layout (contiguous, channels_last, [B, H, W, C], ...; in row mode with the
@@ -320,11 +372,13 @@ def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, s
     ``shortcut``, contiguous otherwise.
     """
     row_mode = rows is not None
+    packed_mask = packed_mask and relu
     key = (shortcut.shape, shortcut.stride(), residual.shape, residual.stride(), shortcut.dtype,
-           shortcut.device, row_mode, relu)
+           shortcut.device, row_mode, relu, packed_mask)
     geo = _FORWARD_GEOMETRY.get(key)
     if geo is None:
-        geo = _cached(_FORWARD_GEOMETRY, key, lambda: _forward_geometry(shortcut, residual, rows, relu))
+        geo = _cached(_FORWARD_GEOMETRY, key,
+                      lambda: _forward_geometry(shortcut, residual, rows, relu, packed_mask))
     sc = _copy_to(shortcut, geo.out_shape, geo.out_strides) if geo.copy_main else shortcut
     res = _copy_to(residual, geo.res_shape, geo.res_strides) if geo.copy_second else residual
     if out is None:
@@ -332,24 +386,25 @@ def gated_residual_add_forward(shortcut: torch.Tensor, residual: torch.Tensor, s
         out = torch.empty_like(sc)
     else:
         _check_buffer(out, "out", geo.out_shape, geo.out_strides, sc)
+    mask = torch.empty(geo.mask_bytes, dtype=torch.uint8, device=sc.device) if packed_mask else None
     if row_mode and slot is None:
         slot = inverse_map(rows, geo.out_shape[0])
     if geo.grid[0] == 0:
-        return out, slot
+        return out, slot, mask
     if row_mode and geo.res_shape[0] == 0:
         res = sc  # no survivors: every slot is -1, the residual pointer is never dereferenced
     scale_hi, scale_lo = _split_scale(scale)
-    _launch(geo, sc.device, out, sc, res, slot if row_mode else sc, scale_hi, scale_lo, geo.M,
-            geo.blocks_per_row)
-    return out, slot
+    _launch(geo, sc.device, out, sc, res, slot if row_mode else sc, mask if packed_mask else sc,
+            scale_hi, scale_lo, geo.M, geo.blocks_per_row)
+    return out, slot, mask
 
 
-def _forward_geometry(shortcut, residual, rows, relu) -> _Geometry:
+def _forward_geometry(shortcut, residual, rows, relu, packed_mask) -> _Geometry:
     row_mode = rows is not None
     k = rows.shape[0] if row_mode else shortcut.shape[0]
     if row_mode and residual.shape[0] != k:
         raise ValueError(f"residual: expected {k} rows (len(rows)), got {residual.shape[0]}")
-    geo = _geometry(_gated_residual_add_forward_kernel, shortcut, k, row_mode, relu)
+    geo = _geometry(_gated_residual_add_forward_kernel, shortcut, k, row_mode, relu, packed_mask)
     if tuple(residual.shape) != geo.res_shape:
         raise ValueError(f"residual: expected shape {geo.res_shape}, got {tuple(residual.shape)}")
     return geo._replace(copy_second=not same_strides(geo.res_shape, residual.stride(), geo.res_strides))
@@ -357,29 +412,43 @@ def _forward_geometry(shortcut, residual, rows, relu) -> _Geometry:
 
 def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor], scale: float,
                                 slot: Optional[torch.Tensor] = None, num_rows: Optional[int] = None, *,
-                                relu: bool, grad_shortcut: Optional[torch.Tensor] = None,
+                                relu: bool, mask: Optional[torch.Tensor] = None, out_strides: tuple = (),
+                                grad_shortcut: Optional[torch.Tensor] = None,
                                 grad_residual: Optional[torch.Tensor] = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass: ``grad_shortcut = grad * act'(out)``, ``grad_residual[k] = scale * grad_shortcut[rows[k]]``.
 
-    With ``relu`` the mask is torch's threshold_backward on the saved forward output ``out``; without an
-    activation ``out`` is not needed (None) and ``grad_shortcut`` is ``grad`` itself. Row mode: ``slot`` is
-    the forward's inverse map and ``num_rows`` = K. ``grad_shortcut`` / ``grad_residual`` (internal, for
-    tests) are preallocated outputs.
+    With ``relu`` the mask is torch's threshold_backward on the saved forward output ``out``, or, with
+    ``mask`` (the forward's packed mask; ``out`` then None), its bits: ``out_strides`` are then the forward
+    output's strides, which the bits follow (``grad`` is read in that layout, copied to it if needed).
+    Without an activation ``out`` is not needed (None) and ``grad_shortcut`` is ``grad`` itself. Row mode:
+    ``slot`` is the forward's inverse map and ``num_rows`` = K. ``grad_shortcut`` / ``grad_residual``
+    (internal, for tests) are preallocated outputs.
     """
     row_mode = slot is not None
-    main = out if relu else grad
+    packed_mask = mask is not None
+    if packed_mask and not same_strides(grad.shape, grad.stride(), out_strides):
+        grad = _copy_to(grad, grad.shape, out_strides)  # the layout the forward wrote, bit by bit
+    main = out if relu and not packed_mask else grad
     key = (main.shape, main.stride(), grad.shape, grad.stride(), main.dtype, main.device, row_mode, num_rows,
-           relu)
+           relu, packed_mask)
     geo = _BACKWARD_GEOMETRY.get(key)
     if geo is None:
         geo = _cached(_BACKWARD_GEOMETRY, key,
-                      lambda: _backward_geometry(grad, main, num_rows, row_mode, relu))
-    o = _copy_to(out, geo.out_shape, geo.out_strides) if relu and geo.copy_main else out
+                      lambda: _backward_geometry(grad, main, num_rows, row_mode, relu, packed_mask))
+    if packed_mask:
+        if mask.numel() != geo.mask_bytes:
+            raise ValueError(f"mask: expected {geo.mask_bytes} bytes (the forward's packed mask for this "
+                             f"shape and layout), got {mask.numel()}")
+        g = grad
+        o = mask
+    else:
+        o = _copy_to(out, geo.out_shape, geo.out_strides) if relu and geo.copy_main else out
     if relu:
-        g = _copy_to(grad, geo.out_shape, geo.out_strides) if geo.copy_second else grad
+        if not packed_mask:
+            g = _copy_to(grad, geo.out_shape, geo.out_strides) if geo.copy_second else grad
         if grad_shortcut is None:
-            grad_shortcut = torch.empty_like(o)
+            grad_shortcut = torch.empty_like(g if packed_mask else o)
         else:
             _check_buffer(grad_shortcut, "grad_shortcut", geo.out_shape, geo.out_strides, g)
     else:
@@ -401,14 +470,15 @@ def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor],
     return grad_shortcut, grad_residual
 
 
-def _backward_geometry(grad, main, num_rows, row_mode, relu) -> _Geometry:
+def _backward_geometry(grad, main, num_rows, row_mode, relu, packed_mask) -> _Geometry:
     if tuple(grad.shape) != tuple(main.shape):
         raise ValueError(f"grad: expected shape {tuple(main.shape)}, got {tuple(grad.shape)}")
     k = num_rows if row_mode else main.shape[0]
     if row_mode and (num_rows is None or not 0 <= num_rows <= main.shape[0]):
         raise ValueError(f"num_rows: expected an int in [0, {main.shape[0]}] with slot, got {num_rows!r}")
-    # With relu the saved output fixes the layout and grad follows it; without, grad is the main operand.
-    geo = _geometry(_gated_residual_add_backward_kernel, main, k, row_mode, relu)
-    if not relu:
+    # With relu the saved output fixes the layout and grad follows it; without, or with the packed mask (grad
+    # is then already in the output's layout), grad is the main operand.
+    geo = _geometry(_gated_residual_add_backward_kernel, main, k, row_mode, relu, packed_mask)
+    if not relu or packed_mask:
         return geo
     return geo._replace(copy_second=not same_strides(geo.out_shape, grad.stride(), geo.out_strides))

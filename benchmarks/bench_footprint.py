@@ -25,11 +25,26 @@ counted steps; forward + backward, no optimizer step, which is the same for ever
   launches (without a GPU the units take that path on CPU tensors through
   ``sdepth_ext.functional.gpu_path_on_cpu``, each Triton launch counted, its grid not executed);
   ``launches_cpu``: the same on the CPU's torch path (not counted on a GPU machine);
-* ideals of the plans drawn: ``flop_ideal_x_full``, the share of the full network's multiply-accumulates
-  they run (:func:`sdepth_ext.flops.compute_fraction`), the memory ideal the issue states, and
-  ``saved_over_flop_ideal`` = ``saved_x_full - flop_ideal_x_full`` (plan-independent, so batch and row mode
-  compare on it though they draw different plans); ``launches_ideal``, the full network less the work of
-  the units the plan dropped entirely (those units skipped by hand, every other unit run whole, eager);
+* ideals of the plans drawn (means over the steps), each next to what the row saves above it (minus the
+  ideal: plan-independent, so batch and row mode compare on it though they draw different plans):
+
+  - ``saved_ideal_x_full`` / ``saved_over_ideal``, the memory ideal: ``(outside + sum_l K_l / N *
+    unit_bytes_l) / full`` with K_l of N samples surviving unit l. ``unit_bytes_l`` is the full network's
+    saved bytes attributed to unit l (each storage to the unit whose forward first saved it: a one-unit
+    block's whole forward, shortcut and ReLU after the add included; a ViT or Swin unit's branch modules;
+    ``benchmarks.counting.unit_parts``), ``outside`` the rest (stem, head), counted on the full row's step
+    (``saved_unit_bytes``, ``saved_outside_units_bytes``). It is the bound a skip reaches: a batch plan
+    skipped by hand saves exactly the ideal plus what its dropped units still compute, a projection
+    shortcut and the ReLU after it (``relu(downsample(x))``, the first unit of a ResNet stage; nothing for
+    an identity shortcut: exactly the ideal for ViT and Swin), as tests check on every batch plan of small
+    models;
+  - ``flop_ideal_x_full`` / ``saved_over_flop_ideal``, the share of the full network's multiply-accumulates
+    the plans run (:func:`sdepth_ext.flops.compute_fraction`), the ideal the issue named. It is no memory
+    bound a skip can reach: units' memory is not proportional to their FLOPs (early ResNet stages keep more
+    activation per FLOP and survive more often under the linear-decay rule), so even a skip of exactly the
+    plan's units sits above it;
+  - ``launches_ideal``, the full network less the work of the units the plan dropped entirely (those units
+    skipped by hand, every other unit run whole, eager);
 * ``by_hand_saved_bytes`` / ``by_hand_launches``: bench_models' comparators on the same plan (batch mode:
   the units skipped by hand, equal to ``launches_ideal``; row mode: each unit's survivors run as the first K
   samples, a view, and concatenated back: the row gather and scatter for free);
@@ -96,13 +111,16 @@ def _models(config: dict, device: torch.device) -> tuple[nn.Module, nn.Module, n
     return full, original, original, {}  # converted with the model's own rates
 
 
-def _counted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gpu_path: bool) -> dict:
-    """One counted step; the peak allocation above the step's start where the device tells it."""
+def _counted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gpu_path: bool,
+             by_unit: bool = False) -> dict:
+    """One counted step; the peak allocation above the step's start where the device tells it. ``by_unit``:
+    its saved bytes split among the units as well (:func:`benchmarks.counting.count_step`)."""
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
         start = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
-    counts = count_step(model, x, y, gpu_path=gpu_path and not x.is_cuda, run_triton=x.is_cuda)
+    counts = count_step(model, x, y, gpu_path=gpu_path and not x.is_cuda, run_triton=x.is_cuda,
+                        by_unit=by_unit)
     counts["peak_bytes"] = torch.cuda.max_memory_allocated(x.device) - start if x.is_cuda else None
     return counts
 
@@ -116,14 +134,23 @@ def _by_hand(full: nn.Module, scales: list[float]) -> tuple[nn.Module, dict]:
     return model, current
 
 
+def memory_ideal(outside_bytes: int, unit_bytes: list[int], counts: list[int], batch: int) -> float:
+    """Bytes a step of the plan ``counts`` (K_l of ``batch`` samples through unit l) would save if each unit
+    kept its share of what it keeps in the full network: ``outside + sum_l K_l / N * unit_bytes_l``."""
+    if len(counts) != len(unit_bytes):
+        raise ValueError(f"counts has {len(counts)} units, the full network {len(unit_bytes)}")
+    return outside_bytes + sum(k / batch * b for k, b in zip(counts, unit_bytes))
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.fmean(values) if values else None
 
 
-def _sdepth_rows(model: nn.Module, full: nn.Module, full_launches: int, x: torch.Tensor, y: torch.Tensor,
+def _sdepth_rows(model: nn.Module, full: nn.Module, full_run: dict, x: torch.Tensor, y: torch.Tensor,
                  steps: int, per_unit: list[float], total: float) -> list[dict]:
-    """Rows of one converted model (one mode), one per dropped-gradient policy, over ``steps`` plans."""
+    """Rows of one converted model (one mode), one per dropped-gradient policy, over ``steps`` plans;
+    ``full_run``: the full network's step counted ``by_unit``."""
     on_gpu = x.is_cuda
     state = get_state(model)
     batch = x.shape[0]
@@ -154,13 +181,15 @@ def _sdepth_rows(model: nn.Module, full: nn.Module, full_launches: int, x: torch
                 runs[policy].append({k: v for k, v in base.items() if k not in ("cpu", "cpu_saved")})
         # The comparators, on the same plan.
         base["flop_ideal"] = compute_fraction(per_unit, total, [c / batch for c in plan.counts])
+        base["saved_ideal"] = memory_ideal(full_run["saved_outside_units"], full_run["saved_by_unit"],
+                                           plan.counts, batch)
         by_hand_plan["plan"] = types.SimpleNamespace(counts=list(plan.counts))
         hand = _counted(by_hand, x, y, gpu_path=False)
         base["by_hand_saved"], base["by_hand_launches"] = hand["saved_bytes"], hand["launches"]
         if all(c in (0, batch) for c in plan.counts):
             base["ideal_launches"] = hand["launches"]  # batch plans: the same comparator
         elif 0 not in plan.counts:
-            base["ideal_launches"] = full_launches  # no unit dropped entirely: the full network's
+            base["ideal_launches"] = full_run["launches"]  # no unit dropped entirely: the full network's
         else:
             skipping_plan["plan"] = types.SimpleNamespace(counts=[batch if c else 0 for c in plan.counts])
             base["ideal_launches"] = _counted(skipping, x, y, gpu_path=False)["launches"]
@@ -172,6 +201,7 @@ def _sdepth_rows(model: nn.Module, full: nn.Module, full_launches: int, x: torch
                      "steps": len(same), "saved_bytes": _mean(same, "saved_bytes"),
                      "launches_gpu": _mean(same, "launches"), "peak_bytes": _mean(same, "peak_bytes"),
                      "launches_cpu": _mean(same, "cpu"), "saved_bytes_cpu": _mean(same, "cpu_saved"),
+                     "saved_ideal_bytes": _mean(default, "saved_ideal"),
                      "flop_ideal_x_full": _mean(default, "flop_ideal"),
                      "by_hand_saved_bytes": _mean(default, "by_hand_saved"),
                      "by_hand_launches": _mean(default, "by_hand_launches"),
@@ -189,18 +219,22 @@ def bench_model(config: dict, device: torch.device, steps: int) -> list[dict]:
     head = {"model": config["name"], "family": units_of(full)[0][2].family, "batch": batch, "size": size,
             "rate_kind": "p_last" if config["kind"] == "resnet" else "stochastic_depth_prob",
             "rate": _rate(config)}
-    rows = []
+    rows, runs = [], {}
     for name, model in (("full", full), ("original", original)):
-        run = _counted(model.train(), x, y, gpu_path=False)  # no unit: one path
+        # No converted unit: one path. The full network's step also splits what it saves among the units,
+        # which prices them in the memory ideal.
+        run = runs[name] = _counted(model.train(), x, y, gpu_path=False, by_unit=name == "full")
         on_cpu = not x.is_cuda
         rows.append({"variant": name, "mode": None, "dropped_grads": None, "steps": 1,
                      "saved_bytes": run["saved_bytes"], "launches_gpu": run["launches"],
                      "launches_cpu": run["launches"] if on_cpu else None,
                      "saved_bytes_cpu": run["saved_bytes"] if on_cpu else None,
                      "peak_bytes": run["peak_bytes"]})
+    rows[0]["saved_outside_units_bytes"] = runs["full"]["saved_outside_units"]
+    rows[0]["saved_unit_bytes"] = runs["full"]["saved_by_unit"]
     for mode in MODES:
         model = sd.convert(copy.deepcopy(to_convert), mode=mode, seed=0, **convert_kwargs).train()
-        rows += _sdepth_rows(model, full, rows[0]["launches_gpu"], x, y, steps, per_unit, total)
+        rows += _sdepth_rows(model, full, runs["full"], x, y, steps, per_unit, total)
 
     full_row, original_row = rows[0], rows[1]
     out = []
@@ -216,16 +250,20 @@ def bench_model(config: dict, device: torch.device, steps: int) -> list[dict]:
             r["saved_cpu_x_full"] = r["saved_bytes_cpu"] / full_row["saved_bytes"]
         if r.get("by_hand_saved_bytes") is not None:
             r["by_hand_saved_x_full"] = r["by_hand_saved_bytes"] / full_row["saved_bytes"]
+        if r.get("saved_ideal_bytes") is not None:
+            r["saved_ideal_x_full"] = r["saved_ideal_bytes"] / full_row["saved_bytes"]
+            r["saved_over_ideal"] = r["saved_x_full"] - r["saved_ideal_x_full"]
         if r.get("flop_ideal_x_full") is not None:
             r["saved_over_flop_ideal"] = r["saved_x_full"] - r["flop_ideal_x_full"]
         out.append(r)
     return out
 
 
-TABLE_COLUMNS = ["model", "variant", "dropped_grads", "saved_mib", "saved_x_full", "flop_ideal_x_full",
-                 "saved_over_flop_ideal", "by_hand_saved_x_full", "saved_x_original", "launches_gpu",
-                 "launches_ideal", "by_hand_launches", "launches_gpu_x_original", "saved_cpu_x_full",
-                 "launches_cpu", "launches_cpu_x_original", "peak_mib"]
+TABLE_COLUMNS = ["model", "variant", "dropped_grads", "saved_mib", "saved_x_full", "saved_ideal_x_full",
+                 "saved_over_ideal", "flop_ideal_x_full", "saved_over_flop_ideal", "by_hand_saved_x_full",
+                 "saved_x_original", "launches_gpu", "launches_ideal", "by_hand_launches",
+                 "launches_gpu_x_original", "saved_cpu_x_full", "launches_cpu", "launches_cpu_x_original",
+                 "peak_mib"]
 
 
 def run(quick: bool = True, smoke: bool = False) -> list[dict]:

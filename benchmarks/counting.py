@@ -6,7 +6,9 @@ Counts do not depend on the machine's speed or load, so tests assert them exactl
 * :class:`SavedBytes`: bytes of the distinct storages autograd saves for backward, recorded by a
   ``torch.autograd.graph.saved_tensors_hooks`` pack hook (each storage once however many saved tensors view
   it); storages of given tensors (the model's parameters and buffers) are left out: what remains is the
-  activation memory a step holds between its forward and its backward.
+  activation memory a step holds between its forward and its backward. Each storage also goes to the
+  ``part`` of the model that was running when it was first saved; :func:`unit_parts` names the residual
+  units' parts, and ``count_step(..., by_unit=True)`` splits a step's saved bytes among them.
 * :class:`LaunchCounter`: a ``TorchDispatchMode`` that counts the ATen ops that launch a kernel -- views,
   metadata and allocation ops (``empty*``) launch none and are left out -- plus every launch of
   sdepth_ext's Triton epilogue kernels (its launchers' one launch site, ``_launch``). The ATen ops that
@@ -22,16 +24,18 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdepth_ext.functional as sd_functional
+from sdepth_ext.convert import units_of
 from sdepth_ext.kernels import load_epilogue, triton_available
 
-__all__ = ["LaunchCounter", "SavedBytes", "count_step", "launches_kernel"]
+__all__ = ["LaunchCounter", "SavedBytes", "count_step", "launches_kernel", "unit_parts"]
 
 # ATen ops that allocate or only change metadata: no kernel runs on any device. Views are recognised by their
 # schema (every output aliases an input, none written), see launches_kernel.
@@ -122,11 +126,16 @@ class LaunchCounter(TorchDispatchMode):
 
 class SavedBytes:
     """``with SavedBytes(exclude):`` records every tensor autograd saves while active; ``total`` is the bytes
-    of their distinct storages, those of the ``exclude`` tensors left out (parameters and buffers)."""
+    of their distinct storages, those of the ``exclude`` tensors left out (parameters and buffers).
+
+    ``part`` labels the code running now (None unless set; :meth:`attribute` sets it from module hooks):
+    each storage goes to the part during which it was first saved, so ``by_part()`` sums to ``total``."""
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
         self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self.storages: dict[int, int] = {}
+        self.part = None
+        self.part_of: dict[int, object] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -134,6 +143,8 @@ class SavedBytes:
         ptr = storage.data_ptr()
         if ptr not in self.excluded:  # every saved storage stays alive until backward: pointers are unique
             self.storages[ptr] = storage.nbytes()
+            # The first to save a storage is the part that made it (or took it in); later savers read it.
+            self.part_of.setdefault(ptr, self.part)
         return t
 
     @staticmethod
@@ -144,6 +155,13 @@ class SavedBytes:
     def total(self) -> int:
         return sum(self.storages.values())
 
+    def by_part(self) -> dict:
+        """Bytes per part (None: saved while no part was running); the values sum to ``total``."""
+        parts: dict = collections.defaultdict(int)
+        for ptr, nbytes in self.storages.items():
+            parts[self.part_of[ptr]] += nbytes
+        return dict(parts)
+
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
         return self
@@ -151,23 +169,67 @@ class SavedBytes:
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
 
+    @contextlib.contextmanager
+    def attribute(self, parts: Sequence[tuple[object, Sequence[nn.Module]]]):
+        """Inside, whatever is saved during a forward of one of a part's modules goes to that part (a part
+        entered inside another, e.g. a module called from a block's forward, holds until it returns)."""
+        outer: list = []
+
+        def enter(part):
+            def pre_hook(module, args):
+                outer.append(self.part)
+                self.part = part
+            return pre_hook
+
+        def leave(module, args, output):
+            self.part = outer.pop()
+
+        handles = []
+        try:
+            for part, modules in parts:
+                for module in modules:
+                    handles.append(module.register_forward_pre_hook(enter(part)))
+                    handles.append(module.register_forward_hook(leave))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.part = None
+
+
+def unit_parts(model: nn.Module) -> list[tuple[int, list[nn.Module]]]:
+    """``(l, modules)`` for unit l of ``units_of(model)``: the modules whose forward is the unit's work.
+
+    A block with one unit: the whole block (its shortcut and what follows the add included, e.g. the ReLU
+    that torchvision's BasicBlock runs through the same ``self.relu`` as its branch's). A block with several
+    units (ViT, Swin: attention, then MLP): each unit's branch modules (``adapter.branch_modules``); what
+    the block does around them (adds, layout changes) is no unit's.
+    """
+    units = units_of(model)
+    per_block = collections.Counter(id(block) for block, _, _ in units)
+    return [(l, [block] if per_block[id(block)] == 1 else adapter.branch_modules(block, u))
+            for l, (block, u, adapter) in enumerate(units)]
+
 
 def count_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *,
-               gpu_path: bool = False, run_triton: bool = True) -> dict:
+               gpu_path: bool = False, run_triton: bool = True, by_unit: bool = False) -> dict:
     """Forward and backward of one train step of ``model`` on ``x``, counted.
 
     The loss is cross-entropy against ``y``, or (``y`` None) the sum of the output times a fixed random
     tensor. Gradients are reset first (``set_to_none``); no optimizer step. ``gpu_path``: the units take the
     GPU's path (Triton epilogue) on CPU tensors. Returns ``{"saved_bytes", "forward", "backward",
     "triton", "launches", "ops": {phase: {op: count}}}`` (launches: ATen ops that launch a kernel + Triton
-    launches).
+    launches). ``by_unit``: also ``"saved_by_unit"``, the saved bytes split among the units of
+    :func:`unit_parts` (a list, unit order), and ``"saved_outside_units"``, the rest (stem, head); the
+    parts sum to ``"saved_bytes"``.
     """
     model.zero_grad(set_to_none=True)
     saved = SavedBytes([*model.parameters(), *model.buffers()])
     counter = LaunchCounter(run_triton=run_triton)
+    parts = unit_parts(model) if by_unit else []
     with sd_functional.gpu_path_on_cpu() if gpu_path else contextlib.nullcontext():
         with counter:
-            with saved:
+            with saved, saved.attribute(parts):
                 out = model(x)
             if y is None:
                 with counter.paused():
@@ -177,9 +239,14 @@ def count_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None =
                 loss = F.cross_entropy(out, y)
             counter.phase = "backward"
             loss.backward()
-    return {"saved_bytes": saved.total, "forward": counter.count("forward"),
-            "backward": counter.count("backward"), "triton": counter.count(kind="triton"),
-            "launches": counter.count(), "ops": {k: dict(v) for k, v in counter.by_phase.items()}}
+    counts = {"saved_bytes": saved.total, "forward": counter.count("forward"),
+              "backward": counter.count("backward"), "triton": counter.count(kind="triton"),
+              "launches": counter.count(), "ops": {k: dict(v) for k, v in counter.by_phase.items()}}
+    if by_unit:
+        by_part = saved.by_part()
+        counts["saved_by_unit"] = [by_part.get(l, 0) for l, _ in parts]
+        counts["saved_outside_units"] = by_part.get(None, 0)
+    return counts
 
 
 def _fixed_like(t: torch.Tensor) -> torch.Tensor:

@@ -166,11 +166,19 @@ def ddp_markdown(path: Path) -> str:
     return f"Run: {_stamp(env)}\n\n{setup}\n\n{_table(header, rows)}"
 
 
+def _has_memory_ideal(data: dict) -> bool:
+    """Whether a footprint file holds the memory ideal (files from before bench_footprint counted it do
+    not: their tables render as they did, without its columns)."""
+    return any(r.get("saved_ideal_x_full") is not None for r in data["rows"])
+
+
 def footprint_markdown(path: Path) -> str:
     """bench_footprint's rows: per model, what batch and row mode save for backward and launch per step,
     next to the model's own mask-multiply stochastic depth (``original``) and the ideals of the plans
-    drawn; the launches the ``"zero"`` dropped-gradient policy adds on the same plans."""
+    drawn (memory: the bound a skip reaches; FLOPs: the issue's); the launches the ``"zero"``
+    dropped-gradient policy adds on the same plans."""
     data = json.loads(path.read_text())
+    memory = _has_memory_ideal(data)
     rows = []
     for original in (r for r in data["rows"] if r["variant"] == "original"):
         model = original["model"]
@@ -178,32 +186,46 @@ def footprint_markdown(path: Path) -> str:
         rate = f"{original['rate_kind']} {original['rate']:g}"
         cpu = "-" if original.get("launches_cpu") is None else f"{original['launches_cpu']:.0f}"
         rows.append([f"{model} b{original['batch']}@{original['size']}, {rate}", "original (mask-multiply)",
-                     f"{original['saved_mib']:.1f} MiB", "-", "-", "-", f"{original['launches_gpu']:.0f}",
-                     "-", cpu, "-"])
+                     f"{original['saved_mib']:.1f} MiB", *(["-"] if memory else []), "-", "-", "-",
+                     f"{original['launches_gpu']:.0f}", "-", cpu, "-"])
         for mode in ("batch", "row"):
             r, zero = same[(f"sdepth {mode}", "none")], same[(f"sdepth {mode}", "zero")]
             cpu_saved = "-" if r.get("saved_bytes_cpu") is None else \
                 f"{r['saved_bytes_cpu'] / original['saved_bytes']:.3f}"
             cpu_launches = "-" if r.get("launches_cpu") is None else f"{r['launches_cpu_x_original']:.3f}"
-            rows.append(["", f"sdepth {mode}", f"{r['saved_x_original']:.3f}",
+            memory_ideal = [f"{r['saved_ideal_x_full']:.3f} ({r['saved_over_ideal']:+.3f})"] if memory else []
+            rows.append(["", f"sdepth {mode}", f"{r['saved_x_original']:.3f}", *memory_ideal,
                          f"{r['flop_ideal_x_full']:.3f} ({r['saved_over_flop_ideal']:+.3f})",
                          f"{r['by_hand_saved_x_full']:.3f}", cpu_saved, f"{r['launches_gpu_x_original']:.3f}",
                          f"{r['launches_gpu'] / r['launches_ideal']:.3f}", cpu_launches,
                          f"{zero['launches_gpu'] - r['launches_gpu']:+.0f}"])
     header = ["model, drop rate", "variant", "saved for backward, GPU path (x original)",
+              *(["memory ideal of the plans (saved over it), x full"] if memory else []),
               "FLOP ideal of the plans (saved over it), x full", "same plans by hand, x full",
               "saved, CPU path (x original)", "launches, GPU path (x original)", "launches x ideal",
               "launches, CPU path (x original)", "launches added by dropped grads \"zero\""]
     steps = max(r["steps"] for r in data["rows"])
     note = (f"Counted, not timed; forward + backward of one train step, {steps} plan(s) per mode, dropped "
             f"grads \"none\" unless stated. GPU path: {data['environment'].get('gpu_path', 'CUDA')}.")
+    if memory:
+        note += (" Memory ideal: the full network's saved bytes, each unit's share scaled by the fraction of "
+                 "the samples the plan runs through it: what a skip of the plan keeps (plus, for a dropped "
+                 "ResNet unit, its projection shortcut's). The FLOP ideal weighs the units by their FLOPs, "
+                 "which their memory does not follow.")
     return f"Run: {_stamp(data['environment'])}\n\n{note}\n\n{_table(header, rows)}"
 
 
 def footprint_row_markdown(path: Path) -> str:
     """The README's view of ``footprint.json``: per model, row mode (and batch mode) against the model's own
-    mask-multiply stochastic depth, on the GPU's path and the CPU's."""
+    mask-multiply stochastic depth, on the GPU's path and the CPU's; saved bytes over the memory ideal of
+    the plans (where the file holds it) and over their FLOP ideal."""
     data = json.loads(path.read_text())
+    memory = _has_memory_ideal(data)
+
+    def saved(r: dict) -> str:
+        over = f"{r['saved_over_ideal']:+.3f}; " if memory else ""
+        return f"{r['saved_x_original']:.3f} ({over}{r['saved_over_flop_ideal']:+.3f})"
+
     rows = []
     for original in (r for r in data["rows"] if r["variant"] == "original"):
         same = {(r["variant"], r["dropped_grads"]): r for r in data["rows"]
@@ -213,11 +235,11 @@ def footprint_row_markdown(path: Path) -> str:
         rows.append([f"{original['model']} b{original['batch']}@{original['size']}",
                      f"{original['rate_kind']} {original['rate']:g}",
                      f"{original['saved_mib']:.1f} MiB, {original['launches_gpu']:.0f}",
-                     f"{row['saved_x_original']:.3f} ({row['saved_over_flop_ideal']:+.3f})",
-                     f"{batch['saved_x_original']:.3f} ({batch['saved_over_flop_ideal']:+.3f})",
+                     saved(row), saved(batch),
                      f"{row['launches_gpu_x_original']:.3f}", cpu, f"{batch['launches_gpu_x_original']:.3f}"])
+    over = "over memory ideal; over FLOP ideal" if memory else "over FLOP ideal"
     header = ["model (CPU size)", "drop rate", "original: saved, launches",
-              "row: saved x original (over FLOP ideal)", "batch: saved x original (over FLOP ideal)",
+              f"row: saved x original ({over})", f"batch: saved x original ({over})",
               "row: launches x original, GPU path", "CPU path", "batch: launches x original, GPU path"]
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 

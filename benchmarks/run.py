@@ -245,7 +245,7 @@ def _model_rows(rows: list[dict]) -> list[dict]:
 
 def _footprint_rows(rows: list[dict]) -> list[dict]:
     """bench_footprint's headline: per model, row mode's saved bytes and launches per step against the
-    model's own mask-multiply stochastic depth, next to batch mode's and the ideal (counted, not timed)."""
+    model's own mask-multiply stochastic depth, next to batch mode's and the ideals (counted, not timed)."""
     out = []
     for r in rows:
         if r["variant"] != "sdepth row" or r["dropped_grads"] != "none":
@@ -254,7 +254,9 @@ def _footprint_rows(rows: list[dict]) -> list[dict]:
         batch = next(b for b in rows if b["model"] == r["model"] and b["variant"] == "sdepth batch"
                      and b["dropped_grads"] == "none")
         ratio = f"saved x{r['saved_x_original']:.3f}, launches x{r['launches_gpu_x_original']:.3f}"
-        limit = (f"saved over FLOP ideal {r['saved_over_flop_ideal']:+.3f} "
+        # The memory ideal is the bound a skip reaches; the FLOP ideal, the issue's, stays beside it.
+        limit = (f"saved over ideal {r['saved_over_ideal']:+.3f} (batch {batch['saved_over_ideal']:+.3f}), "
+                 f"over FLOP ideal {r['saved_over_flop_ideal']:+.3f} "
                  f"(batch {batch['saved_over_flop_ideal']:+.3f}); "
                  f"launches x{r['launches_gpu'] / r['launches_ideal']:.3f} of ideal")
         out.append(_row(f"footprint {r['model']} b{r['batch']}@{r['size']} row mode, {r['rate_kind']} "

@@ -5,6 +5,7 @@ The in-process runs pass ``--cpu-malloc default`` so the pytest process keeps it
 setting is tested in subprocesses.
 """
 
+import collections
 import contextlib
 import csv
 import io
@@ -501,3 +502,186 @@ def test_run_turns_the_triton_interpreter_on_without_cuda():
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out in (["True", "None", "False"], ["False", "1", "False"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench_footprint's memory ideal: the full network's saved bytes split among its units
+# ------------------------------------------------------------------------------------------------------------
+def _cifar_resnet8():
+    import sdepth_ext as sd
+
+    return sd.cifar_resnet(8)
+
+
+def _tiny_vit(rate: float):
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install sdepth_ext[timm])")
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=5, drop_path_rate=rate)
+
+
+def _one_stage_swin(rate: float):
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                           window_size=[4, 4], stochastic_depth_prob=rate, num_classes=5)
+
+
+# bench_footprint configs (kind, make) and an input size: one-unit blocks with identity and projection
+# shortcuts (ResNet), two-unit blocks (timm ViT, torchvision Swin).
+FOOTPRINT_CASES = {
+    "cifar_resnet8": ({"kind": "resnet", "make": _cifar_resnet8}, 8),
+    "timm_vit": ({"kind": "own-sd", "rates": None, "make": _tiny_vit}, 16),
+    "swin": ({"kind": "own-sd", "rates": None, "make": _one_stage_swin}, 16),
+}
+
+
+def _footprint_case(case: str):
+    """(full network, model to convert, convert kwargs, x, y) as bench_footprint builds them, batch 2."""
+    from benchmarks.bench_footprint import _models
+
+    config, size = FOOTPRINT_CASES[case]
+    torch.manual_seed(0)
+    full, _, to_convert, convert_kwargs = _models(config, torch.device("cpu"))
+    x = torch.randn(2, 3, size, size)
+    y = torch.tensor([0, 1])
+    return full.train(), to_convert, convert_kwargs, x, y
+
+
+@pytest.mark.parametrize("case", list(FOOTPRINT_CASES))
+def test_saved_bytes_split_among_units_sum_to_the_step(case):
+    """Every distinct storage the full network's step saves goes to exactly one unit or to what lies outside
+    the units (stem, head), so the parts sum to the step's saved bytes; splitting changes nothing counted."""
+    from benchmarks.counting import count_step, unit_parts
+
+    full, _, _, x, y = _footprint_case(case)
+    split = count_step(full, x, y, by_unit=True)
+    plain = count_step(full, x, y)
+    assert split["saved_outside_units"] + sum(split["saved_by_unit"]) == split["saved_bytes"]
+    assert (split["saved_bytes"], split["launches"]) == (plain["saved_bytes"], plain["launches"])
+    assert len(split["saved_by_unit"]) == len(unit_parts(full))
+    assert all(b > 0 for b in split["saved_by_unit"]) and split["saved_outside_units"] > 0
+
+
+def _dropped_unit_bytes(full, x, y) -> list[int]:
+    """What each unit's dropped form (``adapter.dropped``: act(shortcut(x)), nothing of the branch) saves
+    on its own, on the input the unit sees in the full network's step; that input, parameters and buffers
+    left out (the step saves them anyway)."""
+    from benchmarks.counting import SavedBytes, count_step, unit_parts
+    from sdepth_ext.convert import units_of
+
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [modules[0].register_forward_pre_hook(lambda _, args, l=l: inputs.setdefault(l, args[0]))
+               for l, modules in unit_parts(full)]
+    count_step(full, x, y)
+    for handle in handles:
+        handle.remove()
+    kept = [*full.parameters(), *full.buffers()]
+    out = []
+    for l, (block, u, adapter) in enumerate(units_of(full)):
+        unit_input = inputs[l].detach().requires_grad_()
+        with SavedBytes([*kept, unit_input]) as saved:
+            adapter.dropped(block, u, unit_input)
+        out.append(saved.total)
+    return out
+
+
+@pytest.mark.parametrize("case", list(FOOTPRINT_CASES))
+def test_memory_ideal_of_a_batch_plan_is_what_skipping_it_by_hand_saves(case):
+    """On every batch plan (each unit kept by all N samples or dropped), the same plan skipped by hand
+    (bench_footprint's comparator) saves the memory ideal plus, exactly, what its dropped units still save:
+    nothing for an identity shortcut (ViT, Swin, a ResNet's inner units: the ideal itself), a projection
+    shortcut's activations and the ReLU after it for a ResNet stage's first unit."""
+    import itertools
+    import types
+
+    from benchmarks.bench_footprint import _by_hand, memory_ideal
+    from benchmarks.counting import count_step
+
+    full, _, _, x, y = _footprint_case(case)
+    batch = x.shape[0]
+    split = count_step(full, x, y, by_unit=True)
+    dropped = _dropped_unit_bytes(full, x, y)
+    if case.startswith("cifar"):  # unit 0: identity shortcut; units 1, 2: a stage's projection
+        assert dropped[0] == 0 and min(dropped[1:]) > 0
+    else:
+        assert dropped == [0] * len(dropped)
+    hand, current = _by_hand(full, [1.0] * len(dropped))
+    for plan in itertools.product((0, batch), repeat=len(dropped)):
+        current["plan"] = types.SimpleNamespace(counts=list(plan))
+        ideal = memory_ideal(split["saved_outside_units"], split["saved_by_unit"], list(plan), batch)
+        excess = sum(b for k, b in zip(plan, dropped) if k == 0)
+        assert count_step(hand, x, y)["saved_bytes"] == ideal + excess, plan
+
+
+@pytest.mark.parametrize("case", list(FOOTPRINT_CASES))
+def test_full_networks_units_are_the_converted_models_plan_order(case):
+    """bench_footprint prices unit l of ``units_of(full)`` at ``host_plan.counts[l]`` of the converted
+    model: the same block and unit, and counts[l] the samples that unit's branch ran on."""
+    import copy
+
+    import sdepth_ext as sd
+    from benchmarks.counting import unit_parts
+    from sdepth_ext.convert import get_state, units_of
+
+    full, to_convert, convert_kwargs, x, _ = _footprint_case(case)
+    converted = sd.convert(copy.deepcopy(to_convert), mode="batch", seed=0, **convert_kwargs).train()
+    state = get_state(converted)
+
+    def names(model, units):
+        name_of = {id(m): n for n, m in model.named_modules()}
+        return [(name_of[id(block)], u) for block, u in units]
+
+    assert names(full, [(b, u) for b, u, _ in units_of(full)]) == names(converted, state.units)
+    assert [l for l, _ in unit_parts(full)] == list(range(len(state.units)))
+    ran = collections.Counter()
+    for l, (block, u) in enumerate(state.units):
+        block._sd_adapter.branch_modules(block, u)[0].register_forward_pre_hook(
+            lambda _, args, l=l: ran.update({l: args[0].shape[0]}))
+    plans = []
+    for _ in range(4):  # batch mode: some units dropped, the others run on every sample
+        ran.clear()
+        converted(x)
+        plans.append(list(state.host_plan.counts))
+        assert [ran[l] for l in range(len(state.units))] == plans[-1]
+    assert any(0 in p and x.shape[0] in p for p in plans)  # a plan that tells units apart
+
+
+def test_footprint_rows_and_tables_carry_the_memory_ideal(tmp_path):
+    """bench_footprint's rows hold the memory ideal beside the FLOP ideal; the report's tables show both,
+    and a file from before the memory ideal still renders, as it did (the pages cite such files)."""
+    from benchmarks import bench_footprint
+
+    config = {**FOOTPRINT_CASES["cifar_resnet8"][0], "name": "cifar_resnet8", "batch": 2, "size": 8}
+    torch.manual_seed(0)
+    rows = bench_footprint.bench_model(config, torch.device("cpu"), steps=2)
+    full = rows[0]
+    assert full["variant"] == "full"
+    assert full["saved_outside_units_bytes"] + sum(full["saved_unit_bytes"]) == full["saved_bytes"]
+    for r in (r for r in rows if r["variant"].startswith("sdepth")):
+        assert r["saved_ideal_x_full"] == r["saved_ideal_bytes"] / full["saved_bytes"] < 1
+        assert r["saved_over_ideal"] == r["saved_x_full"] - r["saved_ideal_x_full"]
+        assert r["saved_over_flop_ideal"] == r["saved_x_full"] - r["flop_ideal_x_full"]
+        if r["mode"] == "batch":  # the hand-written skip of the same plans, at or above the ideal
+            assert r["saved_bytes"] == r["by_hand_saved_bytes"] >= r["saved_ideal_bytes"]
+    assert {"saved_ideal_x_full", "saved_over_ideal"} <= set(bench_footprint.TABLE_COLUMNS)
+
+    def tables(rows: list[dict]) -> tuple[str, str]:
+        path = tmp_path / "footprint.json"
+        path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
+        return report.footprint_markdown(path), report.footprint_row_markdown(path)
+
+    full_table, row_view = tables(rows)
+    batch = next(r for r in rows if r["variant"] == "sdepth batch" and r["dropped_grads"] == "none")
+    assert "| memory ideal of the plans (saved over it), x full | FLOP ideal of the plans" in full_table
+    assert (f"| {batch['saved_ideal_x_full']:.3f} ({batch['saved_over_ideal']:+.3f}) "
+            f"| {batch['flop_ideal_x_full']:.3f} ({batch['saved_over_flop_ideal']:+.3f}) |") in full_table
+    assert "batch: saved x original (over memory ideal; over FLOP ideal)" in row_view
+    assert (f"| {batch['saved_x_original']:.3f} ({batch['saved_over_ideal']:+.3f}; "
+            f"{batch['saved_over_flop_ideal']:+.3f}) |") in row_view
+    new_keys = {"saved_ideal_bytes", "saved_ideal_x_full", "saved_over_ideal", "saved_unit_bytes",
+                "saved_outside_units_bytes"}
+    old_table, old_view = tables([{k: v for k, v in r.items() if k not in new_keys} for r in rows])
+    assert "memory ideal" not in old_table + old_view
+    assert len({len(line.split("|")) for line in old_table.splitlines() if line.startswith("|")}) == 1
+    assert "| FLOP ideal of the plans (saved over it), x full |" in old_table
+    assert "batch: saved x original (over FLOP ideal)" in old_view

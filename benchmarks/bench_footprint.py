@@ -28,16 +28,16 @@ counted steps; forward + backward, no optimizer step, which is the same for ever
 * ideals of the plans drawn (means over the steps), each next to what the row saves above it (minus the
   ideal: plan-independent, so batch and row mode compare on it though they draw different plans):
 
-  - ``saved_ideal_x_full`` / ``saved_over_ideal``, the memory ideal: ``(outside + sum_l K_l / N *
-    unit_bytes_l) / full`` with K_l of N samples surviving unit l. ``unit_bytes_l`` is the full network's
-    saved bytes attributed to unit l (each storage to the unit whose forward first saved it: a one-unit
-    block's whole forward, shortcut and ReLU after the add included; a ViT or Swin unit's branch modules;
-    ``benchmarks.counting.unit_parts``), ``outside`` the rest (stem, head), counted on the full row's step
-    (``saved_unit_bytes``, ``saved_outside_units_bytes``). It is the bound a skip reaches: a batch plan
-    skipped by hand saves exactly the ideal plus what its dropped units still compute, a projection
-    shortcut and the ReLU after it (``relu(downsample(x))``, the first unit of a ResNet stage; nothing for
-    an identity shortcut: exactly the ideal for ViT and Swin), as tests check on every batch plan of small
-    models;
+  - ``saved_ideal_x_full`` / ``saved_over_ideal``, the memory ideal: ``(outside + sum_l (K_l / N *
+    unit_bytes_l + (1 - K_l / N) * dropped_bytes_l)) / full`` with K_l of N samples surviving unit l.
+    ``unit_bytes_l`` is the full network's saved bytes attributed to unit l (each storage to the unit whose
+    forward first saved it: a one-unit block's whole forward, shortcut and ReLU after the add included; a
+    ViT or Swin unit's branch modules; ``benchmarks.counting.unit_parts``), ``outside`` the rest (stem,
+    head), and ``dropped_bytes_l`` what the unit's dropped form still saves (``relu(downsample(x))`` for a
+    ResNet stage's first unit, nothing for an identity shortcut), all counted on the full row's step
+    (``saved_unit_bytes``, ``saved_outside_units_bytes``, ``saved_dropped_unit_bytes``). It is the bound a
+    skip reaches: a batch plan skipped by hand saves exactly the ideal, as tests check on every batch plan
+    of small models;
   - ``flop_ideal_x_full`` / ``saved_over_flop_ideal``, the share of the full network's multiply-accumulates
     the plans run (:func:`sdepth_ext.flops.compute_fraction`), the ideal the issue named. It is no memory
     bound a skip can reach: units' memory is not proportional to their FLOPs (early ResNet stages keep more
@@ -134,12 +134,17 @@ def _by_hand(full: nn.Module, scales: list[float]) -> tuple[nn.Module, dict]:
     return model, current
 
 
-def memory_ideal(outside_bytes: int, unit_bytes: list[int], counts: list[int], batch: int) -> float:
+def memory_ideal(outside_bytes: int, unit_bytes: list[int], counts: list[int], batch: int,
+                 dropped_bytes: list[int]) -> float:
     """Bytes a step of the plan ``counts`` (K_l of ``batch`` samples through unit l) would save if each unit
-    kept its share of what it keeps in the full network: ``outside + sum_l K_l / N * unit_bytes_l``."""
-    if len(counts) != len(unit_bytes):
-        raise ValueError(f"counts has {len(counts)} units, the full network {len(unit_bytes)}")
-    return outside_bytes + sum(k / batch * b for k, b in zip(counts, unit_bytes))
+    kept its share of what it keeps in the full network, and its dropped samples what the unit's dropped
+    form keeps (a projection shortcut still runs for them): ``outside + sum_l (K_l / N * unit_bytes_l +
+    (1 - K_l / N) * dropped_bytes_l)``."""
+    if not len(counts) == len(unit_bytes) == len(dropped_bytes):
+        raise ValueError(f"counts has {len(counts)} units, the full network {len(unit_bytes)} "
+                         f"({len(dropped_bytes)} dropped forms)")
+    return outside_bytes + sum(k / batch * b + (1 - k / batch) * d
+                               for k, b, d in zip(counts, unit_bytes, dropped_bytes))
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -182,7 +187,7 @@ def _sdepth_rows(model: nn.Module, full: nn.Module, full_run: dict, x: torch.Ten
         # The comparators, on the same plan.
         base["flop_ideal"] = compute_fraction(per_unit, total, [c / batch for c in plan.counts])
         base["saved_ideal"] = memory_ideal(full_run["saved_outside_units"], full_run["saved_by_unit"],
-                                           plan.counts, batch)
+                                           plan.counts, batch, full_run["saved_dropped_by_unit"])
         by_hand_plan["plan"] = types.SimpleNamespace(counts=list(plan.counts))
         hand = _counted(by_hand, x, y, gpu_path=False)
         base["by_hand_saved"], base["by_hand_launches"] = hand["saved_bytes"], hand["launches"]
@@ -232,6 +237,7 @@ def bench_model(config: dict, device: torch.device, steps: int) -> list[dict]:
                      "peak_bytes": run["peak_bytes"]})
     rows[0]["saved_outside_units_bytes"] = runs["full"]["saved_outside_units"]
     rows[0]["saved_unit_bytes"] = runs["full"]["saved_by_unit"]
+    rows[0]["saved_dropped_unit_bytes"] = runs["full"]["saved_dropped_by_unit"]
     for mode in MODES:
         model = sd.convert(copy.deepcopy(to_convert), mode=mode, seed=0, **convert_kwargs).train()
         rows += _sdepth_rows(model, full, runs["full"], x, y, steps, per_unit, total)

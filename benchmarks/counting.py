@@ -35,7 +35,7 @@ import sdepth_ext.functional as sd_functional
 from sdepth_ext.convert import units_of
 from sdepth_ext.kernels import load_epilogue, triton_available
 
-__all__ = ["LaunchCounter", "SavedBytes", "count_step", "launches_kernel", "unit_parts"]
+__all__ = ["LaunchCounter", "SavedBytes", "count_step", "dropped_form_bytes", "launches_kernel", "unit_parts"]
 
 # ATen ops that allocate or only change metadata: no kernel runs on any device. Views are recognised by their
 # schema (every output aliases an input, none written), see launches_kernel.
@@ -221,16 +221,24 @@ def count_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None =
     "triton", "launches", "ops": {phase: {op: count}}}`` (launches: ATen ops that launch a kernel + Triton
     launches). ``by_unit``: also ``"saved_by_unit"``, the saved bytes split among the units of
     :func:`unit_parts` (a list, unit order), and ``"saved_outside_units"``, the rest (stem, head); the
-    parts sum to ``"saved_bytes"``.
+    parts sum to ``"saved_bytes"``. And ``"saved_dropped_by_unit"``: what each unit's dropped form
+    (:func:`dropped_form_bytes`) saves on the input the unit got in this step.
     """
     model.zero_grad(set_to_none=True)
     saved = SavedBytes([*model.parameters(), *model.buffers()])
     counter = LaunchCounter(run_triton=run_triton)
     parts = unit_parts(model) if by_unit else []
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [modules[0].register_forward_pre_hook(lambda _, args, l=l: inputs.setdefault(l, args[0]))
+               for l, modules in parts]
     with sd_functional.gpu_path_on_cpu() if gpu_path else contextlib.nullcontext():
         with counter:
             with saved, saved.attribute(parts):
-                out = model(x)
+                try:
+                    out = model(x)
+                finally:
+                    for handle in handles:
+                        handle.remove()
             if y is None:
                 with counter.paused():
                     weight = _fixed_like(out)
@@ -246,7 +254,23 @@ def count_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None =
         by_part = saved.by_part()
         counts["saved_by_unit"] = [by_part.get(l, 0) for l, _ in parts]
         counts["saved_outside_units"] = by_part.get(None, 0)
+        counts["saved_dropped_by_unit"] = dropped_form_bytes(model, [inputs[l] for l, _ in parts])
     return counts
+
+
+def dropped_form_bytes(model: nn.Module, unit_inputs: Sequence[torch.Tensor]) -> list[int]:
+    """What each unit of ``model`` saves when dropped (``adapter.dropped``: ``act(shortcut(x))``, none of
+    the branch) on its own, given the input it sees; that input, parameters and buffers left out (a step
+    keeps them anyway). Nothing for an identity shortcut; for a projection (a ResNet stage's first unit) its
+    activations and the ReLU after it, which a skip of the unit must still compute."""
+    kept = [*model.parameters(), *model.buffers()]
+    out = []
+    for (block, u, adapter), x in zip(units_of(model), unit_inputs):
+        x = x.detach().requires_grad_()
+        with SavedBytes([*kept, x]) as saved:
+            adapter.dropped(block, u, x)
+        out.append(saved.total)
+    return out
 
 
 def _fixed_like(t: torch.Tensor) -> torch.Tensor:

@@ -562,35 +562,12 @@ def test_saved_bytes_split_among_units_sum_to_the_step(case):
     assert all(b > 0 for b in split["saved_by_unit"]) and split["saved_outside_units"] > 0
 
 
-def _dropped_unit_bytes(full, x, y) -> list[int]:
-    """What each unit's dropped form (``adapter.dropped``: act(shortcut(x)), nothing of the branch) saves
-    on its own, on the input the unit sees in the full network's step; that input, parameters and buffers
-    left out (the step saves them anyway)."""
-    from benchmarks.counting import SavedBytes, count_step, unit_parts
-    from sdepth_ext.convert import units_of
-
-    inputs: dict[int, torch.Tensor] = {}
-    handles = [modules[0].register_forward_pre_hook(lambda _, args, l=l: inputs.setdefault(l, args[0]))
-               for l, modules in unit_parts(full)]
-    count_step(full, x, y)
-    for handle in handles:
-        handle.remove()
-    kept = [*full.parameters(), *full.buffers()]
-    out = []
-    for l, (block, u, adapter) in enumerate(units_of(full)):
-        unit_input = inputs[l].detach().requires_grad_()
-        with SavedBytes([*kept, unit_input]) as saved:
-            adapter.dropped(block, u, unit_input)
-        out.append(saved.total)
-    return out
-
-
 @pytest.mark.parametrize("case", list(FOOTPRINT_CASES))
 def test_memory_ideal_of_a_batch_plan_is_what_skipping_it_by_hand_saves(case):
     """On every batch plan (each unit kept by all N samples or dropped), the same plan skipped by hand
-    (bench_footprint's comparator) saves the memory ideal plus, exactly, what its dropped units still save:
-    nothing for an identity shortcut (ViT, Swin, a ResNet's inner units: the ideal itself), a projection
-    shortcut's activations and the ReLU after it for a ResNet stage's first unit."""
+    (bench_footprint's comparator) saves exactly the memory ideal: the kept units' share of the full network
+    and what the dropped units still compute, nothing for an identity shortcut (ViT, Swin, a ResNet's inner
+    units), a projection shortcut's activations and the ReLU after it for a ResNet stage's first unit."""
     import itertools
     import types
 
@@ -600,7 +577,7 @@ def test_memory_ideal_of_a_batch_plan_is_what_skipping_it_by_hand_saves(case):
     full, _, _, x, y = _footprint_case(case)
     batch = x.shape[0]
     split = count_step(full, x, y, by_unit=True)
-    dropped = _dropped_unit_bytes(full, x, y)
+    dropped = split["saved_dropped_by_unit"]
     if case.startswith("cifar"):  # unit 0: identity shortcut; units 1, 2: a stage's projection
         assert dropped[0] == 0 and min(dropped[1:]) > 0
     else:
@@ -608,9 +585,8 @@ def test_memory_ideal_of_a_batch_plan_is_what_skipping_it_by_hand_saves(case):
     hand, current = _by_hand(full, [1.0] * len(dropped))
     for plan in itertools.product((0, batch), repeat=len(dropped)):
         current["plan"] = types.SimpleNamespace(counts=list(plan))
-        ideal = memory_ideal(split["saved_outside_units"], split["saved_by_unit"], list(plan), batch)
-        excess = sum(b for k, b in zip(plan, dropped) if k == 0)
-        assert count_step(hand, x, y)["saved_bytes"] == ideal + excess, plan
+        ideal = memory_ideal(split["saved_outside_units"], split["saved_by_unit"], list(plan), batch, dropped)
+        assert count_step(hand, x, y)["saved_bytes"] == ideal, plan
 
 
 @pytest.mark.parametrize("case", list(FOOTPRINT_CASES))

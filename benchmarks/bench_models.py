@@ -39,7 +39,9 @@ any variant has a zero gradient and every parameter is updated, the paper's sema
 default ``dropped_grads="zero"`` (the stamp's ``zero_grad_set_to_none``).
 
 ``sdepth`` over its comparator (``over_hand``, paired step by step; ``hand_gap`` = the difference of their
-ratios) is sdepth_ext's own overhead; the comparator against the FLOP ideal is the device's.
+ratios) is sdepth_ext's own overhead; the comparator against the FLOP ideal is the device's. The two run back
+to back in every round (``time_interleaved``'s ``pairs``), so a drift of the machine's load over seconds
+hits both steps of a pair alike.
 
 Printed: mean step time (10%-trimmed: :func:`~benchmarks.common.trimmed_mean`), the ratio of mean step times
 to the reference (total time, as the paper compares) with a 95% bootstrap interval over the interleaved
@@ -567,7 +569,8 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
         drawn[name] = [] if v.mode in SDEPTH_MODES else None
         optimizer = torch.optim.SGD(v.model.parameters(), lr=0.01, momentum=0.9)
         steps[name] = _train_step(v.model, optimizer, x, y, drawn[name])
-    samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
+    pairs = [(name, v.hand) for name, v in variants.items() if v.hand is not None]
+    samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat, pairs=pairs)
     times = unit_times(base, x, device, warmup=1, repeat=max(3, repeat))
     whole = [t[batch] for t in times]
     means = {name: trimmed_mean(samples[name]) for name in variants}

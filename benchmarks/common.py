@@ -113,24 +113,33 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
-                     repeat: int = 20, calls: int = 1) -> dict[str, list[float]]:
+                     repeat: int = 20, calls: int = 1,
+                     pairs: Sequence[tuple[str, str]] = ()) -> dict[str, list[float]]:
     """Time several variants round-robin, so drifts in clock or load hit all of them alike.
 
     Each round runs the variants in a new (seeded) random order, so no variant always runs first or always
     right after the same other one (whose leftover cache or allocator state would then bias only it).
-    ``calls``: back-to-back calls per sample (:func:`time_fn`).
+    ``pairs``: variants compared sample by sample (a step and its comparator on the same plan) run back to
+    back in every round, in a random order of the two, so that the load of a shared machine, which drifts
+    over seconds, hits both samples of a pair alike. ``calls``: back-to-back calls per sample
+    (:func:`time_fn`).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
-    names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    paired = {name for pair in pairs for name in pair}
+    if len(paired) != 2 * len(pairs) or not paired <= set(fns):
+        raise ValueError(f"pairs: expected disjoint pairs of the variants' names, got {list(pairs)}")
+    groups = [list(pair) for pair in pairs] + [[name] for name in fns if name not in paired]
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     order = random.Random(0)
     for _ in range(repeat):
-        order.shuffle(names)
-        for name in names:
-            samples[name].extend(time_fn(fns[name], device, warmup=0, repeat=1, calls=calls))
+        order.shuffle(groups)
+        for group in groups:
+            order.shuffle(group)
+            for name in group:
+                samples[name].extend(time_fn(fns[name], device, warmup=0, repeat=1, calls=calls))
     return samples
 
 

@@ -661,3 +661,23 @@ def test_footprint_rows_and_tables_carry_the_memory_ideal(tmp_path):
     assert len({len(line.split("|")) for line in old_table.splitlines() if line.startswith("|")}) == 1
     assert "| FLOP ideal of the plans (saved over it), x full |" in old_table
     assert "batch: saved x original (over FLOP ideal)" in old_view
+
+
+def test_time_interleaved_runs_pairs_back_to_back():
+    """Paired variants (a step and its comparator) run adjacent in every round, in both orders over the
+    rounds; the others still in a random order; pairs that overlap or name no variant are refused."""
+    from benchmarks.common import time_interleaved
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcdef"}
+    samples = time_interleaved(fns, torch.device("cpu"), warmup=0, repeat=12, pairs=[("a", "b"), ("c", "d")])
+    assert all(len(samples[name]) == 12 for name in fns)
+    rounds = [calls[i:i + 6] for i in range(0, len(calls), 6)]
+    for first, second in (("a", "b"), ("c", "d")):
+        positions = [(r.index(first), r.index(second)) for r in rounds]
+        assert all(abs(i - j) == 1 for i, j in positions)
+        assert {i < j for i, j in positions} == {True, False}
+    assert len({tuple(r) for r in rounds}) > 1
+    for bad in ([("a", "b"), ("b", "c")], [("a", "z")]):
+        with pytest.raises(ValueError, match="pairs"):
+            time_interleaved(fns, torch.device("cpu"), warmup=0, repeat=1, pairs=bad)

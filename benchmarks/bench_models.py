@@ -187,7 +187,7 @@ def _configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict]
                    _resnet("resnet50", lambda: torchvision.models.resnet50(), 64, 224),
                    *(_own_sd(name, 64, 224) for name in own_sd), *_timm_configs(128, 224, 64, 224, 1000)]
         return configs, 5, (30 if quick else 100)
-    # CPU: about 6 minutes on 2 cores, the ResNets 3 of them (as before the other families came). A full
+    # CPU: the bulk of make bench (its time per benchmark is in bench.log), the ResNets about 40%. A full
     # step on one thread: cifar_resnet110 b32 ~0.9 s, resnet50 b8@112 ~0.9 s, convnext_tiny b16@64 ~0.65 s,
     # swin_t ~1.25 s, efficientnet_b0 ~0.3 s; 16 steps of each variant (9 per non-ResNet) and the unit
     # times. --full: 112x112 inputs for the non-ResNets, 30 timed steps, more rates (~40 minutes).

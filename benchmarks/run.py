@@ -8,7 +8,7 @@ with every sample under ``benchmarks/results/<device-slug>/`` (stamped with devi
 date and command); their detailed tables go to ``bench.log`` there. Then two PNG plots, and a compact
 summary table printed last (within 120 columns; ``summary.json`` has the long form).
 
-    python -m benchmarks.run            # default: ~11 minutes on a 2-core CPU (models: ~7.5)
+    python -m benchmarks.run            # default: ~15 minutes on a 2-core CPU (models: ~12; bench.log)
     python -m benchmarks.run --full     # large shapes, more steps, the whole p_last sweep
     python -m benchmarks.run --smoke    # seconds; what CI runs (checks that it runs: no measurements)
 """

@@ -209,9 +209,10 @@ def footprint_markdown(path: Path) -> str:
             f"grads \"none\" unless stated. GPU path: {data['environment'].get('gpu_path', 'CUDA')}.")
     if memory:
         note += (" Memory ideal: the full network's saved bytes, each unit's share scaled by the fraction of "
-                 "the samples the plan runs through it: what a skip of the plan keeps (plus, for a dropped "
-                 "ResNet unit, its projection shortcut's). The FLOP ideal weighs the units by their FLOPs, "
-                 "which their memory does not follow.")
+                 "the samples the plan runs through it, and for the others what the unit's dropped form "
+                 "keeps (a ResNet stage's first unit still runs its projection shortcut): what a skip of the "
+                 "plan keeps. The FLOP ideal weighs the units by their FLOPs, which their memory does not "
+                 "follow.")
     return f"Run: {_stamp(data['environment'])}\n\n{note}\n\n{_table(header, rows)}"
 
 

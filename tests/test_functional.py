@@ -280,6 +280,8 @@ def test_packed_relu_mask_is_the_saved_outputs_mask(dtype, layout, rows_case):
     with pytest.raises(ValueError, match="mask: expected"):
         epi.gated_residual_add_backward(grad, None, scale, slot, num_rows, relu=True, mask=mask[1:],
                                         out_strides=got.stride())
+    with pytest.raises(ValueError, match="out_strides: expected"):
+        epi.gated_residual_add_backward(grad, None, scale, slot, num_rows, relu=True, mask=mask)
 
 
 @needs_triton_cpu

@@ -412,7 +412,8 @@ def _forward_geometry(shortcut, residual, rows, relu, packed_mask) -> _Geometry:
 
 def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor], scale: float,
                                 slot: Optional[torch.Tensor] = None, num_rows: Optional[int] = None, *,
-                                relu: bool, mask: Optional[torch.Tensor] = None, out_strides: tuple = (),
+                                relu: bool, mask: Optional[torch.Tensor] = None,
+                                out_strides: Optional[tuple] = None,
                                 grad_shortcut: Optional[torch.Tensor] = None,
                                 grad_residual: Optional[torch.Tensor] = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,8 +428,12 @@ def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor],
     """
     row_mode = slot is not None
     packed_mask = mask is not None
-    if packed_mask and not same_strides(grad.shape, grad.stride(), out_strides):
-        grad = _copy_to(grad, grad.shape, out_strides)  # the layout the forward wrote, bit by bit
+    if packed_mask:
+        if out_strides is None or len(out_strides) != grad.dim():
+            raise ValueError(f"out_strides: expected the forward output's {grad.dim()} strides with mask, "
+                             f"got {out_strides!r}")
+        if not same_strides(grad.shape, grad.stride(), out_strides):
+            grad = _copy_to(grad, grad.shape, out_strides)  # the layout the forward wrote, bit by bit
     main = out if relu and not packed_mask else grad
     key = (main.shape, main.stride(), grad.shape, grad.stride(), main.dtype, main.device, row_mode, num_rows,
            relu, packed_mask)
@@ -440,22 +445,20 @@ def gated_residual_add_backward(grad: torch.Tensor, out: Optional[torch.Tensor],
         if mask.numel() != geo.mask_bytes:
             raise ValueError(f"mask: expected {geo.mask_bytes} bytes (the forward's packed mask for this "
                              f"shape and layout), got {mask.numel()}")
-        g = grad
-        o = mask
-    else:
-        o = _copy_to(out, geo.out_shape, geo.out_strides) if relu and geo.copy_main else out
-    if relu:
-        if not packed_mask:
-            g = _copy_to(grad, geo.out_shape, geo.out_strides) if geo.copy_second else grad
-        if grad_shortcut is None:
-            grad_shortcut = torch.empty_like(g if packed_mask else o)
-        else:
-            _check_buffer(grad_shortcut, "grad_shortcut", geo.out_shape, geo.out_strides, g)
+        g, o = grad, mask  # grad is in the output's layout already
+    elif relu:
+        o = _copy_to(out, geo.out_shape, geo.out_strides) if geo.copy_main else out
+        g = _copy_to(grad, geo.out_shape, geo.out_strides) if geo.copy_second else grad
     else:
         g = _copy_to(grad, geo.out_shape, geo.out_strides) if geo.copy_main else grad
         grad_shortcut = grad  # d(shortcut + s r)/d shortcut = 1: the incoming gradient, no copy
         if not row_mode and scale == 1.0 and grad_residual is None:
             return grad_shortcut, grad
+    if relu:
+        if grad_shortcut is None:
+            grad_shortcut = torch.empty_like(g if packed_mask else o)
+        else:
+            _check_buffer(grad_shortcut, "grad_shortcut", geo.out_shape, geo.out_strides, g)
     if grad_residual is None:
         grad_residual = _empty(geo.res_shape, geo.res_strides, g) if row_mode else torch.empty_like(g)
     else:

@@ -63,6 +63,7 @@ gpu-session:
 
 lint: venv
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf build *.egg-info sdepth_ext/*.so $(BUILT)

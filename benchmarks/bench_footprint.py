@@ -70,8 +70,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sdepth_ext as sd  # noqa: E402
-from sdepth_ext.convert import get_state, units_of  # noqa: E402
 from sdepth_ext.flops import compute_fraction, unit_macs  # noqa: E402
+from sdepth_ext.state import get_state, units_of  # noqa: E402
 
 from .bench_models import _configs, _hand_forward, _num_classes, _patch_units, with_peer  # noqa: E402
 from .common import (  # noqa: E402

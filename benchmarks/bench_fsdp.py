@@ -37,8 +37,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sdepth_ext as sd
-from sdepth_ext.convert import units_of
 from sdepth_ext.fsdp import count_collectives
+from sdepth_ext.state import units_of
 
 from .common import (
     add_cpu_malloc_option,

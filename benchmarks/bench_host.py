@@ -156,7 +156,7 @@ def bench_calls(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
 # ------------------------------------------------------------------------------------------------------------
 def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     import sdepth_ext as sd
-    from sdepth_ext.convert import get_state
+    from sdepth_ext.state import get_state
 
     warmup, repeat = (1, 3) if smoke else (5, 120)
     torch.manual_seed(0)

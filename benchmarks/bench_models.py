@@ -83,9 +83,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.swin_transformer import SwinTransformer
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state, units_of
 from sdepth_ext.families import ACTIVATION_RELU
 from sdepth_ext.flops import compute_fraction, unit_macs
+from sdepth_ext.state import get_state, units_of
 
 from .common import (
     best_device,

@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdepth_ext.functional as sd_functional
-from sdepth_ext.convert import units_of
 from sdepth_ext.kernels import load_epilogue, triton_available
+from sdepth_ext.state import units_of
 
 __all__ = ["LaunchCounter", "SavedBytes", "count_step", "dropped_form_bytes", "launches_kernel", "unit_parts"]
 

@@ -13,8 +13,9 @@ from .distributed import clear_dropped_grads, ddp_ready, dropped_blocks, set_dro
 from .flops import compute_stats
 from .fsdp import fully_shard
 from .functional import gated_residual_add, gated_residual_relu
+from .plan import Plan
 from .rules import drop_schedule, linear_decay, uniform
-from .scheduler import Plan, Scheduler, has_compiled_scheduler
+from .scheduler import Scheduler, has_compiled_scheduler
 
 __version__ = "0.2.0"
 

@@ -38,7 +38,7 @@ import warnings
 import torch
 from torch import nn
 
-from .convert import get_state
+from .state import adapter_of, block_state, get_state, unit_range
 
 __all__ = ["compile_blocks", "set_row_multiple", "effective_survival"]
 
@@ -153,9 +153,9 @@ def _compile_regions(state) -> None:
     dynamic_batch = state.mode != "batch" and compile_kwargs.get("dynamic") is not False
     blocks = state.blocks
     for block in blocks:
-        adapter = block._sd_adapter
+        adapter = adapter_of(block)
         regions = _Regions(block)
-        for u in range(block._sd_num_units):
+        for u in range(len(unit_range(block))):
             residual = _region(torch.compile(functools.partial(adapter.residual, block, u), **compile_kwargs),
                                dynamic_batch)
             shortcut = torch.compile(functools.partial(adapter.shortcut, block, u), **compile_kwargs) \
@@ -198,7 +198,7 @@ class _RegionsToCompile:
         self.block = block
 
     def __getitem__(self, u: int):
-        _compile_regions(self.block._sd_state)
+        _compile_regions(block_state(self.block))
         return self.block.__dict__["_sd_regions"][u]
 
 

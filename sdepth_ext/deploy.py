@@ -7,73 +7,30 @@ sdepth_ext) with the listed units removed, "paper" scaling folded into the remai
 :func:`recalibrate_bn` re-estimates BatchNorm statistics after removing units (the usual repair), and
 :func:`depth_frontier` measures, for k removed units, the test error, FLOPs and latency of the pruned model.
 
-How a removed unit becomes plain torch: a block whose units are all removed is replaced by the adapter's
-plain form of ``act(shortcut(x))`` (``nn.Identity`` for an identity unit, its projection -- followed by a
-ReLU for ResNets -- otherwise). A block with some units removed (a Swin or ViT block without its attention,
-say) becomes a ``torch.fx.GraphModule`` that calls the block's remaining submodules: generated torch code,
-the same parameter names, no Python of ours at run time.
+How a removed unit becomes plain torch: :mod:`sdepth_ext.plain`.
 """
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import SCRIPT_HOOK, _check_drop, _is_converted_root, get_state, revert, revert_block, units_of
+from .flags import restored_train_flags
 from .flops import total_macs
-from .units import is_gated
+from .plain import pruned_copy
+from .state import check_drop, units_of
 
-__all__ = ["prune", "recalibrate_bn", "depth_frontier", "scriptable_copy"]
+__all__ = ["prune", "recalibrate_bn", "depth_frontier"]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # prune
 # ------------------------------------------------------------------------------------------------------------
-class _LeafTracer(torch.fx.Tracer):
-    """Every submodule of the block is a leaf: the graph is the adds around the block's own modules."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-
-def _partial_block(block: nn.Module, adapter, kept: list[int], scales: dict[int, float]) -> nn.Module:
-    """A GraphModule computing ``block`` with only the units in ``kept`` (the others: their shortcut), the
-    residual of unit ``u`` multiplied by ``scales[u]`` where given (a scale its weights cannot absorb)."""
-    num_units = adapter.num_units(block)
-
-    def forward(self, x):
-        x = adapter.enter(self, x)
-        for u in range(num_units):
-            if u in kept:
-                residual = adapter.residual(self, u, x)
-                if u in scales:
-                    residual = scales[u] * residual
-                x = adapter.shortcut(self, u, x) + residual
-            else:
-                x = adapter.dropped(self, u, x)
-            act = adapter.activation(self)
-            if act is not None and u in kept:
-                x = torch.relu(x) if act == "relu" else act(x)
-        return adapter.exit(self, x)
-
-    original = type(block)
-    name = f"{getattr(original, '_sd_base', original).__name__}Pruned"  # a converted block: its own class's
-    tracing = type(name, (original,), {"forward": forward})
-    block.__class__ = tracing  # for the trace only: the GraphModule keeps none of this class
-    try:
-        graph = _LeafTracer().trace(block)
-    finally:
-        block.__class__ = original
-    return torch.fx.GraphModule(block, graph, class_name=name)
-
-
 def prune(model: nn.Module, drop: Iterable[int]) -> nn.Module:
     """A new, plain model equal to ``model`` in eval mode with the residual units in ``drop`` removed.
 
@@ -93,119 +50,10 @@ def prune(model: nn.Module, drop: Iterable[int]) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    converted = _is_converted_root(model)
     units = units_of(model)
     if not units:
         raise ValueError(f"model: {type(model).__name__} has no residual units to prune")
-    drop = set(_check_drop(drop, len(units)))
-    names = {id(m): n for n, m in model.named_modules()}
-    # Per block (by name): its adapter, and per unit the eval scale and whether it stays.
-    plan: dict[str, dict] = {}
-    for l, (block, u, adapter) in enumerate(units):
-        entry = plan.setdefault(names[id(block)], {"adapter": adapter, "kept": [], "scales": {}})
-        if l not in drop:
-            entry["kept"].append(u)
-            if converted:
-                entry["scales"][u] = get_state(model).eval_scale(l)
-
-    pruned = copy.deepcopy(model)
-    if converted:
-        revert(pruned)
-    return _make_plain(pruned, plan).eval()
-
-
-def _make_plain(module: nn.Module, plan: dict[str, dict]) -> nn.Module:
-    """Fold each kept unit's eval scale into its weights and replace blocks that lost units, in place.
-
-    ``plan`` maps a block's name in ``module`` to its adapter, kept units and their scales (:func:`prune`).
-    Returns ``module``, or the replacement when ``module`` is itself a block that lost units.
-    """
-    modules = dict(module.named_modules())
-    for name, entry in plan.items():
-        block, adapter, kept = modules[name], entry["adapter"], entry["kept"]
-        unfolded = {}
-        for u, scale in entry["scales"].items():
-            if scale != 1.0:
-                try:
-                    adapter.fold_scale(block, u, scale)
-                except ValueError:  # the branch ends in a non-linear layer: the generated forward multiplies
-                    unfolded[u] = scale
-        if len(kept) == adapter.num_units(block) and not unfolded:
-            continue
-        replacement = adapter.removed(block) if not kept else _partial_block(block, adapter, kept, unfolded)
-        if not name:
-            return replacement
-        parent_name, _, attr = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else module, attr, replacement)
-    return module
-
-
-# ------------------------------------------------------------------------------------------------------------
-# TorchScript
-# ------------------------------------------------------------------------------------------------------------
-def scriptable_copy(module: nn.Module) -> nn.Module:
-    """What ``torch.jit.script`` compiles for a converted model, or a part of one: its plain eval equivalent.
-
-    A converted unit draws new gates at every training step, which TorchScript cannot express, so a model in
-    eval mode scripts as plain torch computing the converted eval forward: the root as
-    ``sd.prune(model, lesioned)`` (the original network for "inverted"/"none" scaling; ``p_l`` folded into the
-    weights for "paper"), a part of the model (a stage) as the same kind of copy of the part. A block alone
-    -- also a block that a torch.fx graph borrows as a leaf, whose graph may call the block's submodules
-    directly -- becomes a generated forward over the block's own, unchanged submodules, multiplying by
-    ``p_l``. Modules keep the train/eval flags of the originals; the model itself is never changed. A unit in
-    training mode raises ``TypeError`` naming what works instead.
-    """
-    gated = [(name, m) for name, m in module.named_modules() if is_gated(m)]
-    training = [name or type(m).__name__ for name, m in gated if m.training]
-    if training:
-        raise TypeError(
-            f"torch.jit.script: {type(module).__name__} holds stochastic-depth units in training mode "
-            f"({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}), whose gates change every "
-            "step, which TorchScript cannot express. Script the model in eval mode (model.eval(): it "
-            "compiles the plain equivalent), train with eager PyTorch or torch.compile, export with "
-            "torch.export, or script sd.prune(model, []) / sd.revert(model)")
-    if _is_converted_root(module):
-        plain = prune(module, get_state(module).lesioned)
-    elif is_gated(module):
-        kept, scales = _eval_units(module)
-        unfolded = {u: s for u, s in scales.items() if s != 1.0}
-        plain = _partial_block(module, module._sd_adapter, kept, unfolded)
-        # Every member of the block, used by this forward or not: a traced graph that borrows the block may
-        # call any of them (its eval graph traces the block's own forward: timm's act2, drop_block, ...).
-        members = (*module.named_children(), *module.named_parameters(recurse=False),
-                   *module.named_buffers(recurse=False))
-        for name, member in members:
-            if not hasattr(plain, name):
-                if isinstance(member, nn.Module):
-                    plain.add_module(name, member)
-                elif isinstance(member, nn.Parameter):
-                    plain.register_parameter(name, member)
-                else:
-                    plain.register_buffer(name, member)
-    else:
-        # A part of a converted model: copied without the state shared by the whole model, which the plain
-        # copy does not keep.
-        plain = copy.deepcopy(module, {id(m._sd_state): m._sd_state for _, m in gated})
-        plan = {}
-        for name, block in plain.named_modules():
-            if is_gated(block):
-                kept, scales = _eval_units(block)
-                plan[name] = {"adapter": block._sd_adapter, "kept": kept, "scales": scales}
-                revert_block(block)
-        plain = _make_plain(plain, plan)
-    flags = {name: m.training for name, m in module.named_modules()}
-    for name, m in plain.named_modules():
-        m.__dict__.pop(SCRIPT_HOOK, None)
-        m.training = flags.get(name, m.training)
-    prepare = getattr(type(plain), SCRIPT_HOOK, None)  # the model's own class may have one as well
-    return prepare(plain) if prepare is not None else plain
-
-
-def _eval_units(block: nn.Module) -> tuple[list[int], dict[int, float]]:
-    """A converted block's units that run in eval (not lesioned), and their eval scales."""
-    state, first = block._sd_state, block._sd_index
-    kept = [u for u in range(block._sd_num_units) if first + u not in state.lesioned]
-    return kept, {u: state.eval_scale(first + u) for u in kept}
+    return pruned_copy(model, set(check_drop(drop, len(units))))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -233,27 +81,25 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         raise ValueError(f"model: {type(model).__name__} has no BatchNorm with running statistics")
-    flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch weighs the same
-            m.train()
-        seen = 0
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
-            model(_inputs(batch))
-            seen += 1
-        if seen == 0:
-            raise ValueError("batches: got no batch to estimate the statistics from")
-    finally:
-        for m, momentum in momenta:
-            m.momentum = momentum
-        for m, flag in flags:
-            m.training = flag
+    with restored_train_flags(model):
+        try:
+            model.eval()
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average: every batch weighs the same
+                m.train()
+            seen = 0
+            for batch in batches:
+                if num_batches is not None and seen >= num_batches:
+                    break
+                model(_inputs(batch))
+                seen += 1
+            if seen == 0:
+                raise ValueError("batches: got no batch to estimate the statistics from")
+        finally:
+            for m, momentum in momenta:
+                m.momentum = momentum
     return model
 
 

@@ -52,11 +52,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .convert import get_state
+from .batchnorm import refuse_sync_batchnorm
+from .grads import DROPPED_GRADS
+from .state import adapter_of, get_state
 
-__all__ = ["ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks"]
+__all__ = ["ddp_ready", "sync_scheduler", "set_dropped_grads", "clear_dropped_grads", "dropped_blocks",
+           "check_no_sync_batchnorm", "set_shard"]
 
-DROPPED_GRADS = ("zero", "none")
 _U64 = 1 << 64
 
 
@@ -116,16 +118,10 @@ def clear_dropped_grads(model: nn.Module, process_group=None) -> int:
 
 def check_no_sync_batchnorm(state) -> None:
     """Row mode with SyncBatchNorm in a unit's branch would hang DDP: refuse it (ValueError naming it)."""
-    if state.mode != "row":
-        return
-    for l, (block, u) in enumerate(state.units):
-        for branch in block._sd_adapter.branch_modules(block, u):
-            if any(isinstance(m, nn.SyncBatchNorm) for m in branch.modules()):
-                raise ValueError(
-                    f"model: unit {l} ({type(block).__name__}) has SyncBatchNorm in its residual branch, "
-                    "which row mode cannot run under DDP: a unit with no survivor on one rank and some on "
-                    "another would skip the collective on the first rank only (a hang). Use mode='batch' "
-                    "(every rank drops the same units), or plain BatchNorm per rank")
+    if state.mode == "row":
+        refuse_sync_batchnorm((f"unit {l} ({type(block).__name__})",
+                               adapter_of(block).branch_modules(block, u))
+                              for l, (block, u) in enumerate(state.units))
 
 
 def _collective_device(group) -> torch.device:
@@ -177,7 +173,11 @@ def ddp_ready(model: nn.Module, *, process_group=None, src: int = 0, sync: bool 
     if dist.is_available() and dist.is_initialized():
         if sync:
             sync_scheduler(model, src=src, process_group=process_group)
-        world_size = dist.get_world_size(process_group)
-        rank = dist.get_rank(process_group)
-        state.shard = (rank, world_size) if state.mode != "batch" and world_size > 1 else None
+        set_shard(state, dist.get_rank(process_group), dist.get_world_size(process_group))
     return model
+
+
+def set_shard(state, rank: int, world_size: int) -> None:
+    """This rank's slice of each step's samples (row and subset mode; batch mode draws the same gates on
+    every rank, whatever the batch): samples ``i * world_size + rank`` of the global batch."""
+    state.shard = (rank, world_size) if state.mode != "batch" and world_size > 1 else None

@@ -15,6 +15,9 @@ import sys
 
 import torch
 
+from .grads import DEFAULT_DROPPED_GRADS
+from .scheduler import has_compiled_scheduler
+
 __all__ = ["best_device", "default_cpu_allocator", "device_name", "device_slug", "environment"]
 
 
@@ -85,8 +88,6 @@ def environment(device: torch.device | None = None, *, cpu_allocator: str | None
         torchvision_version = torchvision.__version__
     except Exception:  # noqa: BLE001
         torchvision_version = None
-    from .scheduler import has_compiled_scheduler
-    from .units import DEFAULT_DROPPED_GRADS
     env = {
         "device": device_name(device),
         "device_type": device.type,

@@ -17,22 +17,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .convert import get_state, units_of
+from .flags import restored_train_flags
+from .state import get_state, units_of
 
 __all__ = ["unit_macs", "total_macs", "compute_fraction", "expected_compute_fraction", "compute_stats"]
 
 
 def _count_eval_forward(model: nn.Module, example_input: torch.Tensor, **counter_kw) -> FlopCounterMode:
     """One eval-mode forward under ``FlopCounterMode``, no gradient; every module's training flag restored."""
-    flags = [(m, m.training) for m in model.modules()]
     counter = FlopCounterMode(display=False, **counter_kw)
-    try:
+    with restored_train_flags(model), torch.no_grad(), counter:
         model.eval()
-        with torch.no_grad(), counter:
-            model(example_input)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+        model(example_input)
     return counter
 
 
@@ -110,7 +106,7 @@ def compute_stats(model: nn.Module, example_input: torch.Tensor | None = None, r
     def ran(counts, samples):
         return sum(m * c for m, c in zip(per_unit, counts)) / samples if samples else float("nan")
 
-    expected = sum(m * p for m, p in zip(per_unit, state.effective_survival))
+    expected = sum(m * p for m, p in zip(per_unit, state.scaled_survival))
     last, cumulative = ran(tally.last, tally.last_batch), ran(tally.total, tally.samples)
     stats = {"steps": tally.steps, "last_step": last / branch, "cumulative": cumulative / branch,
              "expected": expected / branch,

@@ -41,9 +41,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .convert import get_state, put_plan_draw_first, root_of
-from .distributed import check_no_sync_batchnorm, sync_scheduler
-from .units import in_backward
+from .distributed import check_no_sync_batchnorm, set_shard, sync_scheduler
+from .grads import is_plain_tensor
+from .state import adapter_of, get_state, put_plan_draw_first, register_sharding_detector, root_of, unit_range
 
 __all__ = ["fully_shard", "count_collectives", "CollectiveCount", "MIN_TORCH"]
 
@@ -108,7 +108,7 @@ def fully_shard(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
             shard(modules if len(modules) > 1 else modules[0], **fully_shard_kwargs)
 
     for block in state.blocks:
-        adapter, units = block._sd_adapter, range(block._sd_num_units)
+        adapter, units = adapter_of(block), range(len(unit_range(block)))
         branches = [adapter.branch_modules(block, u) for u in units]
         in_branch = {id(m) for branch in branches for m in branch}
         for child in block.children():  # parts that run whenever the block runs: groups of their own
@@ -130,7 +130,7 @@ def _has_parameters(module: nn.Module) -> bool:
 
 
 def _is_sharded(p: torch.Tensor) -> bool:
-    return type(p) not in (torch.Tensor, nn.Parameter)  # FSDP2's sharded parameters are DTensors
+    return not is_plain_tensor(p)  # FSDP2's sharded parameters are DTensors
 
 
 def _has_sharded(module: nn.Module) -> bool:
@@ -142,7 +142,6 @@ def _has_sharded(module: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------------------------
 def detect(root: nn.Module, state) -> None:
     """Called by the root's plan draw when its class changed: install the gates if FSDP2 now shards it."""
-    state.fsdp_seen = id(type(root))
     if state.fsdp is not None or not (dist.is_available() and dist.is_initialized()):
         return  # FSDP2 needs a process group: without one, nothing to look for (nor to import)
     types = fsdp_module_types()
@@ -158,7 +157,7 @@ def install(root: nn.Module, state) -> None:
     rank, world_size, groups = _mesh_rank(mesh)
     for group in groups:  # along each mesh dimension, from its first rank: every rank gets the first's
         sync_scheduler(root, src=dist.get_global_rank(group, 0), process_group=group)
-    state.shard = (rank, world_size) if state.mode != "batch" and world_size > 1 else None
+    set_shard(state, rank, world_size)
     if state.fsdp is not None:
         state.fsdp.remove()
     gates = FsdpGates(state, root, _mesh_device(mesh))
@@ -231,14 +230,11 @@ class FsdpGates:
 
     def _bypasses(self, block: nn.Module, fsdp_state, args: tuple) -> bool:
         """Whether this call of ``block`` skips FSDP: decided on the plan its forward will run on."""
-        state = self.state
         if not block.training or not args or not isinstance(args[0], torch.Tensor):
             return False
-        if not in_backward() and (state.plan is None or state.consumed[block._sd_index]):
-            # A forward that did not start at the root: the block would draw a fresh plan; draw it here, so
-            # that this decision and the forward see the same one.
-            x = args[0]
-            state.sample(int(x.shape[0]), x.device)
+        # A forward that did not start at the root would draw a fresh plan in the block: draw it here, so
+        # that this decision and the forward see the same one.
+        self.state.plan_for(unit_range(block)[0], args[0], claim=False)
         return fsdp_state in self.skipped
 
     # -- installation ---------------------------------------------------------------------------------------
@@ -294,13 +290,13 @@ def _group_units(block: nn.Module, types: tuple[type, ...]) -> tuple[int, ...]:
     own = {name for name, _ in block.named_parameters()
            if not any(name.startswith(prefix + ".") for prefix in nested)}
     units = []
-    adapter, first = block._sd_adapter, block._sd_index
+    adapter = adapter_of(block)
     branch_names = set()
-    for u in range(block._sd_num_units):
+    for u, l in enumerate(unit_range(block)):
         names = {name for name, _ in adapter.branch_parameters(block, u)}
         branch_names |= names
         if names & own:
-            units.append(first + u)
+            units.append(l)
     if not own or own - branch_names:
         return ()  # nothing to save, or parameters that run whatever the gates (a projection shortcut)
     return tuple(units)
@@ -444,3 +440,6 @@ def count_collectives():
     """``with count_collectives() as c: ...``; then ``c.counts`` (a Counter by kind) and ``c.total``."""
     with CollectiveCount() as counter:
         yield counter
+
+
+register_sharding_detector(detect)  # the root's plan draw asks, when a root's class changes (state.py)

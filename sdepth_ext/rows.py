@@ -4,7 +4,7 @@ A unit with K of its N samples surviving (0 < K < N) runs its branch on ``x[rows
 scatters the K residual rows into the N-row output. Three pieces keep that as cheap in memory and launches
 as the work it skips allows:
 
-* :func:`~sdepth_ext.functional.gather_rows`: ``index_select`` in ``x``'s own memory layout.
+* :func:`~sdepth_ext.kernels.torch_epilogue.gather_rows`: ``index_select`` in ``x``'s own memory layout.
 * :class:`SplitRows`: one autograd node for both consumers of the unit's input, the shortcut (all N rows)
   and the branch (the K gathered rows). Its backward sums their gradients in one pass over the batch,
   ``grad_x = grad_shortcut + scatter(grad_rows)``: the epilogue's own forward with scale 1 and no activation
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import TorchEpilogue, gather_rows
+from .kernels.torch_epilogue import TorchEpilogue, gather_rows
 
 __all__ = ["Regather", "SplitRows", "can_regather"]
 

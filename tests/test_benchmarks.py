@@ -239,7 +239,7 @@ def test_hand_comparator_runs_the_converted_models_plans(case, mode):
 
     import sdepth_ext as sd
     from benchmarks.bench_models import with_hand_skip
-    from sdepth_ext.convert import units_of
+    from sdepth_ext.state import units_of
 
     make, batch = HAND_CASES[case]
     torch.manual_seed(0)
@@ -597,7 +597,7 @@ def test_full_networks_units_are_the_converted_models_plan_order(case):
 
     import sdepth_ext as sd
     from benchmarks.counting import unit_parts
-    from sdepth_ext.convert import get_state, units_of
+    from sdepth_ext.state import get_state, units_of
 
     full, to_convert, convert_kwargs, x, _ = _footprint_case(case)
     converted = sd.convert(copy.deepcopy(to_convert), mode="batch", seed=0, **convert_kwargs).train()

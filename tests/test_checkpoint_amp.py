@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
+from sdepth_ext.state import get_state
 from tests.conftest import drops_some_keeps_some, seed_where
 
 

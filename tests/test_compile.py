@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
 from sdepth_ext.compiled import _inlines_nn_modules, _shape_key
-from sdepth_ext.convert import get_state
+from sdepth_ext.state import get_state
 
 STEPS = 20
 # torch >= 2.5 shares a compiled graph among blocks of one shape; torch 2.4 (Dynamo without nn.Module

@@ -26,9 +26,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
-from sdepth_ext.scheduler import Plan
-from sdepth_ext.units import is_gated
+from sdepth_ext.plan import Plan
+from sdepth_ext.state import get_state, is_gated
 from tests.conftest import drops_some_keeps_some, seed_where
 
 
@@ -733,7 +732,7 @@ def test_deepcopy_and_pickle_of_converted_model():
 _UNPICKLE_WITHOUT_CUDA = """
 import json, sys
 import torch
-from sdepth_ext.convert import get_state
+from sdepth_ext.state import get_state
 assert not torch.cuda.is_available()
 model = torch.load(sys.argv[1], weights_only=False)
 x = torch.load(sys.argv[2])
@@ -958,7 +957,7 @@ def test_corrupt_scheduler_metadata_warns_and_loads_the_weights():
 def test_row_mode_sub_batches_keep_the_memory_layout():
     """A unit's survivors reach its branch in the batch's own layout (index_select alone returns row-major
     tensors: a channels_last batch would run its sub-batch convolutions as NCHW)."""
-    from sdepth_ext.units import gather_rows
+    from sdepth_ext.kernels.torch_epilogue import gather_rows
 
     x = torch.randn(6, 3, 5, 4).to(memory_format=torch.channels_last)
     rows = torch.tensor([0, 2, 5])

@@ -26,8 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
-from sdepth_ext.scheduler import shard_plan
+from sdepth_ext.plan import shard_plan
+from sdepth_ext.state import get_state
 from tests.conftest import drops_some_keeps_some, seed_where
 
 WORLD = 2

@@ -26,8 +26,7 @@ from torchvision.models.resnet import BasicBlock
 import sdepth_ext as sd
 import sdepth_ext.rows as rows_module
 from benchmarks.counting import LaunchCounter, SavedBytes, count_step, launches_kernel
-from sdepth_ext.convert import get_state
-from sdepth_ext.units import is_gated
+from sdepth_ext.state import get_state, is_gated
 from tests.conftest import seed_where
 
 needs_triton_cpu = pytest.mark.skipif(

@@ -32,8 +32,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
 from sdepth_ext.fsdp import MIN_TORCH, CollectiveCount, count_collectives
+from sdepth_ext.state import get_state
 
 needs_fsdp2 = pytest.mark.skipif(
     tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
+from sdepth_ext.state import get_state
 
 DATA = Path(__file__).parent / "data"
 FILES = {"legacy_cifar8_batch.pt": None, "legacy_vit_row.pt": "timm"}

@@ -11,7 +11,7 @@ import pytest
 
 import sdepth_ext as sd
 from benchmarks import report
-from sdepth_ext.convert import units_of
+from sdepth_ext.state import units_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

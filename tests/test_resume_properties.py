@@ -42,10 +42,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
-from sdepth_ext.distributed import DROPPED_GRADS
+from sdepth_ext.grads import DROPPED_GRADS
 from sdepth_ext.scheduler import MODES
-from sdepth_ext.units import SCALINGS
+from sdepth_ext.state import SCALINGS, get_state
 from tests.conftest import property_examples
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (requirements.txt)")

@@ -23,9 +23,10 @@ import sdepth_ext as sd
 import sdepth_ext.functional as F
 import sdepth_ext.rows as rows_module
 import sdepth_ext.units as units_module
-from sdepth_ext.convert import get_state
 from sdepth_ext.functional import GatedResidualAddFunction, TorchEpilogue, keeps_output
+from sdepth_ext.kernels.torch_epilogue import gated_residual_add_torch
 from sdepth_ext.rows import SplitRows
+from sdepth_ext.state import get_state, is_gated
 
 CAN_RUN_TRITON_ON_CPU = (importlib.util.find_spec("triton") is not None
                          and os.environ.get("TRITON_INTERPRET") == "1")
@@ -120,7 +121,7 @@ def test_torch_epilogue_equals_the_torch_path_bit_for_bit(relu, scale, layout):
     a = (shortcut.clone().requires_grad_(), residual.detach().clone().requires_grad_())
     b = (shortcut.clone().requires_grad_(), residual.detach().clone().requires_grad_())
     got = GatedResidualAddFunction.apply(*a, scale, rows, slot, relu, TorchEpilogue)
-    expected = F._gated_residual_add_torch(*b, scale, rows, relu)
+    expected = gated_residual_add_torch(*b, scale, rows, relu)
     assert torch.equal(got, expected) and got.stride() == expected.stride()
     # what it keeps for backward: the output (ReLU) and the rows, never the residual
     saved = {t.untyped_storage().data_ptr() for t in got.grad_fn.saved_tensors}
@@ -195,7 +196,7 @@ def test_regather_composes_with_the_users_saved_tensor_hooks():
     twin = copy.deepcopy(model)
     gathered, packed = [], []
     for block in model.modules():
-        if hasattr(block, "conv1") and units_module.is_gated(block):
+        if hasattr(block, "conv1") and is_gated(block):
             block.conv1.register_forward_pre_hook(lambda m, args: gathered.append(args[0]))
 
     def pack(t):
@@ -230,7 +231,7 @@ def test_which_units_gather_their_rows_again():
     model = sd.convert(sd.cifar_resnet(14), p_last=0.5, rule="uniform", mode="row", seed=seed).train()
     gathered = []
     for block in model.modules():
-        if units_module.is_gated(block):
+        if is_gated(block):
             block.conv1.register_forward_pre_hook(lambda m, args: gathered.append(args[0]))
     packed = []
     with F.gpu_path_on_cpu():
@@ -251,7 +252,7 @@ def test_regather_refuses_an_input_changed_in_place():
     model, x = resnet_row_model()
     inputs = []
     for block in model.modules():
-        if units_module.is_gated(block):
+        if is_gated(block):
             block.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
     with F.gpu_path_on_cpu():
         out = model(x)

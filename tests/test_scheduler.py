@@ -9,7 +9,8 @@ import torch
 from scipy.stats import binomtest
 
 import sdepth_ext as sd
-from sdepth_ext.scheduler import mix64, round_plan_rows, shard_plan
+from sdepth_ext.gates import mix64
+from sdepth_ext.plan import round_plan_rows, shard_plan
 
 BACKENDS = ["python"] + (["cpp"] if sd.has_compiled_scheduler() else [])
 RESNET110 = sd.linear_decay(54, 0.5)
@@ -92,9 +93,9 @@ def test_subset_gates_match_the_definition(backend, rank, world_size):
 
 
 def test_subset_count_truncates_like_the_compiled_sampler():
-    assert [sd.scheduler.subset_count(10, p) for p in (0.0, 0.05, 0.15, 0.29, 0.3, 0.999, 1.0)] == \
+    assert [sd.gates.subset_count(10, p) for p in (0.0, 0.05, 0.15, 0.29, 0.3, 0.999, 1.0)] == \
         [1, 1, 1, 2, 3, 9, 10]
-    assert sd.scheduler.subset_count(3, 0.7) == 2  # 3 * 0.7 = 2.0999...: truncated, not rounded
+    assert sd.gates.subset_count(3, 0.7) == 2  # 3 * 0.7 = 2.0999...: truncated, not rounded
 
 
 def test_subset_samples_are_uniform():

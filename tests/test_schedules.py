@@ -10,8 +10,8 @@ import torch
 from scipy.stats import binomtest
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
 from sdepth_ext.flops import unit_macs
+from sdepth_ext.state import get_state
 
 
 def test_schedule_values():
@@ -52,11 +52,11 @@ def test_set_drop_scale_rates_and_errors():
     sd.set_drop_scale(model, 0.5)
     state = get_state(model)
     assert sd.survival_probs(model) == sd.linear_decay(3, 0.2)  # the configured rates do not change
-    assert state.effective_survival == pytest.approx([1 - 0.5 * (1 - p) for p in sd.linear_decay(3, 0.2)])
+    assert state.scaled_survival == pytest.approx([1 - 0.5 * (1 - p) for p in sd.linear_decay(3, 0.2)])
     sd.set_drop_scale(model, 0.0)
-    assert state.effective_survival == [1.0, 1.0, 1.0]
+    assert state.scaled_survival == [1.0, 1.0, 1.0]
     sd.set_drop_scale(model, 1.0)
-    assert state.effective_survival == sd.linear_decay(3, 0.2)  # exactly, not 1 - 1 * (1 - p)
+    assert state.scaled_survival == sd.linear_decay(3, 0.2)  # exactly, not 1 - 1 * (1 - p)
     for bad in (-0.1, 1.1, float("nan")):
         with pytest.raises(ValueError, match="scale"):
             sd.set_drop_scale(model, bad)

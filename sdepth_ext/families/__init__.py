@@ -217,3 +217,18 @@ def registered_adapters() -> dict[type, type[UnitAdapter]]:
     """Every registered block class and its adapter (the test suite checks each has fixtures)."""
     _load_families()
     return dict(_ADAPTERS)
+
+
+def drop_module_types() -> tuple[type, ...]:  # TEMPORARY stand-in until the families branch is merged
+    types = []
+    try:
+        from torchvision.ops import StochasticDepth
+        types.append(StochasticDepth)
+    except ImportError:
+        pass
+    try:
+        from timm.layers import DropPath
+        types.append(DropPath)
+    except ImportError:
+        pass
+    return tuple(types)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "ACTIVATIONS",
+    "ACTIVATION_RELU",
     "contiguous_strides",
     "is_dense",
     "kernel_strides",
@@ -27,6 +29,10 @@ __all__ = [
     "same_strides",
     "triton_available",
 ]
+
+# What may follow the epilogue's add: nothing, or a ReLU fused into the kernels (ResNet blocks).
+ACTIVATION_RELU = "relu"
+ACTIVATIONS = (None, ACTIVATION_RELU)
 
 
 def triton_available() -> bool:

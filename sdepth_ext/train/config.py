@@ -13,15 +13,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data import DATASETS
+from ..grads import DROPPED_GRADS
+from ..rules import drop_schedule
+from ..scheduler import MODES
+from ..state import SCALINGS as LIBRARY_SCALINGS
+
 __all__ = ["TrainConfig", "RUNS", "SCHEDULES", "MODES", "SCALINGS", "DROPPED_GRADS", "LOG_FIELDS",
            "STEP_FIELDS", "FIXED_ON_RESUME", "DATA_BOUND_SHARE", "default_milestones", "milestones_for",
            "lr_at", "check_config", "describe_setting", "device_kind", "parse_drop_schedule"]
 
 RUNS = ("constant", "stochastic")
 SCHEDULES = ("step", "cosine")
-MODES = ("batch", "row", "subset")
-SCALINGS = ("paper", "inverted")
-DROPPED_GRADS = ("zero", "none")  # sdepth_ext.set_dropped_grads
+# The scalings the CLI's runs offer: the paper's and the inverted one (no "none": it needs no run of its own).
+SCALINGS = tuple(s for s in LIBRARY_SCALINGS if s in ("paper", "inverted"))
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_time_s",
               "images_per_s", "drop_scale", "work_ran", "work_expected", "data_time_s"]
 # What each extra column means: drop_scale, the drop schedule's value at the epoch's last step (1 without
@@ -110,8 +115,6 @@ def parse_drop_schedule(text: str):
 
     Raises ``ValueError`` naming ``--drop-schedule`` and the forms it takes.
     """
-    from ..rules import drop_schedule
-
     forms = "constant, warmup:STEPS, pld:GAMMA or late:START"
     kind, _, arg = str(text).partition(":")
     try:
@@ -140,8 +143,6 @@ def device_kind(device: str) -> str:
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
     """Raise ``ValueError`` naming the option and its allowed values for the first setting out of range."""
-    from ..data import DATASETS
-
     def need(ok: bool, message: str):
         if not ok:
             raise ValueError(message)

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sdepth_ext.convert import get_state
-from sdepth_ext.units import is_gated
+from sdepth_ext.state import get_state, is_gated
 
 
 @dataclass
@@ -133,7 +132,7 @@ def masked_original(case: FamilyCase, converted: nn.Module, plain: nn.Module, x:
                     masks: list[torch.Tensor]) -> torch.Tensor:
     """The original model's own forward, each block's drop modules (``case.drop_slots``) multiplying by its
     units' masks: what row mode must equal for per-sample-normalised families."""
-    from sdepth_ext.convert import get_state
+    from sdepth_ext.state import get_state
 
     modules = dict(plain.named_modules())
     swapped, maskers = [], []

@@ -23,8 +23,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
-from sdepth_ext.units import is_gated
+from sdepth_ext.state import get_state, is_gated
 
 from .test_suite import CASE_IDS, CASES, convert_case, drawn_gates
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
 from sdepth_ext.families import registered_adapters
+from sdepth_ext.state import get_state
 
 from . import test_tv_convnext, test_tv_maxvit, test_tv_mbconv, test_tv_resnet, test_tv_swin
 from .common import (

@@ -10,7 +10,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install sd
 from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402
 
 import sdepth_ext as sd  # noqa: E402
-from sdepth_ext.convert import get_state  # noqa: E402
+from sdepth_ext.state import get_state  # noqa: E402
 
 from .common import FamilyCase, cached_maker, gated_add, image_input  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 from torchvision.models.convnext import CNBlock, CNBlockConfig, ConvNeXt
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
+from sdepth_ext.state import get_state
 
 from .common import FamilyCase, cached_maker, gated_add, image_input
 

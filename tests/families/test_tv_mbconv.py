@@ -5,7 +5,7 @@ from __future__ import annotations
 from torchvision.models.efficientnet import EfficientNet, FusedMBConv, FusedMBConvConfig, MBConv, MBConvConfig
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
+from sdepth_ext.state import get_state
 
 from .common import FamilyCase, cached_maker, gated_add, image_input
 

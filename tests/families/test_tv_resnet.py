@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import sdepth_ext as sd
-from sdepth_ext.convert import get_state
+from sdepth_ext.state import get_state
 
 from .common import FamilyCase, cached_maker, gated_add, image_input
 

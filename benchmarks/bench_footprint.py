@@ -73,7 +73,6 @@ import sdepth_ext as sd  # noqa: E402
 from sdepth_ext.convert import get_state, units_of  # noqa: E402
 from sdepth_ext.flops import compute_fraction, unit_macs  # noqa: E402
 
-from .bench_models import _configs, _hand_forward, _num_classes, _patch_units, with_peer  # noqa: E402
 from .common import (  # noqa: E402
     best_device,
     environment,
@@ -83,6 +82,7 @@ from .common import (  # noqa: E402
     write_results,
 )
 from .counting import count_step  # noqa: E402
+from .models import model_configs, num_classes_of, skip_by_hand, with_peer  # noqa: E402
 
 RESNET_P_LAST = 0.5
 OWN_SD_RATE = 0.5  # torchvision models; timm models: the highest rate bench_models times (TIMM_RATES)
@@ -129,9 +129,8 @@ def _by_hand(full: nn.Module, scales: list[float]) -> tuple[nn.Module, dict]:
     """A copy of ``full`` running by hand whatever plan counts ``current["plan"].counts`` says (bench_models'
     comparators: a unit with no survivor skipped, all survivors run whole and eager, K of N run on the first
     K samples, a view, and concatenated): ``(model, current)``."""
-    model, current = copy.deepcopy(full).train(), {}
-    _patch_units(model, _hand_forward, scales, current)
-    return model, current
+    model = copy.deepcopy(full).train()
+    return model, skip_by_hand(model, scales)
 
 
 def memory_ideal(outside_bytes: int, unit_bytes: list[int], counts: list[int], batch: int,
@@ -219,7 +218,7 @@ def bench_model(config: dict, device: torch.device, steps: int) -> list[dict]:
     full, original, to_convert, convert_kwargs = _models(config, device)
     batch, size = config["batch"], config["size"]
     x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, _num_classes(full, x), (batch,), device=device)
+    y = torch.randint(0, num_classes_of(full, x), (batch,), device=device)
     per_unit, total = unit_macs(full, x[:1])
     head = {"model": config["name"], "family": units_of(full)[0][2].family, "batch": batch, "size": size,
             "rate_kind": "p_last" if config["kind"] == "resnet" else "stochastic_depth_prob",
@@ -279,7 +278,7 @@ def run(quick: bool = True, smoke: bool = False) -> list[dict]:
                        "CPU tensors through sdepth_ext.functional.gpu_path_on_cpu: Triton launches counted, "
                        "their grids not executed")
     print_environment(env)
-    configs, _, _ = _configs(device, quick, smoke)
+    configs, _, _ = model_configs(device, quick, smoke)
     if smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth are enough
         configs = [configs[0], min((c for c in configs if c["kind"] == "own-sd"),
                                    key=lambda c: c["name"] != "efficientnet_b0")]

@@ -58,31 +58,30 @@ counted steps; forward + backward, no optimizer step, which is the same for ever
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import types
 
 import torch
 from torch import nn
 
-# The units' GPU path runs on CPU tensors through Triton's interpreter: set before the kernels are defined.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sdepth_ext as sd
+from sdepth_ext.convert import get_state, units_of
+from sdepth_ext.flops import compute_fraction, unit_macs
 
-import sdepth_ext as sd  # noqa: E402
-from sdepth_ext.convert import get_state, units_of  # noqa: E402
-from sdepth_ext.flops import compute_fraction, unit_macs  # noqa: E402
-
-from .common import (  # noqa: E402
+from .common import (
     best_device,
     environment,
     format_table,
     parse_size_args,
     print_environment,
+    use_triton_interpreter_without_cuda,
     write_results,
 )
-from .counting import count_step  # noqa: E402
-from .models import model_configs, num_classes_of, skip_by_hand, with_peer  # noqa: E402
+from .counting import count_step
+from .models import model_configs, num_classes_of, skip_by_hand, with_peer
+
+# The units' GPU path runs on CPU tensors through Triton's interpreter: set on import, before kernels load.
+use_triton_interpreter_without_cuda()
 
 RESNET_P_LAST = 0.5
 OWN_SD_RATE = 0.5  # torchvision models; timm models: the highest rate bench_models times (TIMM_RATES)

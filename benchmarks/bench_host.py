@@ -47,6 +47,7 @@ from .common import (
     print_environment,
     time_interleaved,
     trimmed_mean,
+    use_triton_interpreter_without_cuda,
     write_results,
 )
 
@@ -58,12 +59,6 @@ STEP_DEPTH, STEP_BATCH, STEP_SIZE = 56, 2, 8
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def enable_interpreter_on_cpu(device: torch.device) -> None:
-    """Without CUDA the Triton kernels must be defined under the interpreter: set before they are imported."""
-    if device.type != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @contextlib.contextmanager
@@ -204,7 +199,7 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
 
 def run(smoke: bool = False) -> tuple[list[dict], dict]:
     device = best_device()
-    enable_interpreter_on_cpu(device)
+    use_triton_interpreter_without_cuda()
     call_rows, call_samples = bench_calls(device, smoke)
     print(format_table(call_rows, ["what", "variant", "shape", "us", "x_eager", "launch"]) + "\n", flush=True)
     step_rows, step_samples = bench_step(device, smoke)
@@ -219,8 +214,8 @@ def main(argv=None) -> list[dict]:
     add_cpu_malloc_option(parser)
     args = parser.parse_args(argv)
     configure_cpu_malloc(args.cpu_malloc)
+    use_triton_interpreter_without_cuda()
     device = best_device()
-    enable_interpreter_on_cpu(device)
     env = environment(device)
     print_environment(env)
     rows, samples = run(smoke=args.smoke)

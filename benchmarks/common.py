@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import textwrap
@@ -27,7 +28,7 @@ from .cpu_malloc import cpu_allocator, keep_freed_cpu_memory
 __all__ = ["CSV_STAMP", "RESULTS_DIR", "add_cpu_malloc_option", "best_device", "configure_cpu_malloc",
            "copy_bandwidth", "device_name", "device_slug", "environment", "format_table", "median",
            "print_environment", "ratio_text", "synchronize", "time_fn", "time_interleaved", "trimmed_mean",
-           "write_results"]
+           "use_triton_interpreter_without_cuda", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The stamp keys repeated on every CSV row (the JSON files carry the whole stamp).
@@ -47,6 +48,17 @@ def configure_cpu_malloc(choice: str) -> None:
     """Apply ``--cpu-malloc`` before anything is allocated; the result files' stamp records it."""
     if choice == "keep":
         keep_freed_cpu_memory()
+
+
+def use_triton_interpreter_without_cuda() -> None:
+    """Without CUDA, sdepth_ext's Triton kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` (a
+    value already set is kept). ``@triton.jit`` reads it when a kernel is defined, which sdepth_ext does when
+    it first loads its kernels (at the first Triton call, :func:`sdepth_ext.kernels.load_epilogue`): call
+    this before. bench_host times the Python above the interpreter's launch; bench_footprint counts the
+    launches of the GPU path on CPU tensors. On a CPU nothing else reads it (the other benchmarks run the
+    torch path)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def parse_size_args(argv: list[str] | None, description: str, smoke_help: str,

@@ -19,21 +19,11 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 import textwrap
 import time
 
-import torch
-
-# Without CUDA, bench_host runs the Triton kernels under Triton's interpreter (their launch stubbed, to time
-# the Python above it). @triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when
-# sdepth_ext.kernels.epilogue is first imported, by whichever benchmark comes first: so set it before any of
-# them is imported. On a CPU nothing else reads it (the other benchmarks run the torch path there).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from . import (  # noqa: E402
+from . import (
     bench_epilogue,
     bench_footprint,
     bench_host,
@@ -41,7 +31,7 @@ from . import (  # noqa: E402
     bench_prune,
     bench_scheduler,
 )
-from .common import (  # noqa: E402
+from .common import (
     RESULTS_DIR,
     add_cpu_malloc_option,
     best_device,
@@ -51,8 +41,12 @@ from .common import (  # noqa: E402
     environment,
     format_table,
     ratio_text,
+    use_triton_interpreter_without_cuda,
 )
-from .plots import plot_epilogue, plot_models  # noqa: E402
+from .plots import plot_epilogue, plot_models
+
+# Set on import, before any benchmark loads the Triton kernels (none of them does so when imported).
+use_triton_interpreter_without_cuda()
 
 BENCHES = {
     "scheduler": bench_scheduler,

@@ -23,17 +23,12 @@ Prints median step times, ratios and collectives; writes JSON + CSV (``benchmark
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sdepth_ext as sd
@@ -48,8 +43,8 @@ from .common import (
     print_environment,
     write_results,
 )
+from .workers import WORLD, group_environment, process_group, run_workers
 
-WORLD = 2
 VARIANTS = ("plain", "all_units", "batch", "row", "subset")
 CONFIGS = {  # depth, batch per rank, image size, timed steps, warm-up steps, counted steps
     "smoke": (8, 4, 16, 2, 1, 2),
@@ -90,17 +85,9 @@ def _step(model, opt, x, y) -> None:
     opt.step()
 
 
-def _worker(rank: int, port: int, config: tuple, out_path: str, backend: str,
-            cpu_malloc: str = "keep") -> None:
-    configure_cpu_malloc(cpu_malloc)  # a spawned process starts with the system allocator: apply it here
-    torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+def _worker(rank: int, port: int, out_path: str, config: tuple, backend: str, cpu_malloc: str) -> None:
     depth, batch, size, steps, warmup, counted = config
-    try:
+    with process_group(rank, port, backend, cpu_malloc) as device:
         models = {v: _make(v, depth, device) for v in VARIANTS}
         opts = {v: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for v, m in models.items()}
         g = torch.Generator().manual_seed(rank)
@@ -130,14 +117,6 @@ def _worker(rank: int, port: int, config: tuple, out_path: str, backend: str,
         if rank == 0:
             torch.save({"samples": samples, "collectives": collectives,
                         "cpu_allocator": environment()["cpu_allocator"]}, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
@@ -146,20 +125,7 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
     config = CONFIGS[size]
     if count_only:
         config = (*config[:3], 0, 0, config[5])
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "samples.pt")
-        context = mp.start_processes(_worker, args=(_free_port(), config, out_path, backend, cpu_malloc),
-                                     nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not context.join(timeout=5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"bench_fsdp workers did not finish within {timeout_s} s")
-        finally:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-        saved = torch.load(out_path)
+    saved = run_workers(_worker, (config, backend, cpu_malloc), "bench_fsdp", timeout_s)
     samples, collectives = saved["samples"], saved["collectives"]
     depth, batch, image, steps, _, counted = config
 
@@ -204,10 +170,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     size = "smoke" if args.smoke else "full" if args.full else "default"
     configure_cpu_malloc(args.cpu_malloc)  # this process's stamp; the workers apply it themselves
-    device = torch.device("cuda", 0) if args.backend == "nccl" else torch.device("cpu")
-    env = environment(device)
-    env["backend"] = args.backend
-    env["world_size"] = WORLD
+    env = group_environment(args.backend)
     print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc,
                                               count_only=args.count_only)

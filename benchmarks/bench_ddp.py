@@ -16,7 +16,6 @@ allocator the worker processes ran with (``--cpu-malloc`` is applied in each of 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 import sdepth_ext as sd
 
 from .common import (
-    add_cpu_malloc_option,
-    configure_cpu_malloc,
     environment,
     format_table,
+    parse_args,
     print_environment,
+    size_parser,
+    size_suffix,
     write_results,
 )
 from .workers import WORLD, group_environment, process_group, run_workers
@@ -103,23 +103,19 @@ def run(size: str = "default", timeout_s: float = 1800.0,
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--smoke", action="store_true", help="seconds-long run, for CI")
-    group.add_argument("--full", action="store_true", help="ResNet-56, batch 64 per rank, more steps")
+    parser = size_parser(__doc__.splitlines()[0], smoke_help="seconds-long run, for CI",
+                         full_help="ResNet-56, batch 64 per rank, more steps")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where to write ddp*.json/csv (default: benchmarks/results/cpu)")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # --cpu-malloc: this process's stamp; the workers apply it themselves
     size = "smoke" if args.smoke else "full" if args.full else "default"
-    configure_cpu_malloc(args.cpu_malloc)  # this process's stamp; the workers apply it themselves
     env = group_environment("gloo")
     print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, cpu_malloc=args.cpu_malloc)
     columns = ["mode", "variant", "depth", "batch_per_rank", "step_ms", "ratio_vs_find_unused"]
     print(format_table(rows, columns))
-    name = "ddp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "")
-    paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
+    paths = write_results("ddp" + size_suffix(args.smoke, args.full), rows, env, samples=samples,
+                          out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

@@ -74,6 +74,7 @@ from .common import (
     format_table,
     parse_size_args,
     print_environment,
+    size_suffix,
     use_triton_interpreter_without_cuda,
     write_results,
 )
@@ -288,7 +289,7 @@ def run(quick: bool = True, smoke: bool = False) -> list[dict]:
         print(format_table(model_rows, TABLE_COLUMNS))
         print(flush=True)
         rows.extend(model_rows)
-    name = "footprint" + ("_smoke" if smoke else "" if quick else "_full")
+    name = "footprint" + size_suffix(smoke, not quick)
     json_path, _ = write_results(name, rows, env)
     print(f"results: {json_path}")
     return rows

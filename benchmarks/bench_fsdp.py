@@ -22,7 +22,6 @@ Prints median step times, ratios and collectives; writes JSON + CSV (``benchmark
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -36,11 +35,12 @@ from sdepth_ext.convert import units_of
 from sdepth_ext.fsdp import count_collectives
 
 from .common import (
-    add_cpu_malloc_option,
-    configure_cpu_malloc,
     environment,
     format_table,
+    parse_args,
     print_environment,
+    size_parser,
+    size_suffix,
     write_results,
 )
 from .workers import WORLD, group_environment, process_group, run_workers
@@ -156,20 +156,16 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--smoke", action="store_true", help="seconds-long run, for CI (not a measurement)")
-    group.add_argument("--full", action="store_true", help="ResNet-56, batch 64 per rank, more steps")
+    parser = size_parser(__doc__.splitlines()[0], smoke_help="seconds-long run, for CI (not a measurement)",
+                         full_help="ResNet-56, batch 64 per rank, more steps")
     parser.add_argument("--count-only", action="store_true",
                         help="no timed steps: collectives and elements per step only (exact anywhere)")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                         help="gloo on CPUs (default); nccl with one GPU per rank")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where to write fsdp*.json/csv (default: benchmarks/results/<device>)")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # --cpu-malloc: this process's stamp; the workers apply it themselves
     size = "smoke" if args.smoke else "full" if args.full else "default"
-    configure_cpu_malloc(args.cpu_malloc)  # this process's stamp; the workers apply it themselves
     env = group_environment(args.backend)
     print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc,
@@ -177,8 +173,7 @@ def main(argv=None) -> list[dict]:
     columns = ["variant", "mode", "step_ms", "ratio_vs_plain", "all_gather_per_step",
                "reduce_scatter_per_step", "collectives_vs_plain", "elements_vs_plain"]
     print(format_table(rows, columns))
-    name = "fsdp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "") + (
-        "_counts" if args.count_only else "")
+    name = "fsdp" + size_suffix(args.smoke, args.full) + ("_counts" if args.count_only else "")
     paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows

@@ -28,7 +28,6 @@ launch shows in the step time. Two measurements:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -38,13 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     environment,
     format_table,
     median,
+    parse_size_args,
     print_environment,
+    size_suffix,
     time_interleaved,
     trimmed_mean,
     use_triton_interpreter_without_cuda,
@@ -209,17 +208,14 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds-long run; its numbers mean nothing")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_size_args(argv, __doc__.splitlines()[0],
+                           smoke_help="seconds-long run; its numbers mean nothing")
     use_triton_interpreter_without_cuda()
     device = best_device()
     env = environment(device)
     print_environment(env)
     rows, samples = run(smoke=args.smoke)
-    paths = write_results("host" + ("_smoke" if args.smoke else ""), rows, env, samples=samples)
+    paths = write_results("host" + size_suffix(args.smoke), rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

@@ -86,6 +86,7 @@ from .common import (
     median,
     parse_size_args,
     print_environment,
+    size_suffix,
     time_fn,
     time_interleaved,
     trimmed_mean,
@@ -376,7 +377,7 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
         print()
         rows.extend(model_rows)
         all_samples.update(samples)
-    name = "models" + ("_smoke" if smoke else "" if quick else "_full")
+    name = "models" + size_suffix(smoke, not quick)
     json_path, _ = write_results(name, rows, env, samples=all_samples)
     print(f"results: {json_path}")
     crossings = break_even_rows(rows)

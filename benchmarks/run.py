@@ -15,7 +15,6 @@ summary table printed last (within 120 columns; ``summary.json`` has the long fo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -33,14 +32,15 @@ from . import (
 )
 from .common import (
     RESULTS_DIR,
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     copy_bandwidth,
     device_slug,
     environment,
     format_table,
+    parse_args,
     ratio_text,
+    size_parser,
+    size_suffix,
     use_triton_interpreter_without_cuda,
 )
 from .plots import plot_epilogue, plot_models
@@ -308,16 +308,12 @@ def summary_table(summary: list[dict]) -> str:
 
 
 def main(argv=None) -> dict[str, list[dict]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds each (CI)")
-    size.add_argument("--full", action="store_true", help="large shapes, more steps")
+    parser = size_parser(__doc__.splitlines()[0], smoke_help="tiny sizes, seconds each (CI)",
+                         full_help="large shapes, more steps")
     parser.add_argument("--only", choices=sorted(BENCHES), action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="print each benchmark's own tables too")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_args(parser, argv)
 
     if args.smoke:
         print(SMOKE_NOTE, flush=True)
@@ -352,7 +348,7 @@ def main(argv=None) -> dict[str, list[dict]]:
             bar.update(1)
     if bar is not None:
         bar.close()
-    suffix = "_smoke" if args.smoke else ("_full" if args.full else "")
+    suffix = size_suffix(args.smoke, args.full)
     log.write(f"[total: {time.perf_counter() - started:.0f} s]\n")  # the figure the README states
     (out_dir / f"bench{suffix}.log").write_text(log.getvalue())
 

@@ -271,7 +271,12 @@ TABLE_COLUMNS = ["model", "variant", "dropped_grads", "saved_mib", "saved_x_full
                  "peak_mib"]
 
 
-def run(quick: bool = True, smoke: bool = False) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Count on the best device; print the tables, write the results; return the rows."""
+    args = parse_size_args(argv, __doc__.split("\n")[0],
+                           smoke_help="tiny sizes, one step: checks that it runs",
+                           full_help="bench_models' --full sizes, more steps")
+    quick, smoke = not args.full, args.smoke
     device = best_device()
     env = environment(device)
     env["gpu_path"] = ("CUDA tensors, Triton kernels executed" if device.type == "cuda" else
@@ -293,13 +298,6 @@ def run(quick: bool = True, smoke: bool = False) -> list[dict]:
     json_path, _ = write_results(name, rows, env)
     print(f"results: {json_path}")
     return rows
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_size_args(argv, __doc__.split("\n")[0],
-                           smoke_help="tiny sizes, one step: checks that it runs",
-                           full_help="bench_models' --full sizes, more steps")
-    return run(quick=not args.full, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -363,8 +363,12 @@ TABLE_COLUMNS = ["model", "batch", "size", "variant", "mean_ms", "ratio", "ratio
                  "drawn_time_ideal_ratio"]
 
 
-def run(quick: bool = False, smoke: bool = False) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark on the best device; print the tables, write the results; return the rows."""
+    args = parse_size_args(argv, __doc__.split("\n")[0],
+                           smoke_help="tiny sizes, a few steps: checks that it runs",
+                           full_help="more timed steps, larger non-ResNet inputs")
+    quick, smoke = not args.full, args.smoke
     device = best_device()
     env = {**environment(device), "zero_grad_set_to_none": ZERO_GRAD_SET_TO_NONE}
     print_environment(env)
@@ -387,13 +391,6 @@ def run(quick: bool = False, smoke: bool = False) -> list[dict]:
         print(format_table(crossings, ["model", "mode", "break_even_rate", "status", "rates", "ratios"]))
         write_results(name.replace("models", "break_even"), crossings, env)
     return rows
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_size_args(argv, __doc__.split("\n")[0],
-                           smoke_help="tiny sizes, a few steps: checks that it runs",
-                           full_help="more timed steps, larger non-ResNet inputs")
-    return run(quick=not args.full, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 import sdepth_ext as sd
 
 from .common import (
-    environment,
     format_table,
     parse_args,
     print_environment,
@@ -36,7 +35,7 @@ from .common import (
     size_suffix,
     write_results,
 )
-from .workers import WORLD, group_environment, process_group, run_workers
+from .workers import WORLD, group_environment, process_group, run_workers, save_measured
 
 VARIANTS = ("ddp_ready", "find_unused", "all_blocks")
 CONFIGS = {  # depth, batch per rank, image size, timed steps, warm-up steps
@@ -79,8 +78,7 @@ def _worker(rank: int, port: int, out_path: str, config: tuple, cpu_malloc: str)
                     elapsed = time.perf_counter() - t0
                     if step >= warmup:
                         samples.setdefault(f"{mode}/{v}", []).append(elapsed)
-        if rank == 0:
-            torch.save({"samples": samples, "cpu_allocator": environment()["cpu_allocator"]}, out_path)
+        save_measured(rank, out_path, samples=samples)
 
 
 def run(size: str = "default", timeout_s: float = 1800.0,

@@ -35,7 +35,6 @@ from sdepth_ext.convert import units_of
 from sdepth_ext.fsdp import count_collectives
 
 from .common import (
-    environment,
     format_table,
     parse_args,
     print_environment,
@@ -43,7 +42,7 @@ from .common import (
     size_suffix,
     write_results,
 )
-from .workers import WORLD, group_environment, process_group, run_workers
+from .workers import WORLD, group_environment, process_group, run_workers, save_measured
 
 VARIANTS = ("plain", "all_units", "batch", "row", "subset")
 CONFIGS = {  # depth, batch per rank, image size, timed steps, warm-up steps, counted steps
@@ -114,9 +113,7 @@ def _worker(rank: int, port: int, out_path: str, config: tuple, backend: str, cp
                     torch.cuda.synchronize(device)
                 if step >= warmup:
                     samples[v].append(time.perf_counter() - t0)
-        if rank == 0:
-            torch.save({"samples": samples, "collectives": collectives,
-                        "cpu_allocator": environment()["cpu_allocator"]}, out_path)
+        save_measured(rank, out_path, samples=samples, collectives=collectives)
 
 
 def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,

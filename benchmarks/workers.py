@@ -1,6 +1,6 @@
 """The worker processes of the distributed benchmarks (bench_ddp, bench_fsdp): :data:`WORLD` ranks on this
 machine, spawned by :func:`run_workers`, joined in a process group by :func:`process_group`; rank 0 saves
-what they measured, which the parent reads back.
+what they measured (:func:`save_measured`), which the parent reads back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from .common import configure_cpu_malloc, environment
 
-__all__ = ["WORLD", "group_environment", "process_group", "run_workers"]
+__all__ = ["WORLD", "group_environment", "process_group", "run_workers", "save_measured"]
 
 WORLD = 2
 
@@ -47,6 +47,13 @@ def process_group(rank: int, port: int, backend: str, cpu_malloc: str) -> Iterat
         dist.destroy_process_group()
 
 
+def save_measured(rank: int, out_path: str, **measured) -> None:
+    """In a worker: rank 0 saves ``measured`` for :func:`run_workers`, with the ``cpu_allocator`` the workers
+    ran with (their timing is what the result rows hold)."""
+    if rank == 0:
+        torch.save({**measured, "cpu_allocator": environment()["cpu_allocator"]}, out_path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +62,7 @@ def _free_port() -> int:
 
 def run_workers(worker: Callable, args: tuple, what: str, timeout_s: float) -> dict:
     """Run ``worker(rank, port, out_path, *args)`` in :data:`WORLD` spawned processes and return what rank 0
-    saved to ``out_path`` (``torch.save``); ``what`` names the benchmark if they time out."""
+    saved to ``out_path`` (:func:`save_measured`); ``what`` names the benchmark if they time out."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "samples.pt")
         context = mp.start_processes(worker, args=(_free_port(), out_path, *args), nprocs=WORLD, join=False,

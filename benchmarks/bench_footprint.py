@@ -276,25 +276,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_size_args(argv, __doc__.split("\n")[0],
                            smoke_help="tiny sizes, one step: checks that it runs",
                            full_help="bench_models' --full sizes, more steps")
-    quick, smoke = not args.full, args.smoke
     device = best_device()
     env = environment(device)
     env["gpu_path"] = ("CUDA tensors, Triton kernels executed" if device.type == "cuda" else
                        "CPU tensors through sdepth_ext.functional.gpu_path_on_cpu: Triton launches counted, "
                        "their grids not executed")
     print_environment(env)
-    configs, _, _ = model_configs(device, quick, smoke)
-    if smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth are enough
+    configs, _, _ = model_configs(device, quick=not args.full, smoke=args.smoke)
+    if args.smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth do
         configs = [configs[0], min((c for c in configs if c["kind"] == "own-sd"),
                                    key=lambda c: c["name"] != "efficientnet_b0")]
-    steps = STEPS["smoke" if smoke else ("quick" if quick else "full")]
+    steps = STEPS["smoke" if args.smoke else ("full" if args.full else "quick")]
     rows: list[dict] = []
     for config in configs:
         model_rows = bench_model(config, device, steps)
         print(format_table(model_rows, TABLE_COLUMNS))
         print(flush=True)
         rows.extend(model_rows)
-    name = "footprint" + size_suffix(smoke, not quick)
+    name = "footprint" + size_suffix(args.smoke, args.full)
     json_path, _ = write_results(name, rows, env)
     print(f"results: {json_path}")
     return rows

@@ -368,20 +368,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_size_args(argv, __doc__.split("\n")[0],
                            smoke_help="tiny sizes, a few steps: checks that it runs",
                            full_help="more timed steps, larger non-ResNet inputs")
-    quick, smoke = not args.full, args.smoke
     device = best_device()
     env = {**environment(device), "zero_grad_set_to_none": ZERO_GRAD_SET_TO_NONE}
     print_environment(env)
-    configs, warmup, repeat = model_configs(device, quick, smoke)
+    configs, warmup, repeat = model_configs(device, quick=not args.full, smoke=args.smoke)
     rows: list[dict] = []
     all_samples: dict = {}
     for config in configs:
-        model_rows, samples = bench_model(config, device, warmup, repeat, quick, smoke)
+        model_rows, samples = bench_model(config, device, warmup, repeat, quick=not args.full,
+                                          smoke=args.smoke)
         print(format_table(model_rows, TABLE_COLUMNS))
         print()
         rows.extend(model_rows)
         all_samples.update(samples)
-    name = "models" + size_suffix(smoke, not quick)
+    name = "models" + size_suffix(args.smoke, args.full)
     json_path, _ = write_results(name, rows, env, samples=all_samples)
     print(f"results: {json_path}")
     crossings = break_even_rows(rows)

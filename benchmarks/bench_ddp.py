@@ -16,33 +16,27 @@ allocator the worker processes ran with (``--cpu-malloc`` is applied in each of 
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import sdepth_ext as sd
 
 from .common import (
-    add_cpu_malloc_option,
-    configure_cpu_malloc,
-    environment,
     format_table,
+    parse_args,
     print_environment,
+    size_parser,
+    size_suffix,
     write_results,
 )
+from .workers import WORLD, group_environment, process_group, run_workers, save_measured
 
-WORLD = 2
 VARIANTS = ("ddp_ready", "find_unused", "all_blocks")
 CONFIGS = {  # depth, batch per rank, image size, timed steps, warm-up steps
     "smoke": (8, 4, 16, 3, 1),
@@ -64,13 +58,9 @@ def _make(variant: str, mode: str, depth: int):
     return DistributedDataParallel(model)
 
 
-def _worker(rank: int, port: int, config: tuple, out_path: str, cpu_malloc: str = "keep") -> None:
-    configure_cpu_malloc(cpu_malloc)  # a spawned process starts with the system allocator: apply it here
-    torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+def _worker(rank: int, port: int, out_path: str, config: tuple, cpu_malloc: str) -> None:
     depth, batch, size, steps, warmup = config
-    try:
+    with process_group(rank, port, "gloo", cpu_malloc):
         samples: dict[str, list[float]] = {}
         for mode in ("batch", "row"):
             models = {v: _make(v, mode, depth) for v in VARIANTS}
@@ -88,36 +78,14 @@ def _worker(rank: int, port: int, config: tuple, out_path: str, cpu_malloc: str 
                     elapsed = time.perf_counter() - t0
                     if step >= warmup:
                         samples.setdefault(f"{mode}/{v}", []).append(elapsed)
-        if rank == 0:
-            torch.save({"samples": samples, "cpu_allocator": environment()["cpu_allocator"]}, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        save_measured(rank, out_path, samples=samples)
 
 
 def run(size: str = "default", timeout_s: float = 1800.0,
         cpu_malloc: str = "keep") -> tuple[list[dict], dict, str]:
     """Rows, samples, and the ``cpu_allocator`` the workers ran with (their timing is what the rows hold)."""
     config = CONFIGS[size]
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "samples.pt")
-        context = mp.start_processes(_worker, args=(_free_port(), config, out_path, cpu_malloc), nprocs=WORLD,
-                                     join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not context.join(timeout=5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"bench_ddp workers did not finish within {timeout_s} s")
-        finally:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-        saved = torch.load(out_path)
+    saved = run_workers(_worker, (config, cpu_malloc), "bench_ddp", timeout_s)
     samples, workers_allocator = saved["samples"], saved["cpu_allocator"]
     depth, batch, image, steps, _ = config
     rows = []
@@ -133,25 +101,19 @@ def run(size: str = "default", timeout_s: float = 1800.0,
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--smoke", action="store_true", help="seconds-long run, for CI")
-    group.add_argument("--full", action="store_true", help="ResNet-56, batch 64 per rank, more steps")
+    parser = size_parser(__doc__.splitlines()[0], smoke_help="seconds-long run, for CI",
+                         full_help="ResNet-56, batch 64 per rank, more steps")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where to write ddp*.json/csv (default: benchmarks/results/cpu)")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # --cpu-malloc: this process's stamp; the workers apply it themselves
     size = "smoke" if args.smoke else "full" if args.full else "default"
-    configure_cpu_malloc(args.cpu_malloc)  # this process's stamp; the workers apply it themselves
-    env = environment(torch.device("cpu"))
-    env["backend"] = "gloo"
-    env["world_size"] = WORLD
+    env = group_environment("gloo")
     print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, cpu_malloc=args.cpu_malloc)
     columns = ["mode", "variant", "depth", "batch_per_rank", "step_ms", "ratio_vs_find_unused"]
     print(format_table(rows, columns))
-    name = "ddp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "")
-    paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
+    paths = write_results("ddp" + size_suffix(args.smoke, args.full), rows, env, samples=samples,
+                          out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

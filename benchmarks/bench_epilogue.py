@@ -41,6 +41,7 @@ from .common import (
     median,
     parse_size_args,
     print_environment,
+    size_suffix,
     time_interleaved,
     write_results,
 )
@@ -282,8 +283,7 @@ def main(argv=None) -> list[dict]:
     print(format_table(rows, _columns(variants)))
     if rows and rows[0].get("note"):
         print(f"note: {rows[0]['note']}")
-    name = "epilogue" + ("_smoke" if args.smoke else "_full" if args.full else "")
-    paths = write_results(name, rows, env, samples=samples)
+    paths = write_results("epilogue" + size_suffix(args.smoke, args.full), rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

@@ -58,31 +58,31 @@ counted steps; forward + backward, no optimizer step, which is the same for ever
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import types
 
 import torch
 from torch import nn
 
-# The units' GPU path runs on CPU tensors through Triton's interpreter: set before the kernels are defined.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sdepth_ext as sd
+from sdepth_ext.flops import compute_fraction, unit_macs
+from sdepth_ext.state import get_state, units_of
 
-import sdepth_ext as sd  # noqa: E402
-from sdepth_ext.flops import compute_fraction, unit_macs  # noqa: E402
-from sdepth_ext.state import get_state, units_of  # noqa: E402
-
-from .bench_models import _configs, _hand_forward, _num_classes, _patch_units, with_peer  # noqa: E402
-from .common import (  # noqa: E402
+from .common import (
     best_device,
     environment,
     format_table,
     parse_size_args,
     print_environment,
+    size_suffix,
+    use_triton_interpreter_without_cuda,
     write_results,
 )
-from .counting import count_step  # noqa: E402
+from .counting import count_step
+from .models import model_configs, num_classes_of, skip_by_hand, with_peer
+
+# The units' GPU path runs on CPU tensors through Triton's interpreter: set on import, before kernels load.
+use_triton_interpreter_without_cuda()
 
 RESNET_P_LAST = 0.5
 OWN_SD_RATE = 0.5  # torchvision models; timm models: the highest rate bench_models times (TIMM_RATES)
@@ -129,9 +129,8 @@ def _by_hand(full: nn.Module, scales: list[float]) -> tuple[nn.Module, dict]:
     """A copy of ``full`` running by hand whatever plan counts ``current["plan"].counts`` says (bench_models'
     comparators: a unit with no survivor skipped, all survivors run whole and eager, K of N run on the first
     K samples, a view, and concatenated): ``(model, current)``."""
-    model, current = copy.deepcopy(full).train(), {}
-    _patch_units(model, _hand_forward, scales, current)
-    return model, current
+    model = copy.deepcopy(full).train()
+    return model, skip_by_hand(model, scales)
 
 
 def memory_ideal(outside_bytes: int, unit_bytes: list[int], counts: list[int], batch: int,
@@ -219,7 +218,7 @@ def bench_model(config: dict, device: torch.device, steps: int) -> list[dict]:
     full, original, to_convert, convert_kwargs = _models(config, device)
     batch, size = config["batch"], config["size"]
     x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, _num_classes(full, x), (batch,), device=device)
+    y = torch.randint(0, num_classes_of(full, x), (batch,), device=device)
     per_unit, total = unit_macs(full, x[:1])
     head = {"model": config["name"], "family": units_of(full)[0][2].family, "batch": batch, "size": size,
             "rate_kind": "p_last" if config["kind"] == "resnet" else "stochastic_depth_prob",
@@ -272,35 +271,32 @@ TABLE_COLUMNS = ["model", "variant", "dropped_grads", "saved_mib", "saved_x_full
                  "peak_mib"]
 
 
-def run(quick: bool = True, smoke: bool = False) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Count on the best device; print the tables, write the results; return the rows."""
+    args = parse_size_args(argv, __doc__.split("\n")[0],
+                           smoke_help="tiny sizes, one step: checks that it runs",
+                           full_help="bench_models' --full sizes, more steps")
     device = best_device()
     env = environment(device)
     env["gpu_path"] = ("CUDA tensors, Triton kernels executed" if device.type == "cuda" else
                        "CPU tensors through sdepth_ext.functional.gpu_path_on_cpu: Triton launches counted, "
                        "their grids not executed")
     print_environment(env)
-    configs, _, _ = _configs(device, quick, smoke)
-    if smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth are enough
+    configs, _, _ = model_configs(device, quick=not args.full, smoke=args.smoke)
+    if args.smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth do
         configs = [configs[0], min((c for c in configs if c["kind"] == "own-sd"),
                                    key=lambda c: c["name"] != "efficientnet_b0")]
-    steps = STEPS["smoke" if smoke else ("quick" if quick else "full")]
+    steps = STEPS["smoke" if args.smoke else ("full" if args.full else "quick")]
     rows: list[dict] = []
     for config in configs:
         model_rows = bench_model(config, device, steps)
         print(format_table(model_rows, TABLE_COLUMNS))
         print(flush=True)
         rows.extend(model_rows)
-    name = "footprint" + ("_smoke" if smoke else "" if quick else "_full")
+    name = "footprint" + size_suffix(args.smoke, args.full)
     json_path, _ = write_results(name, rows, env)
     print(f"results: {json_path}")
     return rows
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_size_args(argv, __doc__.split("\n")[0],
-                           smoke_help="tiny sizes, one step: checks that it runs",
-                           full_help="bench_models' --full sizes, more steps")
-    return run(quick=not args.full, smoke=args.smoke)
 
 
 if __name__ == "__main__":

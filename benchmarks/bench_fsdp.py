@@ -22,18 +22,12 @@ Prints median step times, ratios and collectives; writes JSON + CSV (``benchmark
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import sdepth_ext as sd
@@ -41,15 +35,15 @@ from sdepth_ext.fsdp import count_collectives
 from sdepth_ext.state import units_of
 
 from .common import (
-    add_cpu_malloc_option,
-    configure_cpu_malloc,
-    environment,
     format_table,
+    parse_args,
     print_environment,
+    size_parser,
+    size_suffix,
     write_results,
 )
+from .workers import WORLD, group_environment, process_group, run_workers, save_measured
 
-WORLD = 2
 VARIANTS = ("plain", "all_units", "batch", "row", "subset")
 CONFIGS = {  # depth, batch per rank, image size, timed steps, warm-up steps, counted steps
     "smoke": (8, 4, 16, 2, 1, 2),
@@ -90,17 +84,9 @@ def _step(model, opt, x, y) -> None:
     opt.step()
 
 
-def _worker(rank: int, port: int, config: tuple, out_path: str, backend: str,
-            cpu_malloc: str = "keep") -> None:
-    configure_cpu_malloc(cpu_malloc)  # a spawned process starts with the system allocator: apply it here
-    torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+def _worker(rank: int, port: int, out_path: str, config: tuple, backend: str, cpu_malloc: str) -> None:
     depth, batch, size, steps, warmup, counted = config
-    try:
+    with process_group(rank, port, backend, cpu_malloc) as device:
         models = {v: _make(v, depth, device) for v in VARIANTS}
         opts = {v: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for v, m in models.items()}
         g = torch.Generator().manual_seed(rank)
@@ -127,17 +113,7 @@ def _worker(rank: int, port: int, config: tuple, out_path: str, backend: str,
                     torch.cuda.synchronize(device)
                 if step >= warmup:
                     samples[v].append(time.perf_counter() - t0)
-        if rank == 0:
-            torch.save({"samples": samples, "collectives": collectives,
-                        "cpu_allocator": environment()["cpu_allocator"]}, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        save_measured(rank, out_path, samples=samples, collectives=collectives)
 
 
 def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
@@ -146,20 +122,7 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
     config = CONFIGS[size]
     if count_only:
         config = (*config[:3], 0, 0, config[5])
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "samples.pt")
-        context = mp.start_processes(_worker, args=(_free_port(), config, out_path, backend, cpu_malloc),
-                                     nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not context.join(timeout=5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"bench_fsdp workers did not finish within {timeout_s} s")
-        finally:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-        saved = torch.load(out_path)
+    saved = run_workers(_worker, (config, backend, cpu_malloc), "bench_fsdp", timeout_s)
     samples, collectives = saved["samples"], saved["collectives"]
     depth, batch, image, steps, _, counted = config
 
@@ -190,32 +153,24 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--smoke", action="store_true", help="seconds-long run, for CI (not a measurement)")
-    group.add_argument("--full", action="store_true", help="ResNet-56, batch 64 per rank, more steps")
+    parser = size_parser(__doc__.splitlines()[0], smoke_help="seconds-long run, for CI (not a measurement)",
+                         full_help="ResNet-56, batch 64 per rank, more steps")
     parser.add_argument("--count-only", action="store_true",
                         help="no timed steps: collectives and elements per step only (exact anywhere)")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                         help="gloo on CPUs (default); nccl with one GPU per rank")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where to write fsdp*.json/csv (default: benchmarks/results/<device>)")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # --cpu-malloc: this process's stamp; the workers apply it themselves
     size = "smoke" if args.smoke else "full" if args.full else "default"
-    configure_cpu_malloc(args.cpu_malloc)  # this process's stamp; the workers apply it themselves
-    device = torch.device("cuda", 0) if args.backend == "nccl" else torch.device("cpu")
-    env = environment(device)
-    env["backend"] = args.backend
-    env["world_size"] = WORLD
+    env = group_environment(args.backend)
     print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc,
                                               count_only=args.count_only)
     columns = ["variant", "mode", "step_ms", "ratio_vs_plain", "all_gather_per_step",
                "reduce_scatter_per_step", "collectives_vs_plain", "elements_vs_plain"]
     print(format_table(rows, columns))
-    name = "fsdp" + ("_smoke" if size == "smoke" else "_full" if size == "full" else "") + (
-        "_counts" if args.count_only else "")
+    name = "fsdp" + size_suffix(args.smoke, args.full) + ("_counts" if args.count_only else "")
     paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows

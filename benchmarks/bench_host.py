@@ -28,7 +28,6 @@ launch shows in the step time. Two measurements:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -38,15 +37,16 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     environment,
     format_table,
     median,
+    parse_size_args,
     print_environment,
+    size_suffix,
     time_interleaved,
     trimmed_mean,
+    use_triton_interpreter_without_cuda,
     write_results,
 )
 
@@ -58,12 +58,6 @@ STEP_DEPTH, STEP_BATCH, STEP_SIZE = 56, 2, 8
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def enable_interpreter_on_cpu(device: torch.device) -> None:
-    """Without CUDA the Triton kernels must be defined under the interpreter: set before they are imported."""
-    if device.type != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @contextlib.contextmanager
@@ -204,7 +198,7 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
 
 def run(smoke: bool = False) -> tuple[list[dict], dict]:
     device = best_device()
-    enable_interpreter_on_cpu(device)
+    use_triton_interpreter_without_cuda()
     call_rows, call_samples = bench_calls(device, smoke)
     print(format_table(call_rows, ["what", "variant", "shape", "us", "x_eager", "launch"]) + "\n", flush=True)
     step_rows, step_samples = bench_step(device, smoke)
@@ -214,17 +208,14 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds-long run; its numbers mean nothing")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_size_args(argv, __doc__.splitlines()[0],
+                           smoke_help="seconds-long run; its numbers mean nothing")
+    use_triton_interpreter_without_cuda()
     device = best_device()
-    enable_interpreter_on_cpu(device)
     env = environment(device)
     print_environment(env)
     rows, samples = run(smoke=args.smoke)
-    paths = write_results("host" + ("_smoke" if args.smoke else ""), rows, env, samples=samples)
+    paths = write_results("host" + size_suffix(args.smoke), rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

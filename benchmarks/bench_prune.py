@@ -12,21 +12,19 @@ model, and the FLOP ratio of the pruned model (its MACs over the full model's).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import sdepth_ext as sd
 from sdepth_ext.flops import total_macs
 
 from .common import (
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     environment,
     format_table,
     median,
+    parse_size_args,
     print_environment,
+    size_suffix,
     time_interleaved,
     write_results,
 )
@@ -77,17 +75,14 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="seconds-long run; its numbers mean nothing")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_size_args(argv, __doc__.splitlines()[0],
+                           smoke_help="seconds-long run; its numbers mean nothing")
     env = environment(best_device())
     print_environment(env)
     rows, samples = run(smoke=args.smoke)
     print(format_table(rows, ["model", "batch", "removed_blocks", "depth", "pruned_ms", "by_hand_ms",
                               "latency_ratio", "by_hand_ratio", "over_hand", "flop_ratio"]))
-    paths = write_results("prune" + ("_smoke" if args.smoke else ""), rows, env, samples=samples)
+    paths = write_results("prune" + size_suffix(args.smoke), rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

@@ -12,12 +12,12 @@ import time
 import sdepth_ext as sd
 
 from .common import (
-    add_cpu_malloc_option,
-    configure_cpu_malloc,
     environment,
     format_table,
     median,
+    parse_args,
     print_environment,
+    size_suffix,
     write_results,
 )
 
@@ -64,16 +64,13 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="seconds-long run, for CI")
     parser.add_argument("--full", action="store_true", help="more repeats")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_args(parser, argv)
     env = environment()
     print_environment(env)
     rows, samples = run(quick=not args.full, smoke=args.smoke)
     print(format_table(rows, ["mode", "num_blocks", "batch_size", "cpp_us", "python_us",
                               "speedup_cpp_vs_python"]))
-    name = "scheduler" + ("_smoke" if args.smoke else "_full" if args.full else "")
-    paths = write_results(name, rows, env, samples=samples)
+    paths = write_results("scheduler" + size_suffix(args.smoke, args.full), rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

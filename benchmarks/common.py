@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import textwrap
@@ -24,23 +25,14 @@ from sdepth_ext.train.files import atomic_write_csv, atomic_write_text
 
 from .cpu_malloc import cpu_allocator, keep_freed_cpu_memory
 
-__all__ = ["CSV_STAMP", "RESULTS_DIR", "add_cpu_malloc_option", "best_device", "configure_cpu_malloc",
-           "copy_bandwidth", "device_name", "device_slug", "environment", "format_table", "median",
-           "print_environment", "ratio_text", "synchronize", "time_fn", "time_interleaved", "trimmed_mean",
-           "write_results"]
+__all__ = ["CSV_STAMP", "RESULTS_DIR", "best_device", "configure_cpu_malloc", "copy_bandwidth", "device_name",
+           "device_slug", "environment", "format_table", "median", "parse_args", "parse_size_args",
+           "print_environment", "ratio_text", "size_parser", "size_suffix", "synchronize", "time_fn",
+           "time_interleaved", "trimmed_mean", "use_triton_interpreter_without_cuda", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The stamp keys repeated on every CSV row (the JSON files carry the whole stamp).
 CSV_STAMP = ("device", "torch", "triton", "torchvision", "cpu_allocator", "dropped_grads", "date", "command")
-
-
-def add_cpu_malloc_option(parser) -> None:
-    """``--cpu-malloc keep|default``: every benchmark entry point takes it (``make bench`` passes it on)."""
-    parser.add_argument(
-        "--cpu-malloc", choices=("keep", "default"), default="keep",
-        help="keep (default): glibc malloc keeps freed memory for reuse, as jemalloc/tcmalloc do "
-             "(benchmarks.cpu_malloc.keep_freed_cpu_memory); default: the system allocator as it is, "
-             "which can page-fault freed activations back in at each step")
 
 
 def configure_cpu_malloc(choice: str) -> None:
@@ -49,18 +41,51 @@ def configure_cpu_malloc(choice: str) -> None:
         keep_freed_cpu_memory()
 
 
-def parse_size_args(argv: list[str] | None, description: str, smoke_help: str,
-                    full_help: str) -> argparse.Namespace:
-    """The command line of a benchmark with three sizes: ``--smoke`` or ``--full`` (else the default size,
-    what ``make bench`` runs), and ``--cpu-malloc``, applied before anything is allocated."""
+def use_triton_interpreter_without_cuda() -> None:
+    """Without CUDA, sdepth_ext's Triton kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` (a
+    value already set is kept). ``@triton.jit`` reads it when a kernel is defined, which sdepth_ext does when
+    it first loads its kernels (at the first Triton call, :func:`sdepth_ext.kernels.load_epilogue`): call
+    this before. bench_host times the Python above the interpreter's launch; bench_footprint counts the
+    launches of the GPU path on CPU tensors. On a CPU nothing else reads it (the other benchmarks run the
+    torch path)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def size_parser(description: str, smoke_help: str, full_help: str | None = None) -> argparse.ArgumentParser:
+    """A benchmark's command line with its sizes: ``--smoke`` or ``--full`` (else the default size, what
+    ``make bench`` runs); without ``full_help``, ``--smoke`` only (one size besides it). The benchmark adds
+    its own options, then parses with :func:`parse_args`."""
     parser = argparse.ArgumentParser(description=description)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--smoke", action="store_true", help=smoke_help)
-    size.add_argument("--full", action="store_true", help=full_help)
-    add_cpu_malloc_option(parser)
+    if full_help is not None:
+        size.add_argument("--full", action="store_true", help=full_help)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser``'s arguments and ``--cpu-malloc keep|default`` (every benchmark entry point takes it; ``make
+    bench`` passes it on), which is applied before anything is allocated."""
+    parser.add_argument(
+        "--cpu-malloc", choices=("keep", "default"), default="keep",
+        help="keep (default): glibc malloc keeps freed memory for reuse, as jemalloc/tcmalloc do "
+             "(benchmarks.cpu_malloc.keep_freed_cpu_memory); default: the system allocator as it is, "
+             "which can page-fault freed activations back in at each step")
     args = parser.parse_args(argv)
     configure_cpu_malloc(args.cpu_malloc)
     return args
+
+
+def parse_size_args(argv: list[str] | None, description: str, smoke_help: str,
+                    full_help: str | None = None) -> argparse.Namespace:
+    """The command line of a benchmark with no options of its own: its sizes and ``--cpu-malloc``."""
+    return parse_args(size_parser(description, smoke_help, full_help), argv)
+
+
+def size_suffix(smoke: bool, full: bool = False) -> str:
+    """The result files' name suffix for a run's size: ``_smoke``, ``_full``, none at the default size."""
+    return "_smoke" if smoke else "_full" if full else ""
 
 
 def environment(device: torch.device | None = None) -> dict:

@@ -15,25 +15,14 @@ summary table printed last (within 120 columns; ``summary.json`` has the long fo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 import textwrap
 import time
 
-import torch
-
-# Without CUDA, bench_host runs the Triton kernels under Triton's interpreter (their launch stubbed, to time
-# the Python above it). @triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when
-# sdepth_ext.kernels.epilogue is first imported, by whichever benchmark comes first: so set it before any of
-# them is imported. On a CPU nothing else reads it (the other benchmarks run the torch path there).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from . import (  # noqa: E402
+from . import (
     bench_epilogue,
     bench_footprint,
     bench_host,
@@ -41,18 +30,23 @@ from . import (  # noqa: E402
     bench_prune,
     bench_scheduler,
 )
-from .common import (  # noqa: E402
+from .common import (
     RESULTS_DIR,
-    add_cpu_malloc_option,
     best_device,
-    configure_cpu_malloc,
     copy_bandwidth,
     device_slug,
     environment,
     format_table,
+    parse_args,
     ratio_text,
+    size_parser,
+    size_suffix,
+    use_triton_interpreter_without_cuda,
 )
-from .plots import plot_epilogue, plot_models  # noqa: E402
+from .plots import plot_epilogue, plot_models
+
+# Set on import, before any benchmark loads the Triton kernels (none of them does so when imported).
+use_triton_interpreter_without_cuda()
 
 BENCHES = {
     "scheduler": bench_scheduler,
@@ -314,16 +308,12 @@ def summary_table(summary: list[dict]) -> str:
 
 
 def main(argv=None) -> dict[str, list[dict]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds each (CI)")
-    size.add_argument("--full", action="store_true", help="large shapes, more steps")
+    parser = size_parser(__doc__.splitlines()[0], smoke_help="tiny sizes, seconds each (CI)",
+                         full_help="large shapes, more steps")
     parser.add_argument("--only", choices=sorted(BENCHES), action="append",
                         help="run only these benchmarks (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="print each benchmark's own tables too")
-    add_cpu_malloc_option(parser)
-    args = parser.parse_args(argv)
-    configure_cpu_malloc(args.cpu_malloc)
+    args = parse_args(parser, argv)
 
     if args.smoke:
         print(SMOKE_NOTE, flush=True)
@@ -358,7 +348,7 @@ def main(argv=None) -> dict[str, list[dict]]:
             bar.update(1)
     if bar is not None:
         bar.close()
-    suffix = "_smoke" if args.smoke else ("_full" if args.full else "")
+    suffix = size_suffix(args.smoke, args.full)
     log.write(f"[total: {time.perf_counter() - started:.0f} s]\n")  # the figure the README states
     (out_dir / f"bench{suffix}.log").write_text(log.getvalue())
 

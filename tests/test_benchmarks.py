@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_models, common, report
+from benchmarks import common, report
 from benchmarks import run as bench_run
 
 STAMP = common.CSV_STAMP  # on every CSV row; cpu_allocator included
@@ -121,7 +121,7 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
 
 
 def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
-    from benchmarks.bench_models import OWN_SD_MODELS
+    from benchmarks.models import HAND_MODES, OWN_SD_MODELS
 
     rows = smoke_run[0]["models"]
     assert {r["family"] for r in rows} == FAMILIES
@@ -163,7 +163,7 @@ def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
             if rate != (0.4 if model in TIMM_SD else 0.5):
                 assert "hand_ratio" not in r
                 continue
-            twin = sel[f"{bench_models.HAND_MODES[r['mode']]} {r['mode']} {r['variant'].split()[-1]}"]
+            twin = sel[f"{HAND_MODES[r['mode']]} {r['mode']} {r['variant'].split()[-1]}"]
             assert twin["mode"] == f"hand-{r['mode']}" and twin["reference"] == r["reference"]
             assert r["hand_ratio"] == twin["ratio"] and r["drawn_ideal_ratio"] == twin["drawn_ideal_ratio"]
             assert r["over_hand"] == pytest.approx(r["ratio"] / r["hand_ratio"])
@@ -238,7 +238,7 @@ def test_hand_comparator_runs_the_converted_models_plans(case, mode):
     import copy
 
     import sdepth_ext as sd
-    from benchmarks.bench_models import with_hand_skip
+    from benchmarks.models import with_hand_skip
     from sdepth_ext.state import units_of
 
     make, batch = HAND_CASES[case]
@@ -279,7 +279,7 @@ def test_own_sd_builders_are_torchvisions_models_at_any_rate():
     import torchvision
     from torchvision.ops import StochasticDepth
 
-    from benchmarks.bench_models import OWN_SD_MODELS
+    from benchmarks.models import OWN_SD_MODELS
 
     def rates(model):
         return [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
@@ -300,7 +300,7 @@ def test_own_sd_builders_are_torchvisions_models_at_any_rate():
 
 def test_timm_builders_take_the_rate():
     pytest.importorskip("timm", reason="timm is not installed (pip install sdepth_ext[timm])")
-    from benchmarks.bench_models import OWN_SD_MODELS
+    from benchmarks.models import OWN_SD_MODELS
 
     builder, default = OWN_SD_MODELS["timm deit_small"]
     model = builder(stochastic_depth_prob=0.4, num_classes=10, img_size=32)

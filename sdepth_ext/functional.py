@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from .kernels import ACTIVATIONS, load_epilogue, output_strides, triton_available
+from .kernels import ACTIVATION_RELU, ACTIVATIONS, load_epilogue, output_strides, triton_available
 from .kernels.torch_epilogue import TorchEpilogue, gated_residual_add_torch, gather_rows
 
 __all__ = ["ACTIVATIONS", "GatedResidualAddFunction", "TorchEpilogue", "epilogue_kernels", "fused_epilogue",
@@ -60,7 +60,7 @@ def gated_residual_add_reference(shortcut: torch.Tensor, residual: torch.Tensor,
     get ``act(shortcut)`` and never touch the residual; ``index_put`` routes the survivors' gradients (and,
     unlike ``index_copy``, keeps a channels_last layout).
     """
-    act = torch.relu if activation == "relu" else (lambda t: t)
+    act = torch.relu if activation == ACTIVATION_RELU else (lambda t: t)
     if rows is None:
         return act(shortcut + scale * residual)
     out = act(shortcut)
@@ -70,7 +70,7 @@ def gated_residual_add_reference(shortcut: torch.Tensor, residual: torch.Tensor,
 
 def gated_residual_relu_reference(shortcut, residual, scale=1.0, rows=None):
     """:func:`gated_residual_add_reference` with ``activation="relu"``."""
-    return gated_residual_add_reference(shortcut, residual, scale, rows, "relu")
+    return gated_residual_add_reference(shortcut, residual, scale, rows, ACTIVATION_RELU)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def gated_residual_add(shortcut: torch.Tensor, residual: torch.Tensor, scale: fl
     are dense; other inputs are copied to a contiguous layout first on the Triton path. Raises ``TypeError`` /
     ``ValueError`` naming the argument for bad inputs.
     """
-    if activation is not None and activation != "relu":
+    if activation is not None and activation != ACTIVATION_RELU:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     relu = activation is not None
     return _gated_residual_add(shortcut, residual, scale, rows, relu, backend, _trusted_rows)

@@ -94,11 +94,11 @@ class Plan:
         return cls(mode, batch_size, *pack_rows(batch_size, survivors), step=step)
 
     @property
-    def num_blocks(self) -> int:
-        """Number of units (kept under its old name: a ResNet block is one unit)."""
+    def num_units(self) -> int:
+        """Number of units (residual additions) the plan gates."""
         return len(self.counts)
 
-    num_units = num_blocks
+    num_blocks = num_units  # the name up to sdepth_ext 0.2.0 (a ResNet block is one unit)
 
     @property
     def buffer(self) -> torch.Tensor:

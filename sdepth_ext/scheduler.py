@@ -227,10 +227,11 @@ class Scheduler:
         self._sampler = self._make_sampler(seed, step)
 
     @property
-    def num_blocks(self) -> int:
+    def num_units(self) -> int:
+        """Number of units (residual additions) the scheduler draws gates for."""
         return len(self.survival)
 
-    num_units = num_blocks
+    num_blocks = num_units  # the name up to sdepth_ext 0.2.0 (a ResNet block is one unit)
 
     @property
     def seed(self) -> int:

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..kernels import ACTIVATION_RELU
+
 __all__ = ["UnitAdapter", "register_adapter", "register_unsupported", "adapter_for", "registered_adapters",
            "Defaults", "ACTIVATION_RELU", "scale_affine"]
-
-ACTIVATION_RELU = "relu"
 
 
 class Defaults:

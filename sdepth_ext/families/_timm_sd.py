@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from timm.layers import DropPath
 
-from . import Defaults
+from .base import Defaults
+from .registry import register_drop_module
+
+register_drop_module(DropPath)
 
 OWN_DEFAULTS = Defaults(None, None, "row", None)  # rates and scaling from each DropPath
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from torchvision.ops import StochasticDepth
 
-from . import Defaults
+from .base import Defaults
+from .registry import register_drop_module
+
+register_drop_module(StochasticDepth)
 
 # torchvision's recipes: the rates the model was built with, its mode ("row" in every torchvision model),
 # and the scaling StochasticDepth applies (kept residuals divided by the survival rate).

@@ -18,8 +18,9 @@ import torch
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from . import UnitAdapter, register_adapter, scale_affine
 from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+from .base import UnitAdapter, scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(ConvNeXtBlock)

@@ -22,8 +22,9 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from . import ACTIVATION_RELU, UnitAdapter, register_adapter, scale_affine
 from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+from .base import ACTIVATION_RELU, UnitAdapter, scale_affine
+from .registry import register_adapter
 
 
 def _last_act(block):

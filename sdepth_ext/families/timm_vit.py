@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from timm.models import vision_transformer as vit
 
-from . import UnitAdapter, register_adapter, register_unsupported, scale_affine
 from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+from .base import UnitAdapter, scale_affine
+from .registry import register_adapter, register_unsupported
 
 
 @register_adapter(vit.Block)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torchvision.models.convnext import CNBlock
 
-from . import UnitAdapter, register_adapter
 from ._torchvision_sd import OWN_DEFAULTS, own_drop
+from .base import UnitAdapter
+from .registry import register_adapter
 
 
 @register_adapter(CNBlock)

@@ -22,8 +22,9 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
 
-from . import UnitAdapter, register_adapter, scale_affine
 from ._torchvision_sd import OWN_DEFAULTS, own_drop
+from .base import UnitAdapter, scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(MBConv)

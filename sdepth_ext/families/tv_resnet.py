@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import ACTIVATION_RELU, Defaults, UnitAdapter, register_adapter, scale_affine
+from .base import ACTIVATION_RELU, Defaults, UnitAdapter, scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(BasicBlock, Bottleneck)

@@ -18,15 +18,14 @@ import torch
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
-from .base import UnitAdapter, scale_affine
+from ._timm_sd import TimmAdapter
+from .base import scale_affine
 from .registry import register_adapter
 
 
 @register_adapter(ConvNeXtBlock)
-class TimmConvNeXt(UnitAdapter):
+class TimmConvNeXt(TimmAdapter):
     family = "timm ConvNeXt"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def residual(block, unit, x):
@@ -50,14 +49,6 @@ class TimmConvNeXt(UnitAdapter):
     @staticmethod
     def branch(block, unit):
         return ("conv_dw", "norm", "mlp") + (("gamma",) if block.gamma is not None else ())
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.drop_path)
-
-    @staticmethod
-    def own_scaling(block, unit):
-        return own_scaling(block.drop_path)
 
     @staticmethod
     def fold_scale(block, unit, scale):

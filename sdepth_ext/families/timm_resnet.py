@@ -22,8 +22,8 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
-from .base import ACTIVATION_RELU, UnitAdapter, scale_affine
+from ._timm_sd import TimmAdapter
+from .base import ACTIVATION_RELU, scale_affine
 from .registry import register_adapter
 
 
@@ -32,9 +32,8 @@ def _last_act(block):
 
 
 @register_adapter(BasicBlock, Bottleneck)
-class TimmResNet(UnitAdapter):
+class TimmResNet(TimmAdapter):
     family = "timm ResNet"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def residual(block, unit, x):
@@ -74,14 +73,6 @@ class TimmResNet(UnitAdapter):
             return x  # relu(x) == x: the input is a ReLU output (module docstring)
         out = cls.shortcut(block, unit, x)
         return torch.relu(out) if act == ACTIVATION_RELU else act(out)
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.drop_path)
-
-    @staticmethod
-    def own_scaling(block, unit):
-        return own_scaling(block.drop_path)
 
     @classmethod
     def fold_scale(cls, block, unit, scale):

@@ -22,15 +22,14 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
 
-from ._torchvision_sd import OWN_DEFAULTS, own_drop
-from .base import UnitAdapter, scale_affine
+from ._torchvision_sd import TorchvisionAdapter
+from .base import scale_affine
 from .registry import register_adapter
 
 
 @register_adapter(MBConv)
-class TorchvisionMaxViTMBConv(UnitAdapter):
+class TorchvisionMaxViTMBConv(TorchvisionAdapter):
     family = "torchvision MaxViT"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def residual(block, unit, x):
@@ -48,10 +47,10 @@ class TorchvisionMaxViTMBConv(UnitAdapter):
     def branch(block, unit):
         return ("layers",)
 
-    @staticmethod
-    def own_drop(block, unit):
+    @classmethod
+    def own_drop(cls, block, unit):
         # p_stochastic_dropout = 0 builds an nn.Identity in place of StochasticDepth: never dropped
-        return own_drop(block.stochastic_depth) or (0.0, "row")
+        return super().own_drop(block, unit) or (0.0, "row")
 
     @staticmethod
     def fold_scale(block, unit, scale):
@@ -63,9 +62,9 @@ class TorchvisionMaxViTMBConv(UnitAdapter):
 
 
 @register_adapter(PartitionAttentionLayer)
-class TorchvisionMaxViTAttention(UnitAdapter):
+class TorchvisionMaxViTAttention(TorchvisionAdapter):
     family = "torchvision MaxViT"
-    defaults = OWN_DEFAULTS
+    drop_slot = "stochastic_dropout"
 
     @staticmethod
     def num_units(block):
@@ -87,10 +86,6 @@ class TorchvisionMaxViTAttention(UnitAdapter):
     @staticmethod
     def branch(block, unit):
         return ("attn_layer",) if unit == 0 else ("mlp_layer",)
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.stochastic_dropout)
 
     @staticmethod
     def fold_scale(block, unit, scale):

@@ -19,15 +19,14 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.efficientnet import FusedMBConv, MBConv
 
-from ._torchvision_sd import OWN_DEFAULTS, own_drop
-from .base import UnitAdapter, scale_affine
+from ._torchvision_sd import TorchvisionAdapter
+from .base import scale_affine
 from .registry import register_adapter
 
 
 @register_adapter(MBConv, FusedMBConv)
-class TorchvisionMBConv(UnitAdapter):
+class TorchvisionMBConv(TorchvisionAdapter):
     family = "torchvision EfficientNet"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def num_units(block):
@@ -40,10 +39,6 @@ class TorchvisionMBConv(UnitAdapter):
     @staticmethod
     def branch(block, unit):
         return ("block",)
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.stochastic_depth)
 
     @classmethod
     def fold_scale(cls, block, unit, scale):

@@ -16,15 +16,14 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 
-from ._torchvision_sd import OWN_DEFAULTS, own_drop
-from .base import UnitAdapter, scale_affine
+from ._torchvision_sd import TorchvisionAdapter
+from .base import scale_affine
 from .registry import register_adapter
 
 
 @register_adapter(SwinTransformerBlock, SwinTransformerBlockV2)
-class TorchvisionSwin(UnitAdapter):
+class TorchvisionSwin(TorchvisionAdapter):
     family = "torchvision Swin"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def num_units(block):
@@ -40,10 +39,6 @@ class TorchvisionSwin(UnitAdapter):
     @staticmethod
     def branch(block, unit):
         return ("norm1", "attn") if unit == 0 else ("norm2", "mlp")
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.stochastic_depth)
 
     @staticmethod
     def fold_scale(block, unit, scale):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..kernels import ACTIVATION_RELU
 
-__all__ = ["ACTIVATION_RELU", "Defaults", "UnitAdapter", "scale_affine"]
+__all__ = ["ACTIVATION_RELU", "Defaults", "ResNetAdapter", "UnitAdapter", "scale_affine"]
 
 
 class Defaults:
@@ -41,11 +41,15 @@ class UnitAdapter:
         family: a readable name ("torchvision ResNet", ...), used in errors and docs.
         block_types: set by :func:`~sdepth_ext.families.register_adapter`.
         defaults: the family's :class:`Defaults`. ``rule=None`` means "the model's own rates".
+        projection: the attribute of the block that holds its shortcut's projection (``downsample``), where
+            the block may also hold None or ``nn.Identity`` (or nothing) for an identity shortcut; None when
+            the shortcut is always ``x``.
     """
 
     family: str = "?"
     block_types: tuple[type, ...] = ()
     defaults = Defaults(0.5, "linear", "batch", "paper")
+    projection: str | None = None
 
     # -- structure ---------------------------------------------------------------------------------------
     @staticmethod
@@ -58,15 +62,22 @@ class UnitAdapter:
         """The unit's residual branch on ``x`` (layer scale included), before any gate."""
         raise NotImplementedError
 
-    @staticmethod
-    def shortcut(block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
-        """The unit's shortcut: ``x`` itself, or the block's projection."""
-        return x
+    @classmethod
+    def projection_of(cls, block: nn.Module) -> nn.Module | None:
+        """The module in the block's :attr:`projection` attribute (possibly ``nn.Identity``), or None."""
+        return None if cls.projection is None else getattr(block, cls.projection, None)
 
-    @staticmethod
-    def has_projection(block: nn.Module, unit: int) -> bool:
+    @classmethod
+    def shortcut(cls, block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
+        """The unit's shortcut: ``x`` itself, or the block's projection of it."""
+        projection = cls.projection_of(block)
+        return x if projection is None else projection(x)
+
+    @classmethod
+    def has_projection(cls, block: nn.Module, unit: int) -> bool:
         """True when the shortcut computes something (it then runs even when the unit is dropped)."""
-        return False
+        projection = cls.projection_of(block)
+        return projection is not None and not isinstance(projection, nn.Identity)
 
     @staticmethod
     def enter(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +138,13 @@ class UnitAdapter:
 
     @classmethod
     def removed(cls, block: nn.Module) -> nn.Module:
-        """A plain torch module for the block with all its units removed: ``act(shortcut(x))``."""
-        if cls.has_projection(block, 0) or cls.activation(block) is not None:
+        """A plain torch module for the block with all its units removed, ``act(shortcut(x))``: the block's
+        :attr:`projection` module, or ``nn.Identity``. A block with an activation after the add, or with a
+        projection that is not one module of its own, has none (ValueError)."""
+        if cls.activation(block) is not None or (cls.projection is None and cls.has_projection(block, 0)):
             raise ValueError(f"{type(block).__name__}: {cls.family} has no plain form of a removed block")
-        return nn.Identity()
+        projection = cls.projection_of(block)
+        return nn.Identity() if projection is None else projection
 
     # -- helpers --------------------------------------------------------------------------------------------
     @classmethod
@@ -147,6 +161,35 @@ class UnitAdapter:
     @classmethod
     def branch_modules(cls, block: nn.Module, unit: int) -> list[nn.Module]:
         return [m for m in (getattr(block, a) for a in cls.branch(block, unit)) if isinstance(m, nn.Module)]
+
+
+class ResNetAdapter(UnitAdapter):
+    """A ResNet block (torchvision's, timm's): one unit, the shortcut ``downsample`` (None: the identity),
+    and an activation after the add.
+
+    Every block input of a ResNet is a ReLU output (the stem's ReLU / max-pool, or the previous block's
+    activation), so where that activation is a ReLU a dropped identity unit is ``x`` itself (``relu(x) ==
+    x``) and no kernel runs. A hand-made model that feeds a block negative values would see ``x``, not
+    ``relu(x)``, from a dropped identity block (documented in docs/semantics.md).
+    """
+
+    projection = "downsample"
+
+    @classmethod
+    def dropped(cls, block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
+        if cls.activation(block) == ACTIVATION_RELU and not cls.has_projection(block, unit):
+            return x  # relu(x) == x: the input is a ReLU output (class docstring)
+        return super().dropped(block, unit, x)
+
+    @classmethod
+    def removed(cls, block: nn.Module) -> nn.Module:
+        act = cls.activation(block)
+        layers = [cls.projection_of(block)] if cls.has_projection(block, 0) else []
+        if act != ACTIVATION_RELU:
+            layers.append(act)
+        elif layers:
+            layers.append(nn.ReLU())
+        return nn.Sequential(*layers) if layers else nn.Identity()  # relu of a ReLU output: the identity
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from timm.models.convnext import ConvNeXtBlock
-from torch import nn
 
 from ._timm_sd import TimmAdapter
 from .base import scale_affine
@@ -26,6 +25,7 @@ from .registry import register_adapter
 @register_adapter(ConvNeXtBlock)
 class TimmConvNeXt(TimmAdapter):
     family = "timm ConvNeXt"
+    projection = "shortcut"  # nn.Identity, or Downsample; absent in older timm
 
     @staticmethod
     def residual(block, unit, x):
@@ -35,16 +35,6 @@ class TimmConvNeXt(TimmAdapter):
         else:
             x = block.mlp(block.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         return x if block.gamma is None else x.mul(block.gamma.reshape(1, -1, 1, 1))
-
-    @staticmethod
-    def shortcut(block, unit, x):
-        shortcut = getattr(block, "shortcut", None)
-        return x if shortcut is None else shortcut(x)
-
-    @staticmethod
-    def has_projection(block, unit):
-        shortcut = getattr(block, "shortcut", None)
-        return shortcut is not None and not isinstance(shortcut, nn.Identity)
 
     @staticmethod
     def branch(block, unit):
@@ -57,8 +47,3 @@ class TimmConvNeXt(TimmAdapter):
                 block.gamma.mul_(scale)
         else:
             scale_affine(block.mlp.fc2, scale)
-
-    @staticmethod
-    def removed(block):
-        shortcut = getattr(block, "shortcut", None)
-        return nn.Identity() if shortcut is None else shortcut

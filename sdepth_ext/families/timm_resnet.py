@@ -11,28 +11,23 @@ The forward reproduced (timm ``Bottleneck.forward``; BasicBlock has two convolut
 One unit per block; the gate replaces ``drop_path``; the block's last activation module follows the add
 (fused into the epilogue when it is a ReLU). A dropped unit is ``act(downsample(x))``, or ``x`` itself for an
 identity shortcut when the activation is a ReLU (the block input is a ReLU output, as in torchvision's
-ResNets); any other activation is applied to the shortcut as the original would. Defaults: timm's per-block
-``drop_path_rate`` schedule (a block without DropPath never drops), row mode, and DropPath's
-``scale_by_keep`` ("inverted", or "none" when False).
+ResNets: :class:`~sdepth_ext.families.base.ResNetAdapter`); any other activation is applied to the shortcut
+as the original would. Defaults: timm's per-block ``drop_path_rate`` schedule (a block without DropPath
+never drops), row mode, and DropPath's ``scale_by_keep`` ("inverted", or "none" when False).
 """
 
 from __future__ import annotations
 
-import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ._timm_sd import TimmAdapter
-from .base import ACTIVATION_RELU, scale_affine
+from .base import ACTIVATION_RELU, ResNetAdapter, scale_affine
 from .registry import register_adapter
 
 
-def _last_act(block):
-    return block.act3 if isinstance(block, Bottleneck) else block.act2
-
-
 @register_adapter(BasicBlock, Bottleneck)
-class TimmResNet(TimmAdapter):
+class TimmResNet(ResNetAdapter, TimmAdapter):
     family = "timm ResNet"
 
     @staticmethod
@@ -47,16 +42,8 @@ class TimmResNet(TimmAdapter):
         return x if block.se is None else block.se(x)
 
     @staticmethod
-    def shortcut(block, unit, x):
-        return x if block.downsample is None else block.downsample(x)
-
-    @staticmethod
-    def has_projection(block, unit):
-        return block.downsample is not None
-
-    @staticmethod
     def activation(block):
-        act = _last_act(block)
+        act = block.act3 if isinstance(block, Bottleneck) else block.act2
         return ACTIVATION_RELU if type(act) is nn.ReLU else act
 
     @staticmethod
@@ -67,25 +54,7 @@ class TimmResNet(TimmAdapter):
         return names + (("se",) if block.se is not None else ())
 
     @classmethod
-    def dropped(cls, block, unit, x):
-        act = cls.activation(block)
-        if block.downsample is None and act == ACTIVATION_RELU:
-            return x  # relu(x) == x: the input is a ReLU output (module docstring)
-        out = cls.shortcut(block, unit, x)
-        return torch.relu(out) if act == ACTIVATION_RELU else act(out)
-
-    @classmethod
     def fold_scale(cls, block, unit, scale):
         if block.se is not None:  # x * gate(x): the gate would see the scaled x
             return super().fold_scale(block, unit, scale)
         scale_affine(block.bn3 if isinstance(block, Bottleneck) else block.bn2, scale)
-
-    @classmethod
-    def removed(cls, block):
-        act = cls.activation(block)
-        layers = [] if block.downsample is None else [block.downsample]
-        if act != ACTIVATION_RELU:
-            layers.append(act)
-        elif layers:
-            layers.append(nn.ReLU())
-        return nn.Sequential(*layers) if layers else nn.Identity()  # relu of a ReLU output: the identity

@@ -30,18 +30,11 @@ from .registry import register_adapter
 @register_adapter(MBConv)
 class TorchvisionMaxViTMBConv(TorchvisionAdapter):
     family = "torchvision MaxViT"
+    projection = "proj"  # nn.Identity where the stride and width stay
 
     @staticmethod
     def residual(block, unit, x):
         return block.layers(x)
-
-    @staticmethod
-    def shortcut(block, unit, x):
-        return block.proj(x)
-
-    @staticmethod
-    def has_projection(block, unit):
-        return len(list(block.proj.parameters())) > 0
 
     @staticmethod
     def branch(block, unit):
@@ -55,10 +48,6 @@ class TorchvisionMaxViTMBConv(TorchvisionAdapter):
     @staticmethod
     def fold_scale(block, unit, scale):
         scale_affine(block.layers.conv_c, scale)
-
-    @staticmethod
-    def removed(block):
-        return block.proj
 
 
 @register_adapter(PartitionAttentionLayer)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..kernels import ACTIVATION_RELU
 
-__all__ = ["ACTIVATION_RELU", "Defaults", "ResNetAdapter", "UnitAdapter", "scale_affine"]
+__all__ = ["ACTIVATION_RELU", "Defaults", "ResNetAdapter", "UnitAdapter", "last_linear", "scale_affine"]
 
 
 class Defaults:
@@ -57,10 +57,16 @@ class UnitAdapter:
         """Residual additions in ``block``, in forward order; 0 = the block has no gated residual."""
         return 1
 
-    @staticmethod
-    def residual(block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
-        """The unit's residual branch on ``x`` (layer scale included), before any gate."""
-        raise NotImplementedError
+    @classmethod
+    def residual(cls, block: nn.Module, unit: int, x: torch.Tensor) -> torch.Tensor:
+        """The unit's residual branch on ``x`` (layer scale included), before any gate.
+
+        By default the modules :meth:`branch` names, applied in that order: adapters whose branch is such a
+        chain of the block's modules declare only :meth:`branch`; the others override this.
+        """
+        for name in cls.branch(block, unit):
+            x = getattr(block, name)(x)
+        return x
 
     @classmethod
     def projection_of(cls, block: nn.Module) -> nn.Module | None:
@@ -96,7 +102,8 @@ class UnitAdapter:
 
     @staticmethod
     def branch(block: nn.Module, unit: int) -> tuple[str, ...]:
-        """Attribute names (submodules or parameters of ``block``) that make up the unit's residual branch."""
+        """Attribute names (submodules or parameters of ``block``) that make up the unit's residual branch, in
+        the order the branch uses them."""
         raise NotImplementedError
 
     @classmethod
@@ -202,3 +209,8 @@ def scale_affine(module: nn.Module, scale: float) -> None:
     weight.mul_(scale)
     if bias is not None:
         bias.mul_(scale)
+
+
+def last_linear(layers: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` among a sequential MLP's children (the affine layer a scale folds into)."""
+    return [m for m in layers if isinstance(m, nn.Linear)][-1]

@@ -9,11 +9,12 @@ The forward reproduced (timm ``Bottleneck.forward``; BasicBlock has two convolut
     out = act3(x + (downsample(shortcut) or shortcut))
 
 One unit per block; the gate replaces ``drop_path``; the block's last activation module follows the add
-(fused into the epilogue when it is a ReLU). A dropped unit is ``act(downsample(x))``, or ``x`` itself for an
-identity shortcut when the activation is a ReLU (the block input is a ReLU output, as in torchvision's
-ResNets: :class:`~sdepth_ext.families.base.ResNetAdapter`); any other activation is applied to the shortcut
-as the original would. Defaults: timm's per-block ``drop_path_rate`` schedule (a block without DropPath
-never drops), row mode, and DropPath's ``scale_by_keep`` ("inverted", or "none" when False).
+(fused into the epilogue when it is a ReLU). The branch is a chain of the block's modules, which the adapter
+names in forward order. A dropped unit is ``act(downsample(x))``, or ``x`` itself for an identity shortcut
+when the activation is a ReLU (the block input is a ReLU output, as in torchvision's ResNets:
+:class:`~sdepth_ext.families.base.ResNetAdapter`); any other activation is applied to the shortcut as the
+original would. Defaults: timm's per-block ``drop_path_rate`` schedule (a block without DropPath never
+drops), row mode, and DropPath's ``scale_by_keep`` ("inverted", or "none" when False).
 """
 
 from __future__ import annotations
@@ -31,26 +32,16 @@ class TimmResNet(ResNetAdapter, TimmAdapter):
     family = "timm ResNet"
 
     @staticmethod
-    def residual(block, unit, x):
-        if isinstance(block, BasicBlock):
-            x = block.aa(block.act1(block.drop_block(block.bn1(block.conv1(x)))))
-            x = block.bn2(block.conv2(x))
-        else:
-            x = block.act1(block.bn1(block.conv1(x)))
-            x = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(x)))))
-            x = block.bn3(block.conv3(x))
-        return x if block.se is None else block.se(x)
-
-    @staticmethod
     def activation(block):
         act = block.act3 if isinstance(block, Bottleneck) else block.act2
         return ACTIVATION_RELU if type(act) is nn.ReLU else act
 
     @staticmethod
     def branch(block, unit):
-        names = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2")
         if isinstance(block, Bottleneck):
-            names += ("act2", "conv3", "bn3")
+            names = ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3")
+        else:
+            names = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2")
         return names + (("se",) if block.se is not None else ())
 
     @classmethod

@@ -36,12 +36,6 @@ class TimmViT(TimmAdapter):
         return 2
 
     @staticmethod
-    def residual(block, unit, x):
-        if unit == 0:
-            return block.ls1(block.attn(block.norm1(x)))
-        return block.ls2(block.mlp(block.norm2(x)))
-
-    @staticmethod
     def branch(block, unit):
         return ("norm1", "attn", "ls1") if unit == 0 else ("norm2", "mlp", "ls2")
 

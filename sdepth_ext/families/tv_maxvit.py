@@ -19,11 +19,10 @@ sample (exact in row mode). Defaults: the model's own stochastic-depth rates and
 
 from __future__ import annotations
 
-from torch import nn
 from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
 
 from ._torchvision_sd import TorchvisionAdapter
-from .base import scale_affine
+from .base import last_linear, scale_affine
 from .registry import register_adapter
 
 
@@ -31,10 +30,6 @@ from .registry import register_adapter
 class TorchvisionMaxViTMBConv(TorchvisionAdapter):
     family = "torchvision MaxViT"
     projection = "proj"  # nn.Identity where the stride and width stay
-
-    @staticmethod
-    def residual(block, unit, x):
-        return block.layers(x)
 
     @staticmethod
     def branch(block, unit):
@@ -69,10 +64,6 @@ class TorchvisionMaxViTAttention(TorchvisionAdapter):
         return block.departition_op(block.departition_swap(x), block.p, gh, gw)
 
     @staticmethod
-    def residual(block, unit, x):
-        return block.attn_layer(x) if unit == 0 else block.mlp_layer(x)
-
-    @staticmethod
     def branch(block, unit):
         return ("attn_layer",) if unit == 0 else ("mlp_layer",)
 
@@ -81,4 +72,4 @@ class TorchvisionMaxViTAttention(TorchvisionAdapter):
         if unit == 0:
             scale_affine(block.attn_layer[1].merge, scale)
         else:
-            scale_affine([m for m in block.mlp_layer if isinstance(m, nn.Linear)][-1], scale)
+            scale_affine(last_linear(block.mlp_layer), scale)

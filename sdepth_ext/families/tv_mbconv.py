@@ -33,10 +33,6 @@ class TorchvisionMBConv(TorchvisionAdapter):
         return 1 if block.use_res_connect else 0
 
     @staticmethod
-    def residual(block, unit, x):
-        return block.block(x)
-
-    @staticmethod
     def branch(block, unit):
         return ("block",)
 

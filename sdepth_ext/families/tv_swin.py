@@ -13,11 +13,10 @@ model's own ``stochastic_depth.p`` (for both units) and mode, "inverted" scaling
 
 from __future__ import annotations
 
-from torch import nn
 from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 
 from ._torchvision_sd import TorchvisionAdapter
-from .base import scale_affine
+from .base import last_linear, scale_affine
 from .registry import register_adapter
 
 
@@ -45,8 +44,4 @@ class TorchvisionSwin(TorchvisionAdapter):
         if isinstance(block, SwinTransformerBlockV2):  # post-norm: the norm is the branch's last layer
             scale_affine(block.norm1 if unit == 0 else block.norm2, scale)
         else:
-            scale_affine(block.attn.proj if unit == 0 else _last_linear(block.mlp), scale)
-
-
-def _last_linear(mlp):
-    return [m for m in mlp if isinstance(m, nn.Linear)][-1]
+            scale_affine(block.attn.proj if unit == 0 else last_linear(block.mlp), scale)

@@ -11,10 +11,12 @@ The forwards reproduced (torchvision ``maxvit.MBConv.forward``, ``PartitionAtten
     x = x + stochastic_dropout(mlp_layer(x))
     x = departition_op(departition_swap(x), p, gh, gw)
 
-The partition keeps the batch dimension outermost, so a unit's survivors are still whole samples; the
-adapter does the partition before the first unit and undoes it after the last. Nothing follows the adds.
-MBConv's branch holds BatchNorm (statistics of the survivors in row mode); attention and MLP normalise per
-sample (exact in row mode). Defaults: the model's own stochastic-depth rates and mode, "inverted" scaling.
+The gates replace ``stochastic_depth`` (MBConv) and ``stochastic_dropout`` (both units of the attention
+layer) on the residual just before the add; nothing follows the adds. The partition keeps the batch
+dimension outermost, so a unit's survivors are still whole samples; the adapter does the partition before
+the first unit and undoes it after the last. MBConv's branch holds BatchNorm (statistics of the survivors in
+row mode); attention and MLP normalise per sample (exact in row mode). Defaults: the model's own
+stochastic-depth rates and mode, "inverted" scaling.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ The forward reproduced (torchvision ``MBConv.forward``)::
     return result
 
 A block is one unit when ``use_res_connect`` holds, and not a unit at all otherwise (its residual is not
-guarded by a gate; it stays as it is). Nothing follows the add. The branch holds BatchNorm layers, so in row
-mode their statistics are those of the surviving samples, as in ResNet row mode. Defaults: the model's own
-``stochastic_depth.p`` and mode per unit, "inverted" scaling.
+guarded by a gate; it stays as it is). The gate replaces ``stochastic_depth`` on ``block(x)``; nothing
+follows the add. The branch holds BatchNorm layers, so in row mode their statistics are those of the
+surviving samples, as in ResNet row mode. Defaults: the model's own ``stochastic_depth.p`` and mode per
+unit, "inverted" scaling.
 """
 
 from __future__ import annotations

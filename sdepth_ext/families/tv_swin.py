@@ -5,10 +5,11 @@ The forwards reproduced (torchvision ``SwinTransformerBlock.forward``, ``...V2.f
     x = x + stochastic_depth(attn(norm1(x)))      # V2: norm1(attn(x))
     x = x + stochastic_depth(mlp(norm2(x)))       # V2: norm2(mlp(x))
 
-Two units per block, attention then MLP, each gated on its own (both by the block's one
-``stochastic_depth`` module in the original). Nothing follows the adds. Window attention, LayerNorm and the
-MLP work per sample (windows never span samples), so row mode on the survivors alone is exact. Defaults: the
-model's own ``stochastic_depth.p`` (for both units) and mode, "inverted" scaling.
+Two units per block, attention then MLP, each gated on its own: the gates replace the block's one
+``stochastic_depth`` module, which the original applies to both residuals. Nothing follows the adds. Window
+attention, LayerNorm and the MLP work per sample (windows never span samples), so row mode on the survivors
+alone is exact. Defaults: the model's own ``stochastic_depth.p`` (for both units) and mode, "inverted"
+scaling.
 """
 
 from __future__ import annotations

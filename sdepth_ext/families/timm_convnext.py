@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import torch
 from timm.models.convnext import ConvNeXtBlock
-from torch import nn
 
-from . import UnitAdapter, register_adapter, scale_affine
-from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+from ._timm_sd import TimmAdapter
+from .base import scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(ConvNeXtBlock)
-class TimmConvNeXt(UnitAdapter):
+class TimmConvNeXt(TimmAdapter):
     family = "timm ConvNeXt"
-    defaults = OWN_DEFAULTS
+    projection = "shortcut"  # nn.Identity, or Downsample; absent in older timm
 
     @staticmethod
     def residual(block, unit, x):
@@ -37,26 +37,8 @@ class TimmConvNeXt(UnitAdapter):
         return x if block.gamma is None else x.mul(block.gamma.reshape(1, -1, 1, 1))
 
     @staticmethod
-    def shortcut(block, unit, x):
-        shortcut = getattr(block, "shortcut", None)
-        return x if shortcut is None else shortcut(x)
-
-    @staticmethod
-    def has_projection(block, unit):
-        shortcut = getattr(block, "shortcut", None)
-        return shortcut is not None and not isinstance(shortcut, nn.Identity)
-
-    @staticmethod
     def branch(block, unit):
         return ("conv_dw", "norm", "mlp") + (("gamma",) if block.gamma is not None else ())
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.drop_path)
-
-    @staticmethod
-    def own_scaling(block, unit):
-        return own_scaling(block.drop_path)
 
     @staticmethod
     def fold_scale(block, unit, scale):
@@ -65,8 +47,3 @@ class TimmConvNeXt(UnitAdapter):
                 block.gamma.mul_(scale)
         else:
             scale_affine(block.mlp.fc2, scale)
-
-    @staticmethod
-    def removed(block):
-        shortcut = getattr(block, "shortcut", None)
-        return nn.Identity() if shortcut is None else shortcut

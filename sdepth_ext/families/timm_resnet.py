@@ -9,91 +9,43 @@ The forward reproduced (timm ``Bottleneck.forward``; BasicBlock has two convolut
     out = act3(x + (downsample(shortcut) or shortcut))
 
 One unit per block; the gate replaces ``drop_path``; the block's last activation module follows the add
-(fused into the epilogue when it is a ReLU). A dropped unit is ``act(downsample(x))``, or ``x`` itself for an
-identity shortcut when the activation is a ReLU (the block input is a ReLU output, as in torchvision's
-ResNets); any other activation is applied to the shortcut as the original would. Defaults: timm's per-block
-``drop_path_rate`` schedule (a block without DropPath never drops), row mode, and DropPath's
-``scale_by_keep`` ("inverted", or "none" when False).
+(fused into the epilogue when it is a ReLU). The branch is a chain of the block's modules, which the adapter
+names in forward order. A dropped unit is ``act(downsample(x))``, or ``x`` itself for an identity shortcut
+when the activation is a ReLU (the block input is a ReLU output, as in torchvision's ResNets:
+:class:`~sdepth_ext.families.base.ResNetAdapter`); any other activation is applied to the shortcut as the
+original would. Defaults: timm's per-block ``drop_path_rate`` schedule (a block without DropPath never
+drops), row mode, and DropPath's ``scale_by_keep`` ("inverted", or "none" when False).
 """
 
 from __future__ import annotations
 
-import torch
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from . import ACTIVATION_RELU, UnitAdapter, register_adapter, scale_affine
-from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
-
-
-def _last_act(block):
-    return block.act3 if isinstance(block, Bottleneck) else block.act2
+from ._timm_sd import TimmAdapter
+from .base import ACTIVATION_RELU, ResNetAdapter, scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(BasicBlock, Bottleneck)
-class TimmResNet(UnitAdapter):
+class TimmResNet(ResNetAdapter, TimmAdapter):
     family = "timm ResNet"
-    defaults = OWN_DEFAULTS
-
-    @staticmethod
-    def residual(block, unit, x):
-        if isinstance(block, BasicBlock):
-            x = block.aa(block.act1(block.drop_block(block.bn1(block.conv1(x)))))
-            x = block.bn2(block.conv2(x))
-        else:
-            x = block.act1(block.bn1(block.conv1(x)))
-            x = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(x)))))
-            x = block.bn3(block.conv3(x))
-        return x if block.se is None else block.se(x)
-
-    @staticmethod
-    def shortcut(block, unit, x):
-        return x if block.downsample is None else block.downsample(x)
-
-    @staticmethod
-    def has_projection(block, unit):
-        return block.downsample is not None
 
     @staticmethod
     def activation(block):
-        act = _last_act(block)
+        act = block.act3 if isinstance(block, Bottleneck) else block.act2
         return ACTIVATION_RELU if type(act) is nn.ReLU else act
 
     @staticmethod
     def branch(block, unit):
-        names = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2")
         if isinstance(block, Bottleneck):
-            names += ("act2", "conv3", "bn3")
+            names = ("conv1", "bn1", "act1", "conv2", "bn2", "drop_block", "act2", "aa", "conv3", "bn3")
+        else:
+            names = ("conv1", "bn1", "drop_block", "act1", "aa", "conv2", "bn2")
         return names + (("se",) if block.se is not None else ())
-
-    @classmethod
-    def dropped(cls, block, unit, x):
-        act = cls.activation(block)
-        if block.downsample is None and act == ACTIVATION_RELU:
-            return x  # relu(x) == x: the input is a ReLU output (module docstring)
-        out = cls.shortcut(block, unit, x)
-        return torch.relu(out) if act == ACTIVATION_RELU else act(out)
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.drop_path)
-
-    @staticmethod
-    def own_scaling(block, unit):
-        return own_scaling(block.drop_path)
 
     @classmethod
     def fold_scale(cls, block, unit, scale):
         if block.se is not None:  # x * gate(x): the gate would see the scaled x
             return super().fold_scale(block, unit, scale)
         scale_affine(block.bn3 if isinstance(block, Bottleneck) else block.bn2, scale)
-
-    @classmethod
-    def removed(cls, block):
-        act = cls.activation(block)
-        layers = [] if block.downsample is None else [block.downsample]
-        if act != ACTIVATION_RELU:
-            layers.append(act)
-        elif layers:
-            layers.append(nn.ReLU())
-        return nn.Sequential(*layers) if layers else nn.Identity()  # relu of a ReLU output: the identity

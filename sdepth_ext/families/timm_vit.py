@@ -21,40 +21,27 @@ from __future__ import annotations
 import torch
 from timm.models import vision_transformer as vit
 
-from . import UnitAdapter, register_adapter, register_unsupported, scale_affine
-from ._timm_sd import OWN_DEFAULTS, own_drop, own_scaling
+from ._timm_sd import TimmAdapter
+from .base import scale_affine
+from .registry import register_adapter, register_unsupported
 
 
 @register_adapter(vit.Block)
-class TimmViT(UnitAdapter):
+class TimmViT(TimmAdapter):
     family = "timm ViT"
-    defaults = OWN_DEFAULTS
+    drop_slots = ("drop_path1", "drop_path2")
 
     @staticmethod
     def num_units(block):
         return 2
 
     @staticmethod
-    def residual(block, unit, x):
-        if unit == 0:
-            return block.ls1(block.attn(block.norm1(x)))
-        return block.ls2(block.mlp(block.norm2(x)))
-
-    @staticmethod
     def branch(block, unit):
         return ("norm1", "attn", "ls1") if unit == 0 else ("norm2", "mlp", "ls2")
 
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.drop_path1 if unit == 0 else block.drop_path2)
-
-    @staticmethod
-    def drop_module(block, unit):
-        return "drop_path1" if unit == 0 else "drop_path2"
-
-    @staticmethod
-    def own_scaling(block, unit):
-        return own_scaling(block.drop_path1 if unit == 0 else block.drop_path2)
+    @classmethod
+    def drop_module(cls, block, unit):
+        return cls.drop_slots[unit]
 
     @staticmethod
     def fold_scale(block, unit, scale):

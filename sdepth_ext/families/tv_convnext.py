@@ -16,14 +16,13 @@ from __future__ import annotations
 import torch
 from torchvision.models.convnext import CNBlock
 
-from . import UnitAdapter, register_adapter
-from ._torchvision_sd import OWN_DEFAULTS, own_drop
+from ._torchvision_sd import TorchvisionAdapter
+from .registry import register_adapter
 
 
 @register_adapter(CNBlock)
-class TorchvisionConvNeXt(UnitAdapter):
+class TorchvisionConvNeXt(TorchvisionAdapter):
     family = "torchvision ConvNeXt"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def residual(block, unit, x):
@@ -32,10 +31,6 @@ class TorchvisionConvNeXt(UnitAdapter):
     @staticmethod
     def branch(block, unit):
         return ("block", "layer_scale")
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.stochastic_depth)
 
     @staticmethod
     def fold_scale(block, unit, scale):

@@ -11,60 +11,46 @@ The forwards reproduced (torchvision ``maxvit.MBConv.forward``, ``PartitionAtten
     x = x + stochastic_dropout(mlp_layer(x))
     x = departition_op(departition_swap(x), p, gh, gw)
 
-The partition keeps the batch dimension outermost, so a unit's survivors are still whole samples; the
-adapter does the partition before the first unit and undoes it after the last. Nothing follows the adds.
-MBConv's branch holds BatchNorm (statistics of the survivors in row mode); attention and MLP normalise per
-sample (exact in row mode). Defaults: the model's own stochastic-depth rates and mode, "inverted" scaling.
+The gates replace ``stochastic_depth`` (MBConv) and ``stochastic_dropout`` (both units of the attention
+layer) on the residual just before the add; nothing follows the adds. The partition keeps the batch
+dimension outermost, so a unit's survivors are still whole samples; the adapter does the partition before
+the first unit and undoes it after the last. MBConv's branch holds BatchNorm (statistics of the survivors in
+row mode); attention and MLP normalise per sample (exact in row mode). Defaults: the model's own
+stochastic-depth rates and mode, "inverted" scaling.
 """
 
 from __future__ import annotations
 
-from torch import nn
 from torchvision.models.maxvit import MBConv, PartitionAttentionLayer
 
-from . import UnitAdapter, register_adapter, scale_affine
-from ._torchvision_sd import OWN_DEFAULTS, own_drop
+from ._torchvision_sd import TorchvisionAdapter
+from .base import last_linear, scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(MBConv)
-class TorchvisionMaxViTMBConv(UnitAdapter):
+class TorchvisionMaxViTMBConv(TorchvisionAdapter):
     family = "torchvision MaxViT"
-    defaults = OWN_DEFAULTS
-
-    @staticmethod
-    def residual(block, unit, x):
-        return block.layers(x)
-
-    @staticmethod
-    def shortcut(block, unit, x):
-        return block.proj(x)
-
-    @staticmethod
-    def has_projection(block, unit):
-        return len(list(block.proj.parameters())) > 0
+    projection = "proj"  # nn.Identity where the stride and width stay
 
     @staticmethod
     def branch(block, unit):
         return ("layers",)
 
-    @staticmethod
-    def own_drop(block, unit):
+    @classmethod
+    def own_drop(cls, block, unit):
         # p_stochastic_dropout = 0 builds an nn.Identity in place of StochasticDepth: never dropped
-        return own_drop(block.stochastic_depth) or (0.0, "row")
+        return super().own_drop(block, unit) or (0.0, "row")
 
     @staticmethod
     def fold_scale(block, unit, scale):
         scale_affine(block.layers.conv_c, scale)
 
-    @staticmethod
-    def removed(block):
-        return block.proj
-
 
 @register_adapter(PartitionAttentionLayer)
-class TorchvisionMaxViTAttention(UnitAdapter):
+class TorchvisionMaxViTAttention(TorchvisionAdapter):
     family = "torchvision MaxViT"
-    defaults = OWN_DEFAULTS
+    drop_slot = "stochastic_dropout"
 
     @staticmethod
     def num_units(block):
@@ -80,20 +66,12 @@ class TorchvisionMaxViTAttention(UnitAdapter):
         return block.departition_op(block.departition_swap(x), block.p, gh, gw)
 
     @staticmethod
-    def residual(block, unit, x):
-        return block.attn_layer(x) if unit == 0 else block.mlp_layer(x)
-
-    @staticmethod
     def branch(block, unit):
         return ("attn_layer",) if unit == 0 else ("mlp_layer",)
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.stochastic_dropout)
 
     @staticmethod
     def fold_scale(block, unit, scale):
         if unit == 0:
             scale_affine(block.attn_layer[1].merge, scale)
         else:
-            scale_affine([m for m in block.mlp_layer if isinstance(m, nn.Linear)][-1], scale)
+            scale_affine(last_linear(block.mlp_layer), scale)

@@ -9,9 +9,10 @@ The forward reproduced (torchvision ``MBConv.forward``)::
     return result
 
 A block is one unit when ``use_res_connect`` holds, and not a unit at all otherwise (its residual is not
-guarded by a gate; it stays as it is). Nothing follows the add. The branch holds BatchNorm layers, so in row
-mode their statistics are those of the surviving samples, as in ResNet row mode. Defaults: the model's own
-``stochastic_depth.p`` and mode per unit, "inverted" scaling.
+guarded by a gate; it stays as it is). The gate replaces ``stochastic_depth`` on ``block(x)``; nothing
+follows the add. The branch holds BatchNorm layers, so in row mode their statistics are those of the
+surviving samples, as in ResNet row mode. Defaults: the model's own ``stochastic_depth.p`` and mode per
+unit, "inverted" scaling.
 """
 
 from __future__ import annotations
@@ -19,30 +20,22 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.efficientnet import FusedMBConv, MBConv
 
-from . import UnitAdapter, register_adapter, scale_affine
-from ._torchvision_sd import OWN_DEFAULTS, own_drop
+from ._torchvision_sd import TorchvisionAdapter
+from .base import scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(MBConv, FusedMBConv)
-class TorchvisionMBConv(UnitAdapter):
+class TorchvisionMBConv(TorchvisionAdapter):
     family = "torchvision EfficientNet"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def num_units(block):
         return 1 if block.use_res_connect else 0
 
     @staticmethod
-    def residual(block, unit, x):
-        return block.block(x)
-
-    @staticmethod
     def branch(block, unit):
         return ("block",)
-
-    @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.stochastic_depth)
 
     @classmethod
     def fold_scale(cls, block, unit, scale):

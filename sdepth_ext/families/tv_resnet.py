@@ -6,25 +6,22 @@ The forward reproduced (torchvision ``BasicBlock.forward``)::
     out = relu(out + (x if downsample is None else downsample(x)))
 
 One unit per block; the gate sits on ``out`` before the add, and ReLU follows the add (fused into the
-epilogue). A dropped block is ``relu(downsample(x))``, or ``x`` itself for an identity shortcut: every block
-input of a ResNet is a ReLU output (stem ReLU/max-pool, or the previous block's epilogue), so ``relu(x) ==
-x`` and no kernel runs. A hand-made model that feeds a block negative values would see ``x``, not
-``relu(x)``, from a dropped identity block (documented in docs/semantics.md). torchvision ResNets carry no
-stochastic depth of their own: the paper's defaults apply (p_last 0.5, linear decay, batch mode, "paper"
-scaling).
+epilogue). A dropped block is ``relu(downsample(x))``, or ``x`` itself for an identity shortcut (every block
+input of a ResNet is a ReLU output: :class:`~sdepth_ext.families.base.ResNetAdapter`). torchvision ResNets
+carry no stochastic depth of their own: the paper's defaults apply (p_last 0.5, linear decay, batch mode,
+"paper" scaling).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import ACTIVATION_RELU, Defaults, UnitAdapter, register_adapter, scale_affine
+from .base import ACTIVATION_RELU, Defaults, ResNetAdapter, scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(BasicBlock, Bottleneck)
-class TorchvisionResNet(UnitAdapter):
+class TorchvisionResNet(ResNetAdapter):
     family = "torchvision ResNet"
     defaults = Defaults(0.5, "linear", "batch", "paper")
 
@@ -37,14 +34,6 @@ class TorchvisionResNet(UnitAdapter):
         return block.bn2(block.conv2(out))
 
     @staticmethod
-    def shortcut(block, unit, x):
-        return x if block.downsample is None else block.downsample(x)
-
-    @staticmethod
-    def has_projection(block, unit):
-        return block.downsample is not None
-
-    @staticmethod
     def activation(block):
         return ACTIVATION_RELU
 
@@ -55,15 +44,5 @@ class TorchvisionResNet(UnitAdapter):
         return ("conv1", "bn1", "conv2", "bn2")
 
     @staticmethod
-    def dropped(block, unit, x):
-        if block.downsample is None:
-            return x  # relu(x) == x: the input is a ReLU output (module docstring)
-        return torch.relu(block.downsample(x))
-
-    @staticmethod
     def fold_scale(block, unit, scale):
         scale_affine(block.bn3 if isinstance(block, Bottleneck) else block.bn2, scale)
-
-    @staticmethod
-    def removed(block):
-        return nn.Identity() if block.downsample is None else nn.Sequential(block.downsample, nn.ReLU())

@@ -5,25 +5,25 @@ The forwards reproduced (torchvision ``SwinTransformerBlock.forward``, ``...V2.f
     x = x + stochastic_depth(attn(norm1(x)))      # V2: norm1(attn(x))
     x = x + stochastic_depth(mlp(norm2(x)))       # V2: norm2(mlp(x))
 
-Two units per block, attention then MLP, each gated on its own (both by the block's one
-``stochastic_depth`` module in the original). Nothing follows the adds. Window attention, LayerNorm and the
-MLP work per sample (windows never span samples), so row mode on the survivors alone is exact. Defaults: the
-model's own ``stochastic_depth.p`` (for both units) and mode, "inverted" scaling.
+Two units per block, attention then MLP, each gated on its own: the gates replace the block's one
+``stochastic_depth`` module, which the original applies to both residuals. Nothing follows the adds. Window
+attention, LayerNorm and the MLP work per sample (windows never span samples), so row mode on the survivors
+alone is exact. Defaults: the model's own ``stochastic_depth.p`` (for both units) and mode, "inverted"
+scaling.
 """
 
 from __future__ import annotations
 
-from torch import nn
 from torchvision.models.swin_transformer import SwinTransformerBlock, SwinTransformerBlockV2
 
-from . import UnitAdapter, register_adapter, scale_affine
-from ._torchvision_sd import OWN_DEFAULTS, own_drop
+from ._torchvision_sd import TorchvisionAdapter
+from .base import last_linear, scale_affine
+from .registry import register_adapter
 
 
 @register_adapter(SwinTransformerBlock, SwinTransformerBlockV2)
-class TorchvisionSwin(UnitAdapter):
+class TorchvisionSwin(TorchvisionAdapter):
     family = "torchvision Swin"
-    defaults = OWN_DEFAULTS
 
     @staticmethod
     def num_units(block):
@@ -41,16 +41,8 @@ class TorchvisionSwin(UnitAdapter):
         return ("norm1", "attn") if unit == 0 else ("norm2", "mlp")
 
     @staticmethod
-    def own_drop(block, unit):
-        return own_drop(block.stochastic_depth)
-
-    @staticmethod
     def fold_scale(block, unit, scale):
         if isinstance(block, SwinTransformerBlockV2):  # post-norm: the norm is the branch's last layer
             scale_affine(block.norm1 if unit == 0 else block.norm2, scale)
         else:
-            scale_affine(block.attn.proj if unit == 0 else _last_linear(block.mlp), scale)
-
-
-def _last_linear(mlp):
-    return [m for m in mlp if isinstance(m, nn.Linear)][-1]
+            scale_affine(block.attn.proj if unit == 0 else last_linear(block.mlp), scale)

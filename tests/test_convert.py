@@ -451,16 +451,6 @@ def count_block_runs(model):
     return runs
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny forwards: intra-op threading costs ~3 ms per BatchNorm call on a loaded 2-core box
-    (measured), vs 25 us on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_stack(num_blocks):
     """Stem + ``num_blocks`` 4-channel BasicBlocks: cheap enough for thousands of training forwards."""
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ import sdepth_ext as sd
 from sdepth_ext.fsdp import MIN_TORCH, CollectiveCount, count_collectives
 from sdepth_ext.state import get_state
 from tests import distributed_common as common
+from tests.conftest import single_thread
 from tests.distributed_common import WORLD, assert_close_dicts, bn_model, gn_model, local_slice
 
 needs_fsdp2 = pytest.mark.skipif(
@@ -294,19 +295,9 @@ def ranks(tmp_path_factory):
 # ============================================================================================================
 # Single-process references
 # ============================================================================================================
-@contextlib.contextmanager
-def one_thread():
-    """As the workers run: a convolution sums in another order with more threads, and a BatchNorm over two
-    values per channel (a two-sample sub-batch at 1x1) turns that last-bit difference into 1e-3."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@one_thread()
+# One thread, as the workers run: a convolution sums in another order with more threads, and a BatchNorm over
+# two values per channel (a two-sample sub-batch at 1x1) turns that last-bit difference into 1e-3.
+@single_thread()
 def emulate(spec):
     """The ranks' work in one process (module docstring); local counts per rank and step too."""
     model = convert(spec, SEED)
@@ -380,7 +371,7 @@ def test_the_scenarios_exercise_what_they_claim(ranks):
 
 
 @needs_fsdp2
-@one_thread()
+@single_thread()
 def test_row_mode_equals_one_process_over_the_global_batch(ranks):
     """GroupNorm, equal batches: the FSDP2 run is one process over the interleaved global batch."""
     spec = SCENARIOS["row_helper_none_clear"]

@@ -46,13 +46,8 @@ else:
 CASE_IDS = [c.name for c in CASES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Results stay bit-stable on a loaded 2-core machine with one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Results stay bit-stable on a loaded 2-core machine with one intra-op thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_adapter_has_a_case():

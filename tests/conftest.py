@@ -5,6 +5,7 @@ Without a GPU the Triton kernels run under the interpreter, which must be switch
 collection time, ahead of every test module.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -58,6 +59,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "needs_cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread inside, the previous count restored after: results stay bit-stable on a loaded
+    2-core machine (a convolution or reduction sums in another order with more threads), and thousands of
+    tiny forwards do not pay for threading they cannot use. Also a decorator (``@single_thread()``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """:func:`single_thread` around a test; a module takes it for all its tests with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture

@@ -17,14 +17,8 @@ import sdepth_ext as sd
 from sdepth_ext.state import get_state
 from tests.conftest import drops_some_keeps_some, seed_where
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Timing is irrelevant here: one thread keeps CPU results stable on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Timing is irrelevant here: one thread keeps CPU results stable on a loaded 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cifar8(num_classes=4):

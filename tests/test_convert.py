@@ -29,6 +29,7 @@ import sdepth_ext as sd
 from sdepth_ext.plan import Plan
 from sdepth_ext.state import get_state, is_gated
 from tests.conftest import drops_some_keeps_some, seed_where
+from tests.families.test_tv_resnet import custom_model
 
 
 @pytest.fixture(autouse=True)
@@ -142,19 +143,10 @@ class PlainBasic(BasicBlock):
     """A user subclass that keeps torchvision's forward (converted through a generated class)."""
 
 
-def custom_model():
-    """A user model built from torchvision blocks: BasicBlock, a strided projection block, a Bottleneck."""
-    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        PlainBasic(8, 8), BasicBlock(8, 16, stride=2, downsample=down), Bottleneck(16, 4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-
-
 TV = torchvision.models
 ARCHS = {
     "cifar_resnet20": (lambda: sd.cifar_resnet(20), 32),
-    "custom": (custom_model, 16),
+    "custom": (functools.partial(custom_model, PlainBasic), 16),
     "resnet18": (lambda: TV.resnet18(num_classes=10), 64),
     "resnet34": (lambda: TV.resnet34(num_classes=10), 64),
     "resnet50": (lambda: TV.resnet50(num_classes=10), 64),
@@ -449,16 +441,6 @@ def count_block_runs(model):
         block.conv1.register_forward_hook(
             lambda _m, inputs, _o, l=l: runs.__setitem__(l, runs[l] + inputs[0].shape[0]))
     return runs
-
-
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny forwards: intra-op threading costs ~3 ms per BatchNorm call on a loaded 2-core box
-    (measured), vs 25 us on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_stack(num_blocks):

@@ -10,15 +10,9 @@ so that a single process over the global batch draws exactly the ranks' gates.
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -28,9 +22,10 @@ from torchvision.models.resnet import BasicBlock
 import sdepth_ext as sd
 from sdepth_ext.plan import shard_plan
 from sdepth_ext.state import get_state
+from tests import distributed_common as common
 from tests.conftest import drops_some_keeps_some, seed_where
+from tests.distributed_common import WORLD, assert_close_dicts, bn_model, gn_model, local_slice
 
-WORLD = 2
 LOCAL_BATCH = 4
 STEPS = 4  # >= 3, and drops must happen before the last step: DDP fails at the step *after* a drop
 SEED = 100  # rank r converts with SEED + r; ddp_ready broadcasts rank 0's stream, so SEED is the reference's
@@ -41,27 +36,6 @@ TIMEOUT_S = 240  # the whole spawn; the process group itself times out after 60 
 # ============================================================================================================
 # Models, data, one training run (shared by the workers and the single-process references)
 # ============================================================================================================
-def _gn(channels):
-    return nn.GroupNorm(2, channels)
-
-
-def gn_model():
-    """ResNet blocks with GroupNorm: per-sample normalisation, so a DDP step over 2 ranks is exactly one
-    step over the concatenated batch (BatchNorm's per-rank statistics would differ from full-batch ones)."""
-    torch.manual_seed(0)
-    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), _gn(16))
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), _gn(8), nn.ReLU(),
-        BasicBlock(8, 8, norm_layer=_gn), BasicBlock(8, 8, norm_layer=_gn),
-        BasicBlock(8, 16, stride=2, downsample=down, norm_layer=_gn), BasicBlock(16, 16, norm_layer=_gn),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-
-
-def bn_model():
-    torch.manual_seed(0)
-    return sd.cifar_resnet(8, num_classes=5)  # 3 BasicBlocks with BatchNorm, two projection shortcuts
-
-
 MODELS = {"gn": gn_model, "bn": bn_model}
 
 
@@ -84,10 +58,6 @@ def global_counts(model):
     if state.shard is None:
         return list(plan.counts)
     return list(state.scheduler.draw(plan.step, plan.batch_size * WORLD).counts)
-
-
-def local_slice(t, rank):
-    return t[rank::WORLD]
 
 
 # ============================================================================================================
@@ -122,71 +92,47 @@ def ddp_train(kind, mode, rank, ready=True, clear=False, uneven_step=None):
             "steps": steps}
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+def _work(rank, out_dir):
+    results = {
+        # batch mode, BatchNorm, "no gradient" semantics restored after the all-reduce
+        "batch_bn": ddp_train("bn", "batch", rank, clear=True),
+        # batch mode, BatchNorm, the default "zero" semantics (decay and momentum on dropped blocks)
+        "batch_bn_zero": ddp_train("bn", "batch", rank),
+        # row mode, GroupNorm: equal to one process over the concatenated batch
+        "row_gn": ddp_train("gn", "row", rank),
+        # row mode, BatchNorm: trains without errors (statistics are per rank, so no exact reference)
+        "row_bn": ddp_train("bn", "row", rank),
+        # row mode, "no gradient" semantics: the ranks agree on the globally dropped units
+        "row_gn_clear": ddp_train("gn", "row", rank, clear=True),
+        # row mode, unequal per-rank batches at step 1
+        "row_gn_uneven": ddp_train("gn", "row", rank, clear=True, uneven_step=1),
+    }
+    # sync_scheduler gives every rank rank 0's seed, step and drop scale (a schedule's value)
+    synced = sd.convert(gn_model(), mode="row", seed=SEED + rank)
+    sd.set_drop_scale(synced, 0.25 if rank == 0 else 0.75)
+    sd.get_scheduler(synced).step = 10 + rank
+    sd.sync_scheduler(synced)
+    results["synced_state"] = sd.get_scheduler(synced).state_dict()
+    # SyncBatchNorm in row mode would hang (a rank without survivors skips the collective): refused on
+    # every rank, before any collective of the model runs.
     try:
-        results = {
-            # batch mode, BatchNorm, "no gradient" semantics restored after the all-reduce
-            "batch_bn": ddp_train("bn", "batch", rank, clear=True),
-            # batch mode, BatchNorm, the default "zero" semantics (decay and momentum on dropped blocks)
-            "batch_bn_zero": ddp_train("bn", "batch", rank),
-            # row mode, GroupNorm: equal to one process over the concatenated batch
-            "row_gn": ddp_train("gn", "row", rank),
-            # row mode, BatchNorm: trains without errors (statistics are per rank, so no exact reference)
-            "row_bn": ddp_train("bn", "row", rank),
-            # row mode, "no gradient" semantics: the ranks agree on the globally dropped units
-            "row_gn_clear": ddp_train("gn", "row", rank, clear=True),
-            # row mode, unequal per-rank batches at step 1
-            "row_gn_uneven": ddp_train("gn", "row", rank, clear=True, uneven_step=1),
-        }
-        # sync_scheduler gives every rank rank 0's seed, step and drop scale (a schedule's value)
-        synced = sd.convert(gn_model(), mode="row", seed=SEED + rank)
-        sd.set_drop_scale(synced, 0.25 if rank == 0 else 0.75)
-        sd.get_scheduler(synced).step = 10 + rank
-        sd.sync_scheduler(synced)
-        results["synced_state"] = sd.get_scheduler(synced).state_dict()
-        # SyncBatchNorm in row mode would hang (a rank without survivors skips the collective): refused on
-        # every rank, before any collective of the model runs.
-        try:
-            sync = sd.convert(nn.SyncBatchNorm.convert_sync_batchnorm(bn_model()), mode="row", seed=0)
-            sd.ddp_ready(sync)
-            results["sync_bn_error"] = None
-        except ValueError as err:
-            results["sync_bn_error"] = str(err)
-        # Negative control: the same batch-mode run without ddp_ready fails at the step after a drop.
-        try:
-            ddp_train("bn", "batch", rank, ready=False)
-            results["unready_error"] = None
-        except RuntimeError as err:
-            results["unready_error"] = str(err)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        sync = sd.convert(nn.SyncBatchNorm.convert_sync_batchnorm(bn_model()), mode="row", seed=0)
+        sd.ddp_ready(sync)
+        results["sync_bn_error"] = None
+    except ValueError as err:
+        results["sync_bn_error"] = str(err)
+    # Negative control: the same batch-mode run without ddp_ready fails at the step after a drop.
+    try:
+        ddp_train("bn", "batch", rank, ready=False)
+        results["unready_error"] = None
+    except RuntimeError as err:
+        results["unready_error"] = str(err)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("ddp"))
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return common.run_ranks(_work, str(tmp_path_factory.mktemp("ddp")), TIMEOUT_S, "DDP")
 
 
 # ============================================================================================================
@@ -242,15 +188,6 @@ def reference_row_gn(clear=False):
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def assert_same(a, b, tol=None):
-    assert a.keys() == b.keys()
-    for name in a:
-        if tol is None:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            torch.testing.assert_close(a[name], b[name], **tol, msg=name)
-
-
 # ============================================================================================================
 # Tests
 # ============================================================================================================
@@ -265,7 +202,7 @@ def test_ranks_agree_and_drop_before_the_last_step(ranks, scenario):
     assert any(0 in counts for r in (r0, r1) for counts in r["local_counts"][:-1]), r0["local_counts"]
     if scenario.startswith("row"):  # the ranks' slices differ: independent gates per sample
         assert r0["local_counts"] != r1["local_counts"]
-    assert_same(r0["params"], r1["params"])
+    assert_close_dicts(r0["params"], r1["params"])
     for p in r0["params"].values():
         assert torch.isfinite(p).all()
 
@@ -275,10 +212,10 @@ def test_batch_mode_with_batchnorm_equals_single_process(ranks, scenario, policy
     """SGD with momentum and weight decay: the DDP run equals one process under either dropped-gradient
     policy (the "zero" run moves dropped blocks' weights by weight decay, the "none" run does not)."""
     expected = reference_batch_bn(policy)
-    assert_same(ranks[0][scenario]["params"], expected["params"], TOL)
+    assert_close_dicts(ranks[0][scenario]["params"], expected["params"], TOL)
     # Running statistics and num_batches_tracked: those of rank 0 (DDP broadcasts them), undisturbed by the
     # dropped blocks that ddp_ready made take part in autograd.
-    assert_same(ranks[0][scenario]["buffers"], expected["buffers"], TOL)
+    assert_close_dicts(ranks[0][scenario]["buffers"], expected["buffers"], TOL)
     # The two policies really differ on this run (some block was dropped before the last step).
     assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["batch_bn"]["params"].values(),
                                                      ranks[0]["batch_bn_zero"]["params"].values()))
@@ -291,7 +228,7 @@ def test_row_mode_equals_single_process_over_the_global_batch(ranks, scenario):
     assert got["counts"] == expected["counts"]
     # Some block has survivors on one rank only (else sharding would be untested).
     assert any(0 < c < WORLD * LOCAL_BATCH for counts in got["counts"] for c in counts)
-    assert_same(got["params"], expected["params"], TOL)
+    assert_close_dicts(got["params"], expected["params"], TOL)
     if scenario.endswith("clear"):  # the units cleared are those without a survivor on any rank
         assert got["dropped"] == [[l for l, c in enumerate(counts) if c == 0] for counts in got["counts"]]
 
@@ -305,7 +242,7 @@ def test_unequal_batches_keep_the_ranks_in_lockstep(ranks):
         for step, counts in enumerate(got["local_counts"]):
             n = LOCAL_BATCH - 1 if (step == 1 and rank == 1) else LOCAL_BATCH
             assert counts == scheduler.draw(step, n, rank=rank, world_size=WORLD).counts
-    assert_same(ranks[0]["row_gn_uneven"]["params"], ranks[1]["row_gn_uneven"]["params"])
+    assert_close_dicts(ranks[0]["row_gn_uneven"]["params"], ranks[1]["row_gn_uneven"]["params"])
 
 
 def test_sync_scheduler_broadcasts_seed_step_and_drop_scale(ranks):
@@ -327,49 +264,21 @@ def test_without_ddp_ready_default_ddp_fails(ranks):
 # ============================================================================================================
 # A rank dies mid-run: the survivor fails fast with an error instead of hanging
 # ============================================================================================================
-def _killed_rank_worker(rank, port, out_dir, mode):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+def _killed_rank_setup(rank, mode):
     model = sd.convert(gn_model(), p_last=0.5, rule="uniform", mode=mode, seed=SEED).train()
     sd.ddp_ready(model)
     ddp = DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-    start = None
-    try:
-        for step in range(8):
-            if step == 3:
-                if rank == 1:
-                    os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no goodbye to the process group
-                start = time.monotonic()
-            x, y = (local_slice(t, rank) for t in global_batch(step))
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(ddp(x), y).backward()
-            sd.clear_dropped_grads(ddp)  # row mode: a collective of its own
-            opt.step()
-        outcome = {"error": None}
-    except Exception as err:  # noqa: BLE001 - whatever the collective raises is the observation
-        outcome = {"error": f"{type(err).__name__}: {err}"}
-    outcome["seconds"] = None if start is None else time.monotonic() - start
-    torch.save(outcome, os.path.join(out_dir, f"killed-rank{rank}.pt"))
+
+    def loss_at(step):
+        x, y = (local_slice(t, rank) for t in global_batch(step))
+        return F.cross_entropy(ddp(x), y)
+
+    return ddp, loss_at
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
 def test_a_killed_rank_makes_the_other_fail_fast(tmp_path, mode):
-    context = mp.start_processes(_killed_rank_worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    survivor = context.processes[0]
-    survivor.join(timeout=90)
-    try:
-        assert not survivor.is_alive(), "rank 0 hung after rank 1 was killed"
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-    assert context.processes[1].exitcode == -9
-    outcome = torch.load(tmp_path / "killed-rank0.pt", weights_only=False)
-    assert outcome["error"] is not None, "rank 0 trained on alone without noticing"
-    assert outcome["seconds"] < 30, outcome
+    common.assert_the_other_fails_fast(_killed_rank_setup, tmp_path, mode, LR, join_timeout_s=90)
 
 
 # ============================================================================================================

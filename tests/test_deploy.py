@@ -29,12 +29,7 @@ else:
     MODELS["timm_vit"] = (test_timm_vit.small_vit, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like(name, **convert_kwargs):

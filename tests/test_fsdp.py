@@ -19,27 +19,23 @@ and subset mode; both dropped-gradient policies; unequal batches; BatchNorm; exp
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
 from sdepth_ext.fsdp import MIN_TORCH, CollectiveCount, count_collectives
 from sdepth_ext.state import get_state
+from tests import distributed_common as common
+from tests.conftest import single_thread
+from tests.distributed_common import WORLD, assert_close_dicts, bn_model, gn_model, local_slice
 
 needs_fsdp2 = pytest.mark.skipif(
     tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH,
     reason=f"FSDP2 on a CPU with gloo needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (CPU stream events)")
 
-WORLD = 2
 LOCAL_BATCH = 4
 STEPS = 4  # >= 3: the row-mode hang this guards against showed at the third step
 SEED = 100  # rank r converts with SEED + r: the installation broadcasts rank 0's stream
@@ -51,26 +47,6 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}  # reduce-scatter sums in another order than 
 # ============================================================================================================
 # Models, data
 # ============================================================================================================
-def _gn(channels):
-    return nn.GroupNorm(2, channels)
-
-
-def gn_model():
-    """ResNet blocks with GroupNorm (per-sample normalisation) and one projection shortcut (block 2)."""
-    torch.manual_seed(0)
-    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), _gn(16))
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), _gn(8), nn.ReLU(),
-        BasicBlock(8, 8, norm_layer=_gn), BasicBlock(8, 8, norm_layer=_gn),
-        BasicBlock(8, 16, stride=2, downsample=down, norm_layer=_gn), BasicBlock(16, 16, norm_layer=_gn),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-
-
-def bn_model():
-    torch.manual_seed(0)
-    return sd.cifar_resnet(8, num_classes=5)  # 3 BasicBlocks with BatchNorm, two projection shortcuts
-
-
 PROJECTION_BLOCKS = {"gn": {2}, "bn": {1, 2}}  # blocks whose shortcut has parameters
 
 
@@ -97,10 +73,6 @@ def global_input(spec, step):
     if spec["model"] in ("gn", "bn"):
         return image_batch(step)
     return family_cases()[spec["model"]].input(WORLD * LOCAL_BATCH, 1000 + step)
-
-
-def local_slice(t, rank):
-    return t[rank::WORLD]
 
 
 def local_input(spec, step, rank):
@@ -307,66 +279,25 @@ def dcp_resume(rank, directory):
             "params": full_params(resumed)}
 
 
-def _init(rank, port):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-
-
-def _worker(rank, port, out_dir):
-    _init(rank, port)
-    try:
-        results = {name: fsdp_train(spec, rank) for name, spec in {**SCENARIOS, **family_scenarios()}.items()}
-        results["dcp_resume"] = dcp_resume(rank, os.path.join(out_dir, "dcp"))
-        results["revert_error"] = revert_refused(rank)
-        results["direct_block_calls"] = direct_block_calls(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(worker, args, timeout_s):
-    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"FSDP workers did not finish within {timeout_s} s")
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
+def _work(rank, out_dir):
+    results = {name: fsdp_train(spec, rank) for name, spec in {**SCENARIOS, **family_scenarios()}.items()}
+    results["dcp_resume"] = dcp_resume(rank, os.path.join(out_dir, "dcp"))
+    results["revert_error"] = revert_refused(rank)
+    results["direct_block_calls"] = direct_block_calls(rank)
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("fsdp"))
-    spawn(_worker, (_free_port(), out_dir), TIMEOUT_S)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return common.run_ranks(_work, str(tmp_path_factory.mktemp("fsdp")), TIMEOUT_S, "FSDP")
 
 
 # ============================================================================================================
 # Single-process references
 # ============================================================================================================
-@contextlib.contextmanager
-def one_thread():
-    """As the workers run: a convolution sums in another order with more threads, and a BatchNorm over two
-    values per channel (a two-sample sub-batch at 1x1) turns that last-bit difference into 1e-3."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@one_thread()
+# One thread, as the workers run: a convolution sums in another order with more threads, and a BatchNorm over
+# two values per channel (a two-sample sub-batch at 1x1) turns that last-bit difference into 1e-3.
+@single_thread()
 def emulate(spec):
     """The ranks' work in one process (module docstring); local counts per rank and step too."""
     model = convert(spec, SEED)
@@ -389,15 +320,6 @@ def emulate(spec):
         opt.step()
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "buffers": rank_buffers, "counts": counts}
-
-
-def assert_close_dicts(got, expected, tol=None):
-    assert got.keys() == expected.keys()
-    for name in got:
-        if tol is None:
-            assert torch.equal(got[name], expected[name]), name
-        else:
-            torch.testing.assert_close(got[name], expected[name], **tol, msg=name)
 
 
 def spec_of(name):
@@ -449,7 +371,7 @@ def test_the_scenarios_exercise_what_they_claim(ranks):
 
 
 @needs_fsdp2
-@one_thread()
+@single_thread()
 def test_row_mode_equals_one_process_over_the_global_batch(ranks):
     """GroupNorm, equal batches: the FSDP2 run is one process over the interleaved global batch."""
     spec = SCENARIOS["row_helper_none_clear"]
@@ -524,47 +446,17 @@ def test_checkpoint_resumes_gates_and_parameters_exactly(ranks):
 # ============================================================================================================
 # A rank dies mid-run: the other fails fast instead of hanging
 # ============================================================================================================
-def _killed_rank_worker(rank, port, out_dir, mode):
-    _init(rank, port)
+def _killed_rank_setup(rank, mode):
     spec = {**SCENARIOS["row_helper_none_clear"], "mode": mode}
     model = convert(spec, SEED)
     sd.fully_shard(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    start = None
-    try:
-        for step in range(8):
-            if step == 3:
-                if rank == 1:
-                    os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, no goodbye to the process group
-                start = time.monotonic()
-            opt.zero_grad(set_to_none=True)
-            loss_of(model(local_input(spec, step % STEPS, rank))).backward()
-            sd.clear_dropped_grads(model)
-            opt.step()
-        outcome = {"error": None}
-    except Exception as err:  # noqa: BLE001 - whatever the collective raises is the observation
-        outcome = {"error": f"{type(err).__name__}: {err}"}
-    outcome["seconds"] = None if start is None else time.monotonic() - start
-    torch.save(outcome, os.path.join(out_dir, f"killed-rank{rank}.pt"))
+    return model, lambda step: loss_of(model(local_input(spec, step % STEPS, rank)))
 
 
 @needs_fsdp2
 @pytest.mark.parametrize("mode", ["batch", "row"])
 def test_a_killed_rank_makes_the_other_fail_fast(tmp_path, mode):
-    context = mp.start_processes(_killed_rank_worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    survivor = context.processes[0]
-    survivor.join(timeout=120)
-    try:
-        assert not survivor.is_alive(), "rank 0 hung after rank 1 was killed"
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-    assert context.processes[1].exitcode == -9
-    outcome = torch.load(tmp_path / "killed-rank0.pt", weights_only=False)
-    assert outcome["error"] is not None, "rank 0 trained on alone without noticing"
-    assert outcome["seconds"] < 30, outcome
+    common.assert_the_other_fails_fast(_killed_rank_setup, tmp_path, mode, LR, join_timeout_s=120)
 
 
 # ============================================================================================================

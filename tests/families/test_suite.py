@@ -46,13 +46,8 @@ else:
 CASE_IDS = [c.name for c in CASES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Results stay bit-stable on a loaded 2-core machine with one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Results stay bit-stable on a loaded 2-core machine with one intra-op thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_adapter_has_a_case():
@@ -103,6 +98,20 @@ def assert_grads(got: nn.Module, want: nn.Module, exact: bool = False):
             torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def assert_matches(converted: nn.Module, plain: nn.Module, out: torch.Tensor, expected: torch.Tensor,
+                   exact: bool = False, atol: float = 1e-5):
+    """``out`` (of ``converted``) equals ``expected`` (of ``plain``): bit for bit if ``exact``, else to
+    rtol 1e-5 and ``atol``; then both backpropagate ``square().sum()`` and the gradients compare as
+    :func:`assert_grads` says."""
+    if exact:
+        assert torch.equal(out, expected)
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=atol)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_grads(converted, plain, exact=exact)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Eval and "nothing dropped"
 # ------------------------------------------------------------------------------------------------------------
@@ -132,11 +141,7 @@ def test_train_nothing_dropped_equals_the_original_at_drop_zero(case):
     plain = set_own_drop_to_zero(case.make()).train()
     converted = convert_case(case, p_last=1.0, scaling="inverted").train()
     x = case.input(case.batch, 3)
-    out, expected = converted(x), plain(x)
-    assert torch.equal(out, expected)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    assert_grads(converted, plain, exact=True)
+    assert_matches(converted, plain, converted(x), plain(x), exact=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -163,11 +168,7 @@ def test_train_matches_the_reference(case, mode, scaling):
     out = converted(x)
     gates = unit_gates(converted, get_state(converted).host_plan)
     assert any(rows == [] for rows, _ in gates) and any(rows != [] for rows, _ in gates)
-    expected = reference_forward(case, converted, plain, x, gates)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    assert_grads(converted, plain)
+    assert_matches(converted, plain, out, reference_forward(case, converted, plain, x, gates))
 
 
 @pytest.mark.parametrize("scaling", ["paper", "inverted"])
@@ -188,11 +189,7 @@ def test_subset_mode_keeps_a_fixed_count_and_matches_the_reference(case, scaling
         rows = plan.rows(l)
         gates.append((None if rows is None else rows.tolist(), n / kept if scaling == "inverted" else 1.0))
     assert any(rows is not None for rows, _ in gates)  # some unit ran on a strict subset
-    expected = reference_forward(case, converted, plain, x, gates)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    assert_grads(converted, plain)
+    assert_matches(converted, plain, out, reference_forward(case, converted, plain, x, gates))
     resumed = convert_case(case, p_last=0.5, mode="subset", scaling=scaling, seed=99).train()
     resumed.load_state_dict(converted.state_dict())
     converted(x), resumed(x)
@@ -212,10 +209,7 @@ def test_row_mode_equals_the_masked_original(case):
     out = converted(x)
     gates = unit_gates(converted, get_state(converted).host_plan)
     expected = masked_original(case, converted, plain, x, masks_of(gates, case.batch))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    assert_grads(converted, plain)
+    assert_matches(converted, plain, out, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])

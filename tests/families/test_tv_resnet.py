@@ -31,12 +31,13 @@ def resnet_reference(block, x, units):
     return torch.relu(gated_add(shortcut, x, branch, rows, scale))
 
 
-def custom_model():
-    """A user model built from torchvision blocks: BasicBlock, a strided projection block, a Bottleneck."""
+def custom_model(first_block=BasicBlock):
+    """A user model built from torchvision blocks: ``first_block`` (BasicBlock or a subclass of it), a
+    strided projection BasicBlock, a Bottleneck."""
     down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=down), Bottleneck(16, 4),
+        first_block(8, 8), BasicBlock(8, 16, stride=2, downsample=down), Bottleneck(16, 4),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
 
 

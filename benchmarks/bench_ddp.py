@@ -27,14 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import sdepth_ext as sd
 
-from .common import (
-    format_table,
-    parse_args,
-    print_environment,
-    size_parser,
-    size_suffix,
-    write_results,
-)
+from . import common
 from .workers import WORLD, group_environment, process_group, run_workers, save_measured
 
 VARIANTS = ("ddp_ready", "find_unused", "all_blocks")
@@ -101,19 +94,20 @@ def run(size: str = "default", timeout_s: float = 1800.0,
 
 
 def main(argv=None) -> list[dict]:
-    parser = size_parser(__doc__.splitlines()[0], smoke_help="seconds-long run, for CI",
+    parser = common.size_parser(__doc__.splitlines()[0], smoke_help="seconds-long run, for CI",
                          full_help="ResNet-56, batch 64 per rank, more steps")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where to write ddp*.json/csv (default: benchmarks/results/cpu)")
-    args = parse_args(parser, argv)  # --cpu-malloc: this process's stamp; the workers apply it themselves
+    # --cpu-malloc: this process's stamp; the workers apply it themselves
+    args = common.parse_args(parser, argv)
     size = "smoke" if args.smoke else "full" if args.full else "default"
     env = group_environment("gloo")
-    print_environment(env)
+    common.print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, cpu_malloc=args.cpu_malloc)
     columns = ["mode", "variant", "depth", "batch_per_rank", "step_ms", "ratio_vs_find_unused"]
-    print(format_table(rows, columns))
-    paths = write_results("ddp" + size_suffix(args.smoke, args.full), rows, env, samples=samples,
-                          out_dir=args.out_dir)
+    print(common.format_table(rows, columns))
+    paths = common.write_results("ddp" + common.size_suffix(args.smoke, args.full), rows, env,
+                                 samples=samples, out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

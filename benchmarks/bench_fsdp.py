@@ -34,14 +34,7 @@ import sdepth_ext as sd
 from sdepth_ext.fsdp import count_collectives
 from sdepth_ext.state import units_of
 
-from .common import (
-    format_table,
-    parse_args,
-    print_environment,
-    size_parser,
-    size_suffix,
-    write_results,
-)
+from . import common
 from .workers import WORLD, group_environment, process_group, run_workers, save_measured
 
 VARIANTS = ("plain", "all_units", "batch", "row", "subset")
@@ -153,25 +146,27 @@ def run(size: str = "default", backend: str = "gloo", timeout_s: float = 1800.0,
 
 
 def main(argv=None) -> list[dict]:
-    parser = size_parser(__doc__.splitlines()[0], smoke_help="seconds-long run, for CI (not a measurement)",
-                         full_help="ResNet-56, batch 64 per rank, more steps")
+    parser = common.size_parser(__doc__.splitlines()[0],
+                                smoke_help="seconds-long run, for CI (not a measurement)",
+                                full_help="ResNet-56, batch 64 per rank, more steps")
     parser.add_argument("--count-only", action="store_true",
                         help="no timed steps: collectives and elements per step only (exact anywhere)")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                         help="gloo on CPUs (default); nccl with one GPU per rank")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where to write fsdp*.json/csv (default: benchmarks/results/<device>)")
-    args = parse_args(parser, argv)  # --cpu-malloc: this process's stamp; the workers apply it themselves
+    # --cpu-malloc: this process's stamp; the workers apply it themselves
+    args = common.parse_args(parser, argv)
     size = "smoke" if args.smoke else "full" if args.full else "default"
     env = group_environment(args.backend)
-    print_environment(env)
+    common.print_environment(env)
     rows, samples, env["cpu_allocator"] = run(size, args.backend, cpu_malloc=args.cpu_malloc,
                                               count_only=args.count_only)
     columns = ["variant", "mode", "step_ms", "ratio_vs_plain", "all_gather_per_step",
                "reduce_scatter_per_step", "collectives_vs_plain", "elements_vs_plain"]
-    print(format_table(rows, columns))
-    name = "fsdp" + size_suffix(args.smoke, args.full) + ("_counts" if args.count_only else "")
-    paths = write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
+    print(common.format_table(rows, columns))
+    name = "fsdp" + common.size_suffix(args.smoke, args.full) + ("_counts" if args.count_only else "")
+    paths = common.write_results(name, rows, env, samples=samples, out_dir=args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

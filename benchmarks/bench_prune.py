@@ -17,17 +17,7 @@ import torch
 import sdepth_ext as sd
 from sdepth_ext.flops import total_macs
 
-from .common import (
-    best_device,
-    environment,
-    format_table,
-    median,
-    parse_size_args,
-    print_environment,
-    size_suffix,
-    time_interleaved,
-    write_results,
-)
+from . import common
 
 BLOCKS_PER_STAGE = 18  # cifar_resnet(110)
 
@@ -38,7 +28,7 @@ def stage_tail(m: int, per_stage: int = BLOCKS_PER_STAGE) -> list[int]:
 
 
 def run(smoke: bool = False) -> tuple[list[dict], dict]:
-    device = best_device()
+    device = common.best_device()
     batch = 4 if smoke else (128 if device.type == "cuda" else 32)
     removed = (0, 9) if smoke else (0, 3, 6, 9)
     repeat = 3 if smoke else (30 if device.type == "cuda" else 15)
@@ -60,13 +50,13 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
                 model(x)
         return call
 
-    times = time_interleaved({name: forward(model) for name, model in variants.items()}, device, warmup=2,
-                             repeat=repeat, calls=1)
-    full_time = median(times["pruned -0/stage"])
+    times = common.time_interleaved({name: forward(model) for name, model in variants.items()}, device,
+                                    warmup=2, repeat=repeat, calls=1)
+    full_time = common.median(times["pruned -0/stage"])
     rows = []
     for m in removed:
-        pruned_t = median(times[f"pruned -{m}/stage"])
-        hand_t = median(times[f"by hand depth {110 - 6 * m}"])
+        pruned_t = common.median(times[f"pruned -{m}/stage"])
+        hand_t = common.median(times[f"by hand depth {110 - 6 * m}"])
         rows.append({"bench": "prune", "model": "cifar_resnet110", "batch": batch, "removed_blocks": 3 * m,
                      "depth": 110 - 6 * m, "pruned_ms": pruned_t * 1e3, "by_hand_ms": hand_t * 1e3,
                      "latency_ratio": pruned_t / full_time, "by_hand_ratio": hand_t / full_time,
@@ -75,14 +65,14 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_size_args(argv, __doc__.splitlines()[0],
+    args = common.parse_size_args(argv, __doc__.splitlines()[0],
                            smoke_help="seconds-long run; its numbers mean nothing")
-    env = environment(best_device())
-    print_environment(env)
+    env = common.environment(common.best_device())
+    common.print_environment(env)
     rows, samples = run(smoke=args.smoke)
-    print(format_table(rows, ["model", "batch", "removed_blocks", "depth", "pruned_ms", "by_hand_ms",
+    print(common.format_table(rows, ["model", "batch", "removed_blocks", "depth", "pruned_ms", "by_hand_ms",
                               "latency_ratio", "by_hand_ratio", "over_hand", "flop_ratio"]))
-    paths = write_results("prune" + size_suffix(args.smoke), rows, env, samples=samples)
+    paths = common.write_results("prune" + common.size_suffix(args.smoke), rows, env, samples=samples)
     print("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

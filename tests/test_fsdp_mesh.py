@@ -11,14 +11,14 @@
   ``sd.ddp_ready(process_group=...)`` after an ``sd.sync_scheduler`` over every rank.
 
 Rows are observed from outside: a hook on each block records its input, one on the first layer of its
-branch the sub-batch the branch ran on, and the test maps the sub-batch back to sample indices.
+branch the sub-batch the branch ran on, and the test maps the sub-batch back to sample indices. Helpers
+(the FSDP2 skip, parameters, loss) are tests/test_fsdp.py's.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 
 import pytest
@@ -29,11 +29,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
-
-MIN_TORCH = (2, 7)  # as tests/test_fsdp.py: FSDP2 on a CPU with gloo needs CPU stream events
-needs_fsdp2 = pytest.mark.skipif(
-    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH,
-    reason=f"FSDP2 on a CPU with gloo needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (CPU stream events)")
+from tests.test_fsdp import _free_port, full_params, loss_of, needs_fsdp2
 
 WORLD = 4
 MESH = (2, 2)
@@ -73,10 +69,6 @@ def global_input(step, dp_size):
     return torch.randn(dp_size * LOCAL_BATCH, 3, 8, 8, generator=g)
 
 
-def loss_of(out):
-    return out.float().square().mean()
-
-
 class RowRecorder:
     """Per forward, per converted block: the sample indices its branch ran on (matched by value; none where
     the branch did not run, or ran on an empty sub-batch)."""
@@ -98,12 +90,6 @@ class RowRecorder:
     def _branch_input(self, i, args):
         x, sub = self._x, args[0].detach()
         self.steps[-1][i] = [n for n in range(x.shape[0]) if any(torch.equal(x[n], s) for s in sub)]
-
-
-def full_params(model):
-    """Unsharded copies of every parameter (a collective: every rank calls it)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
 
 
 def train(model, dp_rank, dp_size, record: RowRecorder):
@@ -188,12 +174,6 @@ def _worker(rank, port, out_dir):
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

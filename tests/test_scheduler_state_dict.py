@@ -39,7 +39,6 @@ def test_a_state_dict_without_drop_scale_loads_scale_one(backend, mode, prior_sc
         target.sample(6)
         target.load_state_dict(state)
         assert target.drop_scale == 1.0, name
-        assert target.effective_survival == SURVIVAL, name
         assert target.state_dict() == fresh.state_dict() | {"step": STEP}, name
         assert [key(target.sample(6)) for _ in range(3)] == expected, name
 

@@ -270,6 +270,25 @@ VIEWS = {"(headline)": headline_markdown, "(training)": training_markdown,
          "(row mode)": footprint_row_markdown}
 
 
+# A machine named in a page's prose or heading: "<!-- machine from <path> -->NAME<!-- /machine -->", where
+# NAME is the device of the run the file holds (its stamp's first part). --update-pages rewrites NAME, and
+# tests/test_readme.py checks it with the tables: a heading cannot name another machine than its tables.
+CITED_MACHINE = re.compile(r"<!-- machine from (?P<cited>[^\n]*?) -->(?P<name>[^\n]*?)<!-- /machine -->")
+
+
+def cited_machines(text: str) -> list[tuple[str, str]]:
+    """The ``(cited path, machine name)`` pairs of a page."""
+    return [(m["cited"].strip(), m["name"]) for m in CITED_MACHINE.finditer(text)]
+
+
+def machine_of(cited: str, root: Path) -> str:
+    """The machine a committed result file (a path relative to ``root``) was measured on."""
+    file = root / cited
+    if not file.exists():
+        raise FileNotFoundError(f"{cited} is cited but not committed")
+    return json.loads(file.read_text())["environment"]["device"]
+
+
 def cited_blocks(text: str) -> list[tuple[str, str]]:
     """The ``(cited, table)`` blocks of a page; ``cited`` is "path" or "path (view)"."""
     return [(m["cited"].strip(), m["body"].strip()) for m in CITED_BLOCK.finditer(text)]
@@ -286,8 +305,8 @@ def render_cited(cited: str, root: Path) -> str:
 
 
 def update_pages(pages: list[Path], root: Path) -> list[Path]:
-    """Rewrite every cited block of ``pages`` with what its file holds now (atomically, page by page);
-    returns the pages that changed."""
+    """Rewrite every cited block and every cited machine name of ``pages`` with what its file holds now
+    (atomically, page by page); returns the pages that changed."""
     changed = []
     for page in pages:
         text = page.read_text()
@@ -296,7 +315,11 @@ def update_pages(pages: list[Path], root: Path) -> list[Path]:
             trailing = m["body"][len(m["body"].rstrip()):]
             return f"<!-- from {m['cited']} -->\n{render_cited(m['cited'].strip(), root)}{trailing}"
 
-        new = CITED_BLOCK.sub(fresh, text)
+        def machine(m: re.Match) -> str:
+            name = machine_of(m["cited"].strip(), root)
+            return f"<!-- machine from {m['cited']} -->{name}<!-- /machine -->"
+
+        new = CITED_MACHINE.sub(machine, CITED_BLOCK.sub(fresh, text))
         if new != text:
             atomic_write_text(page, new)
             changed.append(page)
@@ -308,8 +331,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("results_dir", type=Path, help="e.g. benchmarks/results/cpu")
     parser.add_argument("--suffix", default="", help="'_full' or '_smoke' for those runs' files")
     parser.add_argument("--update-pages", nargs="+", type=Path, metavar="PAGE",
-                        help="instead: rewrite the tables these pages cite from their files (paths relative "
-                             "to the current directory, the repository root)")
+                        help="instead: rewrite the tables and machine names these pages cite from their "
+                             "files (paths relative to the current directory, the repository root)")
     args = parser.parse_args(argv)
     if args.update_pages:
         changed = update_pages(args.update_pages, Path.cwd())

@@ -9,8 +9,12 @@ What a converted model does under FSDP2 (installed by :func:`fully_shard`, or by
 after ``fully_shard`` was applied by hand):
 
 * **The same plan on every rank.** The scheduler's state (seed, step, drop scale) is broadcast once from the
-  first rank of the FSDP mesh (:func:`sdepth_ext.sync_scheduler`); in row and subset mode each rank draws its
-  own samples' gates, as samples ``i * world_size + rank`` of the global batch.
+  first rank, along every dimension of the meshes the parameters lie on (:func:`sdepth_ext.sync_scheduler`);
+  in row and subset mode each rank draws its own samples' gates, as samples ``i * world_size + rank`` of
+  the global batch, where ``rank`` and ``world_size`` are the data-parallel ones: the flattened coordinate
+  on the data-parallel mesh (HSDP: both of its dimensions), the mesh FSDP2 was given (:func:`fully_shard`'s
+  ``mesh``, also by hand). With tensor parallelism a parameter's own mesh has the tensor-parallel
+  dimensions too, whose peers see the same samples: they draw the same rows.
 * **Batch mode: a block dropped on every rank skips its communication.** When the block's own FSDP group
   holds nothing but its units' branch parameters (the helper shards projection shortcuts and other parts on
   their own), FSDP's forward hooks of that block are bypassed for the step: no all-gather in forward, no
@@ -121,7 +125,7 @@ def fully_shard(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
             shard(block, **fully_shard_kwargs)  # what is left: the unit's branch (or branch parameters)
     if not isinstance(root, FSDPModule):
         shard(root, **fully_shard_kwargs)
-    install(root, state)
+    install(root, state, _explicit_dp_mesh(fully_shard_kwargs))
     return model
 
 
@@ -150,17 +154,22 @@ def detect(root: nn.Module, state) -> None:
         install(root, state)
 
 
-def install(root: nn.Module, state) -> None:
-    """Make the converted ``root`` (sharded with FSDP2) skip dropped units' collectives; a collective."""
+def install(root: nn.Module, state, dp_mesh=None) -> None:
+    """Make the converted ``root`` (sharded with FSDP2) skip dropped units' collectives; a collective.
+
+    ``dp_mesh``: the data-parallel mesh, as :func:`fully_shard` was given it; ``None``: the one FSDP2 was
+    given (:func:`_recorded_dp_mesh`).
+    """
     check_no_sync_batchnorm(state)
-    mesh = _mesh(root)
-    rank, world_size, groups = _mesh_rank(mesh)
-    for group in groups:  # along each mesh dimension, from its first rank: every rank gets the first's
+    if dp_mesh is None:
+        dp_mesh = _recorded_dp_mesh(root)
+    rank, world_size = _mesh_rank(dp_mesh)
+    for group in _sync_groups(root, dp_mesh):  # each dimension in turn, from its first rank
         sync_scheduler(root, src=dist.get_global_rank(group, 0), process_group=group)
     set_shard(state, rank, world_size)
     if state.fsdp is not None:
         state.fsdp.remove()
-    gates = FsdpGates(state, root, _mesh_device(mesh))
+    gates = FsdpGates(state, root, _mesh_device(dp_mesh))
     state.fsdp = gates
     state.fsdp_seen = id(type(root))
     state.cleanups.append(gates.remove)
@@ -168,23 +177,63 @@ def install(root: nn.Module, state) -> None:
     put_plan_draw_first(root)
 
 
-def _mesh(root: nn.Module):
-    for p in root.parameters():
-        mesh = getattr(p, "device_mesh", None)
-        if mesh is not None:
-            return mesh
-    return None
+def _explicit_dp_mesh(fully_shard_kwargs: dict):
+    """The data-parallel mesh :func:`fully_shard`'s arguments name: FSDP2's ``mesh`` (1-D: FSDP; 2-D: HSDP),
+    or, where ``dp_mesh_dims`` (newer torch) makes ``mesh`` the whole SPMD mesh, its replicate and shard
+    dimensions. ``None`` without a mesh."""
+    mesh, dims = fully_shard_kwargs.get("mesh"), fully_shard_kwargs.get("dp_mesh_dims")
+    if mesh is None or dims is None:
+        return mesh
+    names = [name for field in (dims.replicate, dims.shard) if field is not None
+             for name in ((field,) if isinstance(field, str) else field)]
+    return mesh[tuple(names)]
 
 
-def _mesh_rank(mesh) -> tuple[int, int, list]:
-    """(this rank's index among the data-parallel ranks, their number, one process group per mesh dim)."""
+def _recorded_dp_mesh(root: nn.Module):
+    """The data-parallel mesh FSDP2 was given for ``root``'s first parameter group (``fully_shard(mesh=...)``,
+    also by hand), from its record of it (the group's ``mesh_info``). Not the mesh of a sharded parameter:
+    with tensor parallelism that one has the tensor-parallel dimensions too. Where this torch keeps no such
+    record, the first parameter's mesh (right without tensor parallelism); ``None`` without one."""
+    types = fsdp_module_types()
+    for module in root.modules():
+        if not isinstance(module, types):
+            continue
+        fsdp_state = module._get_fsdp_state()
+        groups = getattr(fsdp_state, "_fsdp_param_groups", None)  # torch >= 2.12: one per mesh
+        if groups is None:
+            group = getattr(fsdp_state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            mesh = getattr(getattr(group, "mesh_info", None), "mesh", None)
+            if mesh is not None:
+                return mesh
+    return next((p.device_mesh for p in root.parameters() if getattr(p, "device_mesh", None) is not None),
+                None)
+
+
+def _sync_groups(root: nn.Module, dp_mesh) -> list:
+    """One process group per dimension of the data-parallel mesh and of every mesh a parameter lies on (a
+    tensor-parallel one too): broadcasting along each in turn gives every rank that holds a part of the
+    model, tensor-parallel peers included, the stream of the first."""
+    meshes = [dp_mesh, *(getattr(p, "device_mesh", None) for p in root.parameters())]
+    groups: list = []
+    for mesh in meshes:
+        for d in range(0 if mesh is None else mesh.ndim):
+            group = mesh.get_group(d)
+            if not any(group is g for g in groups):
+                groups.append(group)
+    return groups or [dist.group.WORLD]
+
+
+def _mesh_rank(mesh) -> tuple[int, int]:
+    """(this rank's index among the data-parallel ranks, their number): the flattened mesh coordinate."""
     if mesh is None:
-        return dist.get_rank(), dist.get_world_size(), [dist.group.WORLD]
+        return dist.get_rank(), dist.get_world_size()
     coordinate = mesh.get_coordinate()
     rank = 0
     for index, size in zip(coordinate, mesh.mesh.shape):
         rank = rank * size + index
-    return rank, mesh.size(), [mesh.get_group(d) for d in range(mesh.ndim)]
+    return rank, mesh.size()
 
 
 def _mesh_device(mesh) -> torch.device:

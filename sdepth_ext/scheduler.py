@@ -13,6 +13,7 @@ lockstep, since no step's size moves another step's gates. Each draw is a :class
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import operator
 import threading
@@ -132,13 +133,15 @@ class _PythonGateSampler:
 
 
 def _seed_from_torch() -> int:
-    """A 64-bit seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces a run.
+    """A 64-bit seed from the state of torch's default CPU generator, which it leaves where it was.
 
-    ``(a << 32) | b`` of two draws of ``torch.randint(0, 2**32)``; on the CPU explicitly, so that it also
-    works inside ``with torch.device("meta")`` (or any other default device).
+    The first 8 bytes (little-endian) of BLAKE2b over ``torch.random.get_rng_state()``: nothing is drawn, so
+    converting a model does not shift a seeded pipeline's later draws (data order, augmentation, dropout),
+    and ``torch.manual_seed`` still reproduces the seed. Two schedulers made with no draw between them get
+    the same seed. Reads the CPU generator whatever the default device (also ``with torch.device("meta")``).
     """
-    halves = torch.randint(0, 2**32, (2,), dtype=torch.int64, device="cpu").tolist()
-    return (halves[0] << 32) | halves[1]
+    state = torch.random.get_rng_state()
+    return int.from_bytes(hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest(), "little")
 
 
 def check_u64(value, name: str) -> int:
@@ -159,8 +162,9 @@ class Scheduler:
         mode: ``"batch"`` (one gate per unit and step, the paper's choice), ``"row"`` (one gate per
             unit and sample) or ``"subset"`` (each unit keeps exactly ``max(int(N * p_l), 1)`` of the N
             samples, drawn uniformly: static shapes, as DINOv2/DINOv3 train their ViTs).
-        seed: an int in [0, 2^64) for a reproducible stream; ``None`` takes a seed from torch's default
-            generator (so ``torch.manual_seed`` reproduces the run).
+        seed: an int in [0, 2^64) for a reproducible stream; ``None`` derives one from the state of torch's
+            default generator without advancing it (so ``torch.manual_seed`` reproduces the run, and the
+            generator's later draws are what they would be without the scheduler).
         backend: ``None`` (compiled if built, else NumPy), ``"cpp"`` or ``"python"``.
 
     ``sample`` is safe to call from several threads: each call claims its own step.

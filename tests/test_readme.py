@@ -16,6 +16,9 @@ from sdepth_ext.state import units_of
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# Words of a machine's name (CPU and GPU vendors, models) that only a cited result file may put on a page
+MACHINE_WORDS = re.compile(r"\b(?:Intel|Xeon|AMD|EPYC|Ryzen|Threadripper|NVIDIA|GeForce|Tesla|Quadro|"
+                           r"Graviton|Neoverse|Apple M\d)\b")
 
 
 def _section(text: str, heading: str) -> str:
@@ -64,10 +67,19 @@ def test_relative_links_resolve(page):
                          ids=lambda p: p.name)
 def test_result_tables_are_the_committed_files(page):
     """A table of results on these pages is pasted from ``benchmarks.report``: it must still be what the
-    committed file holds, so a number can always be traced to its file (stamp included)."""
-    blocks = report.cited_blocks(page.read_text())
+    committed file holds, so a number can always be traced to its file (stamp included). So must every
+    machine a heading or the prose names: cited from a file, never written by hand."""
+    text = page.read_text()
+    blocks = report.cited_blocks(text)
     assert blocks, f"{page.name} shows no result table from a committed file"
+    update = "python -m benchmarks.report . --update-pages README.md docs/benchmarks.md docs/reproduction.md"
     for cited, body in blocks:
         assert body == report.render_cited(cited, ROOT), (
-            f"{page.name}: the table from {cited} differs from the file (python -m benchmarks.report . "
-            "--update-pages README.md docs/benchmarks.md docs/reproduction.md)")
+            f"{page.name}: the table from {cited} differs from the file ({update})")
+    for cited, name in report.cited_machines(text):
+        assert name == report.machine_of(cited, ROOT), (
+            f"{page.name}: names the machine {name!r} for {cited}, which was measured on "
+            f"{report.machine_of(cited, ROOT)!r} ({update})")
+    by_hand = MACHINE_WORDS.findall(report.CITED_MACHINE.sub("", report.CITED_BLOCK.sub("", text)))
+    assert not by_hand, (f"{page.name} names a machine by hand ({by_hand}): cite it from its result file, "
+                         "<!-- machine from <file> --><!-- /machine -->, and run " + update)

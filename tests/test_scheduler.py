@@ -233,13 +233,14 @@ def test_seed_none_follows_torch_manual_seed(restore_rng_state):
     assert plans_equal(a.sample(32), b.sample(32))
 
 
-def test_seed_none_is_the_documented_64_bit_combination(restore_rng_state):
+def test_seed_none_is_the_documented_hash_of_the_generator_state(restore_rng_state):
+    import hashlib
+
     torch.manual_seed(0)
-    halves = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
-    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
     seed = sd.Scheduler([0.5]).seed
-    assert seed == (halves[0] << 32) | halves[1]
-    assert seed >= 2**32  # a 32-bit seed would leave half the stream's key space unused
+    assert seed == int.from_bytes(hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest(), "little")
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing drawn
 
 
 def test_seed_none_under_a_meta_default_device(restore_rng_state):

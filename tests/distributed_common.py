@@ -73,7 +73,7 @@ def _init_gloo(rank, port):
                             timeout=datetime.timedelta(seconds=60))
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -93,13 +93,10 @@ def _rank_main(rank, port, out_dir, work):
         dist.destroy_process_group()
 
 
-def run_ranks(work, out_dir, timeout_s, name):
-    """``work(rank, out_dir)`` on both ranks, each in a process of its own with one intra-op thread and a
-    gloo process group (``out_dir``: for files of its own); returns what each returned, in rank order.
-    ``name`` says whose workers in the failure for a hang. ``work`` must be a module-level function (the
-    spawned processes unpickle it)."""
-    context = mp.start_processes(_rank_main, args=(_free_port(), out_dir, work), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+def spawn(worker, args, timeout_s, name, nprocs=WORLD):
+    """``worker(rank, *args)`` in ``nprocs`` spawned processes; the test fails (and every process is killed)
+    if they have not all finished within ``timeout_s``. ``name`` says whose workers in that failure."""
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=5):
@@ -107,6 +104,14 @@ def run_ranks(work, out_dir, timeout_s, name):
                 pytest.fail(f"{name} workers did not finish within {timeout_s} s")
     finally:
         _kill_the_living(context)
+
+
+def run_ranks(work, out_dir, timeout_s, name):
+    """``work(rank, out_dir)`` on both ranks, each in a process of its own with one intra-op thread and a
+    gloo process group (``out_dir``: for files of its own); returns what each returned, in rank order.
+    ``name`` says whose workers in the failure for a hang. ``work`` must be a module-level function (the
+    spawned processes unpickle it)."""
+    spawn(_rank_main, (free_port(), out_dir, work), timeout_s, name)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
@@ -142,7 +147,7 @@ def assert_the_other_fails_fast(setup, out_dir, mode, lr, join_timeout_s):
     """Both ranks train (``setup(rank, mode)`` -> ``(model, loss_at)``, a module-level function) with plain
     SGD at ``lr``, until rank 1 kills itself at the fourth step: it died of SIGKILL, and rank 0 raised an
     error within 30 s of it instead of hanging or training on alone."""
-    context = mp.start_processes(_killed_rank_main, args=(_free_port(), str(out_dir), mode, setup, lr),
+    context = mp.start_processes(_killed_rank_main, args=(free_port(), str(out_dir), mode, setup, lr),
                                  nprocs=WORLD, join=False, start_method="spawn")
     survivor = context.processes[0]
     survivor.join(timeout=join_timeout_s)

@@ -25,7 +25,9 @@ from torchvision.models.swin_transformer import SwinTransformer, SwinTransformer
 
 import sdepth_ext as sd
 from sdepth_ext.fsdp import count_collectives
-from tests.test_fsdp import WORLD, _free_port, full_params, gn_model, loss_of, needs_fsdp2, one_thread, spawn
+from tests.conftest import single_thread
+from tests.distributed_common import WORLD, free_port, gn_model, spawn
+from tests.test_fsdp import full_params, loss_of, needs_fsdp2
 
 LOCAL_BATCH = 4
 STEPS = 3
@@ -119,21 +121,21 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("fsdp_eval_groups"))
-    spawn(_worker, (_free_port(), out_dir), TIMEOUT_S)
+    spawn(_worker, (free_port(), out_dir), TIMEOUT_S, "FSDP eval")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
 # ============================================================================================================
 # Single-process references
 # ============================================================================================================
-@one_thread()
+@single_thread()
 def unsharded(name, params):
     model = convert(name)
     model.load_state_dict({**dict(model.named_buffers()), **params})  # buffers: the same constants
     return model
 
 
-@one_thread()
+@single_thread()
 def one_process(name):
     model = convert(name)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -180,7 +182,7 @@ def test_eval_after_training_gathers_every_group_keeps_the_step_and_equals_unsha
         assert [collectives for _, collectives in got["eval"]] == [{"all_gather": got["groups"]},
                                                                    {"all_gather": got["groups"] - 1}]
     reference = unsharded(name, ranks[0][name]["params"]).eval()
-    with torch.no_grad(), one_thread():
+    with torch.no_grad(), single_thread():
         expected = reference(eval_input())
     for rank in range(WORLD):
         for out, _ in ranks[rank][name]["eval"]:

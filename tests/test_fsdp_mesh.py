@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
-from tests.test_fsdp import _free_port, full_params, loss_of, needs_fsdp2
+from tests.distributed_common import free_port, spawn
+from tests.test_fsdp import full_params, loss_of, needs_fsdp2
 
 WORLD = 4
 MESH = (2, 2)
@@ -179,17 +178,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("fsdp_mesh"))
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
+    spawn(_worker, (free_port(), out_dir), TIMEOUT_S, "FSDP mesh", nprocs=WORLD)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 

@@ -20,8 +20,16 @@ FILES = {"legacy_cifar8_batch.pt": None, "legacy_vit_row.pt": "timm"}
 def _load(name):
     needs = FILES[name]
     if needs is not None:
-        pytest.importorskip(needs)
-    return torch.load(DATA / name, weights_only=False)
+        library = pytest.importorskip(needs)
+    try:
+        return torch.load(DATA / name, weights_only=False)
+    except ModuleNotFoundError as err:
+        # A whole-model pickle names the library's own classes too: an older release (make test-oldest's
+        # timm 1.0.8) may not have the module they were pickled from. That is the library's pickle, not ours.
+        if needs is None or not (err.name or "").startswith(needs + "."):
+            raise
+        pytest.skip(f"{name} pickles {needs} classes from {err.name}, which {needs} {library.__version__} "
+                    "does not have")
 
 
 @pytest.mark.parametrize("name", sorted(FILES))

@@ -67,9 +67,9 @@ def assert_close_dicts(got, expected, tol=None):
 # ============================================================================================================
 # Two ranks in spawned processes
 # ============================================================================================================
-def _init_gloo(rank, port):
+def _init_gloo(rank, port, world_size=WORLD):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
 
 
@@ -85,8 +85,8 @@ def _kill_the_living(context):
             p.kill()
 
 
-def _rank_main(rank, port, out_dir, work):
-    _init_gloo(rank, port)
+def _rank_main(rank, port, out_dir, work, world_size):
+    _init_gloo(rank, port, world_size)
     try:
         torch.save(work(rank, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -106,13 +106,13 @@ def spawn(worker, args, timeout_s, name, nprocs=WORLD):
         _kill_the_living(context)
 
 
-def run_ranks(work, out_dir, timeout_s, name):
-    """``work(rank, out_dir)`` on both ranks, each in a process of its own with one intra-op thread and a
-    gloo process group (``out_dir``: for files of its own); returns what each returned, in rank order.
-    ``name`` says whose workers in the failure for a hang. ``work`` must be a module-level function (the
-    spawned processes unpickle it)."""
-    spawn(_rank_main, (free_port(), out_dir, work), timeout_s, name)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+def run_ranks(work, out_dir, timeout_s, name, world_size=WORLD):
+    """``work(rank, out_dir)`` on ``world_size`` ranks (two by default), each in a process of its own with one
+    intra-op thread and a gloo process group (``out_dir``: for files of its own); returns what each returned,
+    in rank order. ``name`` says whose workers in the failure for a hang. ``work`` must be a module-level
+    function (the spawned processes unpickle it)."""
+    spawn(_rank_main, (free_port(), out_dir, work, world_size), timeout_s, name, nprocs=world_size)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
 # ============================================================================================================

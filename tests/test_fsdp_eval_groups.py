@@ -15,18 +15,14 @@ Helpers (spawn, the FSDP2 skip, parameters, loss) are tests/test_fsdp.py's.
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 import sdepth_ext as sd
 from sdepth_ext.fsdp import count_collectives
 from tests.conftest import single_thread
-from tests.distributed_common import WORLD, free_port, gn_model, spawn
+from tests.distributed_common import WORLD, gn_model, run_ranks
 from tests.test_fsdp import full_params, loss_of, needs_fsdp2
 
 LOCAL_BATCH = 4
@@ -107,22 +103,13 @@ def run(name, rank):
         return {"error": f"{type(err).__name__}: {err}"}
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {name: run(name, rank) for name in MODELS}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _work(rank, out_dir):
+    return {name: run(name, rank) for name in MODELS}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("fsdp_eval_groups"))
-    spawn(_worker, (free_port(), out_dir), TIMEOUT_S, "FSDP eval")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_work, str(tmp_path_factory.mktemp("fsdp_eval_groups")), TIMEOUT_S, "FSDP eval")
 
 
 # ============================================================================================================

@@ -17,17 +17,13 @@ branch the sub-batch the branch ran on, and the test maps the sub-batch back to 
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
-from tests.distributed_common import free_port, spawn
+from tests.distributed_common import run_ranks
 from tests.test_fsdp import full_params, loss_of, needs_fsdp2
 
 WORLD = 4
@@ -159,27 +155,19 @@ def ddp_tp(rank, mesh):
     return {"rows": record.steps, "seed": sd.get_scheduler(model).seed}
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def _work(rank, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "tp"))  # HSDP: (replicate, shard)
-        results = {"coordinate": mesh.get_coordinate(), "hsdp": hsdp_by_hand(rank, mesh),
-                   "tp": tp_train(rank, mesh, by_hand=False),
-                   "tp_by_hand": tp_train(rank, mesh, by_hand=True), "ddp_tp": ddp_tp(rank, mesh)}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "tp"))  # HSDP: (replicate, shard)
+    return {"coordinate": mesh.get_coordinate(), "hsdp": hsdp_by_hand(rank, mesh),
+            "tp": tp_train(rank, mesh, by_hand=False),
+            "tp_by_hand": tp_train(rank, mesh, by_hand=True), "ddp_tp": ddp_tp(rank, mesh)}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("fsdp_mesh"))
-    spawn(_worker, (free_port(), out_dir), TIMEOUT_S, "FSDP mesh", nprocs=WORLD)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_work, out_dir, TIMEOUT_S, "FSDP mesh", world_size=WORLD)
 
 
 # ============================================================================================================

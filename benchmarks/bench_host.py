@@ -16,13 +16,20 @@ launch shows in the step time. Two measurements:
   Triton's own call path up to the interpreter. Eager pays its real (tiny) CPU kernels, so the ratio is an
   upper bound on ours. On a GPU nothing is stubbed: back-to-back calls are timed with CUDA events, the
   figure that matters there (eager then pays 5-6 real launches against our 2).
+  Beside them, a bare ``autograd.Function`` with the same arguments whose forward and backward only allocate
+  their outputs: what any fused op pays to be an autograd node, the floor under ours.
 * **Train step** of ``cifar_resnet(56)`` at batch 2 and 8x8 input (the convolutions are tiny, so module
   calls and launches dominate, as on a fast GPU): converted at ``p_last=1`` (every block through the
-  converted code), and at ``p_last=0.5`` in batch and row mode, over the plain model, next to the
-  block-count ideal (the expected fraction of residual blocks that run, ``mean(p_l)``) and the fraction
-  of blocks that ran in the timed steps. On a CPU the model runs the torch epilogue (the default there).
+  converted code), and at ``p_last`` 0.5 and 0.2 in batch mode under both dropped-gradient policies
+  (``"zero"``, the default: exact zero gradients for dropped units; ``"none"``) and in row mode, over the
+  plain model, next to the block-count ideal (the expected fraction of residual blocks that run,
+  ``mean(p_l)``; ``over_ideal`` is the ratio minus it) and the fraction of blocks that ran in the timed
+  steps. On a CPU the model runs the torch epilogue (the default there). SGD with momentum runs with
+  ``foreach=True``, its default on a GPU: on a CPU its default is a Python loop over the parameters, which
+  would charge the "zero" policy (whose dropped parameters the optimizer updates, as in the plain model)
+  host time that no GPU run pays.
 
-    python -m benchmarks.bench_host            # ~1 minute on a 2-core CPU
+    python -m benchmarks.bench_host            # ~2 minutes on a 2-core CPU
     python -m benchmarks.bench_host --smoke    # seconds; checks that it runs (its numbers mean nothing)
 """
 
@@ -54,6 +61,11 @@ SHAPE = (4, 16, 8, 8)  # 4096 elements: a few microseconds of eager CPU kernels,
 SCALE = 0.5
 ROWS = (0, 2)  # two of four samples survive
 STEP_DEPTH, STEP_BATCH, STEP_SIZE = 56, 2, 8
+# (p_last, mode, dropped_grads): every block through the converted code, then both policies in batch mode
+# (their gap is what a dropped unit's zero gradients cost the host) and row mode, at two drop rates.
+STEP_VARIANTS = ((1.0, "batch", "zero"),
+                 (0.5, "batch", "zero"), (0.5, "batch", "none"), (0.5, "row", "zero"),
+                 (0.2, "batch", "zero"), (0.2, "batch", "none"), (0.2, "row", "zero"))
 
 
 def _interpreting() -> bool:
@@ -117,17 +129,39 @@ def _call_variants(device: torch.device) -> dict:
     def eager_rows(x, y, r):
         return torch.relu(x.index_add(0, r, SCALE * y))
 
+    def bare(x, y, r=None, s=None):
+        return _BareFunction.apply(x, y, SCALE, r, s, True, kernels)
+
     return {
         "fwd": {"sdepth": lambda: ours(a, b), "eager": lambda: eager(a, b)},
         "fwd+bwd": {"sdepth": lambda: torch.autograd.grad(ours(a, b), (a, b), g),
+                    "bare Function (allocates only)": lambda: torch.autograd.grad(bare(a, b), (a, b), g),
                     "eager": lambda: torch.autograd.grad(eager(a, b), (a, b), g)},
         "rows fwd+bwd": {"sdepth": lambda: torch.autograd.grad(units_call(a, b_rows), (a, b_rows), g),
+                         "bare Function (allocates only)": lambda: torch.autograd.grad(
+                             bare(a, b_rows, rows, slot), (a, b_rows), g),
                          "sdepth, user rows (validated)": lambda: torch.autograd.grad(
                              ours(a, b_rows, rows), (a, b_rows), g),
                          "eager": lambda: torch.autograd.grad(eager(a, b), (a, b), g),
                          "eager rows (by hand)": lambda: torch.autograd.grad(
                              eager_rows(a, b_rows, rows), (a, b_rows), g)},
     }
+
+
+class _BareFunction(torch.autograd.Function):
+    """The floor: an autograd node with the epilogue's arguments that only allocates its outputs."""
+
+    @staticmethod
+    def forward(ctx, shortcut, residual, scale, rows, slot, relu, kernels):
+        out = torch.empty_like(shortcut)
+        ctx.save_for_backward(out, slot)
+        ctx.residual_shape = residual.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, _ = ctx.saved_tensors
+        return (torch.empty_like(out), out.new_empty(ctx.residual_shape), None, None, None, None, None)
 
 
 def bench_calls(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
@@ -157,14 +191,15 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     base = sd.cifar_resnet(STEP_DEPTH).to(device)
     x = torch.randn(STEP_BATCH, 3, STEP_SIZE, STEP_SIZE, device=device)
     y = torch.randint(0, 10, (STEP_BATCH,), device=device)
-    variants = {"plain": (copy.deepcopy(base), None, "-")}
-    for p_last, mode in ((1.0, "batch"), (0.5, "batch"), (0.5, "row")):
-        variants[f"sdepth {mode} p{p_last}"] = (
-            sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0), p_last, mode)
+    variants = {"plain": (copy.deepcopy(base), None, "-", None)}
+    for p_last, mode, policy in STEP_VARIANTS:
+        model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0)
+        sd.set_dropped_grads(model, policy)
+        variants[f"sdepth {mode} p{p_last} {policy}"] = (model, p_last, mode, policy)
     ran: dict[str, list[float]] = {}
 
     def make_step(name, model):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
         state = get_state(model) if name != "plain" else None
         ran[name] = []
 
@@ -178,19 +213,20 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
         return step
 
     steps = {}
-    for name, (model, _, _) in variants.items():
+    for name, (model, *_) in variants.items():
         model.train()
         steps[name] = make_step(name, model)
     times = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
     plain = trimmed_mean(times["plain"])
     rows, samples = [], {}
-    for name, (model, p_last, mode) in variants.items():
+    for name, (model, p_last, mode, policy) in variants.items():
         samples[f"step/{name}"] = times[name]
         row = {"bench": "host", "part": "step", "what": f"cifar_resnet{STEP_DEPTH} b{STEP_BATCH}@{STEP_SIZE}",
-               "variant": name, "mode": mode, "p_last": p_last, "ms": trimmed_mean(times[name]) * 1e3,
-               "ratio": trimmed_mean(times[name]) / plain}
+               "variant": name, "mode": mode, "p_last": p_last, "dropped_grads": policy,
+               "ms": trimmed_mean(times[name]) * 1e3, "ratio": trimmed_mean(times[name]) / plain}
         if p_last is not None:
             row["block_ideal"] = statistics.fmean(sd.survival_probs(model))
+            row["over_ideal"] = row["ratio"] - row["block_ideal"]
             row["blocks_ran"] = statistics.fmean(ran[name][-len(times[name]):])
         rows.append(row)
     return rows, samples
@@ -202,8 +238,8 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
     call_rows, call_samples = bench_calls(device, smoke)
     print(format_table(call_rows, ["what", "variant", "shape", "us", "x_eager", "launch"]) + "\n", flush=True)
     step_rows, step_samples = bench_step(device, smoke)
-    print(format_table(step_rows, ["what", "variant", "ms", "ratio", "block_ideal", "blocks_ran"]) + "\n",
-          flush=True)
+    columns = ["what", "variant", "ms", "ratio", "block_ideal", "over_ideal", "blocks_ran"]
+    print(format_table(step_rows, columns) + "\n", flush=True)
     return call_rows + step_rows, {**call_samples, **step_samples}
 
 

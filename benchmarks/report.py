@@ -124,10 +124,13 @@ def host_markdown(path: Path) -> str:
     def ideal(r: dict, key: str) -> str:
         return f"{r[key]:.3f}" if key in r else "-"
 
+    def over(r: dict) -> str:
+        return f"{r['ratio'] - r['block_ideal']:+.3f}" if "block_ideal" in r else "-"
+
     step_table = _table(["host step", "variant", "mean step (trimmed)", "ratio to plain",
-                         "blocks expected (ideal)", "blocks ran"],
+                         "blocks expected (ideal)", "ratio - ideal", "blocks ran"],
                         [[r["what"], r["variant"], f"{r['ms']:.1f} ms", f"{r['ratio']:.3f}",
-                          ideal(r, "block_ideal"), ideal(r, "blocks_ran")] for r in steps])
+                          ideal(r, "block_ideal"), over(r), ideal(r, "blocks_ran")] for r in steps])
     return f"Run: {_stamp(data['environment'])}\n\n{call_table}\n\n{step_table}"
 
 

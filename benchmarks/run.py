@@ -162,11 +162,14 @@ def _host_rows(rows: list[dict]) -> list[dict]:
             continue
         ratio = f"x{r['ratio']:.3f} of plain"
         limit = f"x{r['block_ideal']:.3f} blocks (ran x{r['blocks_ran']:.3f})"
-        out.append(_row(f"host step {r['what']}, {r['mode']} p_last={r['p_last']}", _ms(r["ms"]),
-                        f"plain {_ms(plain['ms'])}", ratio,
-                        f"x{r['block_ideal']:.3f} of the blocks expected to run; ran x{r['blocks_ran']:.3f}",
-                        {"what": f"host step {r['what'].replace('cifar_', '')} {r['mode']} p{r['p_last']}",
-                         "ratio": ratio, "ideal/limit": limit}))
+        policy = r.get("dropped_grads", "zero")
+        over = r["ratio"] - r["block_ideal"]
+        brief = f"host step {r['what'].replace('cifar_', '')} {r['mode']} p{r['p_last']} {policy}"
+        out.append(_row(f"host step {r['what']}, {r['mode']} p_last={r['p_last']}, dropped_grads={policy}",
+                        _ms(r["ms"]), f"plain {_ms(plain['ms'])}", ratio,
+                        f"x{r['block_ideal']:.3f} of the blocks expected to run (ratio {over:+.3f} over it); "
+                        f"ran x{r['blocks_ran']:.3f}",
+                        {"what": brief, "ratio": ratio, "ideal/limit": limit}))
     return out
 
 

@@ -43,7 +43,7 @@ from .state import (
     SdepthState,
     check_drop,
     draw_plan_pre_hook,
-    first_forward_post_hook,
+    forward_post_hook,
     get_state,
     install_hooks,
     is_converted_root,
@@ -280,7 +280,7 @@ def lesion(model: nn.Module, drop: Iterable[int]) -> Iterator[nn.Module]:
 # Names that sdepth_ext <= 0.2.0 pickled (torch.save(model): the root's hooks and script hooks), now living
 # elsewhere.
 _LEGACY_NAMES = {"_draw_plan_pre_hook": draw_plan_pre_hook,
-                 "_first_forward_post_hook": first_forward_post_hook,
+                 "_first_forward_post_hook": forward_post_hook,
                  "_save_scheduler_state_hook": save_scheduler_state_hook,
                  "_load_scheduler_state_hook": load_scheduler_state_hook, "_scriptable_copy": scriptable_copy}
 

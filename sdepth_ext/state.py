@@ -28,7 +28,7 @@ from torch import nn
 from .discovery import find_blocks, is_gated
 from .families import UnitAdapter
 from .gates import mix64
-from .grads import DEFAULT_DROPPED_GRADS
+from .grads import DEFAULT_DROPPED_GRADS, ParameterSlots, PendingZeroGrads
 from .plan import Plan, round_plan_rows
 from .scheduler import Scheduler
 
@@ -91,6 +91,22 @@ class SdepthState:
         self.tally = WorkTally(len(units))  # what ran, for sdepth_ext.compute_stats
         self.input_meta: tuple | None = None  # (shape without the batch, dtype, device) of the last step
         self.macs_cache: dict = {}
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        """What a state rebuilds rather than pickles or copies: caches and the current step's bookkeeping."""
+        self.zero_pending = PendingZeroGrads()  # dropped units' parameters awaiting their zero gradients
+        self.unit_parameters = ParameterSlots(self._branch_parameter_slots, len(self.units))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in _TRANSIENT:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_transient()  # also what a pickle of before these fields lacks
 
     @property
     def mode(self) -> str:
@@ -172,13 +188,23 @@ class SdepthState:
     def eval_scale(self, l: int) -> float:
         return self.scaled_survival[l] if self.scaling == "paper" else 1.0
 
-    def unit_parameters(self, l: int) -> list[nn.Parameter]:
+    def _branch_parameter_slots(self, l: int) -> Iterable[tuple[nn.Module, str]]:
+        """``(module, name)`` of unit ``l``'s branch parameters (:attr:`unit_parameters` reads them)."""
         block, u = self.units[l]
-        return [p for _, p in adapter_of(block).branch_parameters(block, u)]
+        for name, _ in adapter_of(block).branch_parameters(block, u):
+            path, _, leaf = name.rpartition(".")
+            yield (block.get_submodule(path) if path else block), leaf
+
+    def defer_zero_grads(self, l: int) -> None:
+        """Unit ``l`` was dropped under the "zero" policy: its parameters join the step's zero-grad node."""
+        self.zero_pending.params.extend(self.unit_parameters(l))
 
     def __repr__(self) -> str:
         return (f"SdepthState(units={len(self.units)}, mode={self.mode!r}, scaling={self.scaling!r}, "
                 f"scheduler={self.scheduler!r})")
+
+
+_TRANSIENT = ("zero_pending", "unit_parameters")
 
 
 class WorkTally:
@@ -320,15 +346,19 @@ def draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             detect(module, state)
     # Under FSDP2 this hook runs before FSDP's root pre-forward, which moves the input to its device.
     device = x.device if state.fsdp is None else state.fsdp.device
+    state.zero_pending.start_root_forward()
     state.sample(int(x.shape[0]), device)
     state.input_meta = (tuple(x.shape[1:]), x.dtype, device)
     return None
 
 
-def first_forward_post_hook(module: nn.Module, args: tuple, output) -> None:
+def forward_post_hook(module: nn.Module, args: tuple, output) -> None:
     state = _state_in(module)
-    if state is not None and state.call_order is not None:
-        renumber_in_call_order(state)
+    if state is None:
+        return
+    renumbered = state.call_order is not None and renumber_in_call_order(state)
+    if module.training:
+        state.zero_pending.end_root_forward(renumbered)
 
 
 def save_scheduler_state_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -357,7 +387,7 @@ def install_hooks(model: nn.Module, state: SdepthState) -> None:
     :func:`put_plan_draw_first` replaces), the first-forward renumbering, the scheduler-state metadata."""
     model.__dict__[ROOT_ATTR] = state
     handles = [model.register_forward_pre_hook(draw_plan_pre_hook, with_kwargs=True),
-               model.register_forward_hook(first_forward_post_hook)]
+               model.register_forward_hook(forward_post_hook)]
     # Public names where they exist (torch >= 2.5); the private ones (same signatures) on torch 2.4.
     if hasattr(model, "register_state_dict_post_hook"):
         handles.append(model.register_state_dict_post_hook(save_scheduler_state_hook))
@@ -409,15 +439,15 @@ def record_call(state: SdepthState, block: nn.Module) -> None:
         state.call_order.append(block)
 
 
-def renumber_in_call_order(state: SdepthState) -> None:
-    """After the root's first forward: renumber the units in the order they ran, if that differs."""
+def renumber_in_call_order(state: SdepthState) -> bool:
+    """After the root's first forward: renumber the units in the order they ran, if that differs (True)."""
     order, state.call_order = state.call_order, None
     if not order:
-        return
+        return False
     blocks = state.blocks
     ran = _in_order(order, blocks)
     if all(a is b for a, b in zip(ran, blocks)):
-        return
+        return False
     old = {(id(block), u): l for l, (block, u) in enumerate(state.units)}
     units = [(block, u) for block in ran for u in range(block._sd_num_units)]
     survival = state.survival
@@ -433,6 +463,7 @@ def renumber_in_call_order(state: SdepthState) -> None:
     for block in ran:
         block._sd_index = first[id(block)]
     state.units = units
+    state.unit_parameters = ParameterSlots(state._branch_parameter_slots, len(units))
     scheduler = state.scheduler
     state.scheduler = Scheduler(survival, mode=scheduler.mode, seed=scheduler.seed, backend=scheduler.backend)
     state.scheduler.step = scheduler.step
@@ -440,9 +471,21 @@ def renumber_in_call_order(state: SdepthState) -> None:
     state.reset_tally()
     state.macs_cache = {}
     state.plan = state.host_plan = None
+    return True
 
 
 def _in_order(called: Iterable[nn.Module], blocks: list[nn.Module]) -> list[nn.Module]:
     """``blocks`` in the order they were called; those never called keep their order, after the others."""
     ran = [b for b in called if any(b is c for c in blocks)]
     return ran + [b for b in blocks if not any(b is c for c in ran)]
+
+
+# Names that models pickled by earlier versions reference (torch.save(model) pickles the root's hooks).
+_LEGACY_NAMES = {"first_forward_post_hook": forward_post_hook}  # its name while renumbering was all it did
+
+
+def __getattr__(name: str):
+    try:
+        return _LEGACY_NAMES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -33,7 +33,9 @@ Options on the shared state, set by the helpers of :mod:`sdepth_ext.distributed`
 and :mod:`sdepth_ext.checkpointing`:
 
 * ``dropped_grads`` (default ``"zero"``): a dropped unit's branch parameters get exact zero gradients
-  through autograd (:class:`~sdepth_ext.grads.ZeroGradTouch`, no activation work), so optimizers apply
+  through autograd (:class:`~sdepth_ext.grads.ZeroGradTouch`, no activation work; one node for all dropped
+  units of a step, attached by the block that ran last: :class:`~sdepth_ext.grads.PendingZeroGrads`), so
+  optimizers apply
   weight decay and momentum to them as in the paper's code and in models with their own stochastic depth,
   and DDP's default ``find_unused_parameters=False`` sees every parameter each step. Normalisation layers
   of the dropped branch still do not run. ``"none"``: they get no gradient (frozen that step).
@@ -136,12 +138,19 @@ class GatedUnits:
                     continue
                 x = adapter.dropped(self, u, x)
                 if state.dropped_grads == "zero" and torch.is_grad_enabled():
-                    params = state.unit_parameters(l)
-                    x = ZeroGradTouch.apply(x, state.every_param, *params) if params else x
+                    if is_compiling():  # one node per unit: no state mutated inside a compiled graph
+                        params = state.unit_parameters(l)
+                        x = ZeroGradTouch.apply(x, state.every_param, *params) if params else x
+                    else:
+                        state.defer_zero_grads(l)
             elif state.checkpoint is not None and torch.is_grad_enabled():
                 x = self._sd_checkpointed(u, x, plan, state)
             else:
                 x = self._sd_active(u, x, plan, state.host_plan, state)
+        pending = state.zero_pending
+        pending.last_exit = last = first + self._sd_num_units - 1
+        if pending.params and pending.flush_at(last):
+            x = pending.attach(x, state.every_param)
         return adapter.exit(self, x) if self._sd_reshapes else x
 
     def _sd_checkpointed(self, u: int, x: torch.Tensor, plan: Plan, state: SdepthState) -> torch.Tensor:

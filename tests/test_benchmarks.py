@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import common, report
+from benchmarks import bench_host, common, report
 from benchmarks import run as bench_run
 
 STAMP = common.CSV_STAMP  # on every CSV row; cpu_allocator included
@@ -90,8 +90,8 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     host_calls = [r for r in summary["rows"] if r["what"].startswith("epilogue host")]
     assert all("of eager" in r["ratio"] for r in host_calls)
     host_steps = [r for r in summary["rows"] if r["what"].startswith("host step")]
-    assert len(host_steps) == 3 and all("of plain" in r["ratio"] and "blocks expected" in r["ideal/limit"]
-                                        for r in host_steps)
+    assert len(host_steps) == len(bench_host.STEP_VARIANTS)
+    assert all("of plain" in r["ratio"] and "blocks expected" in r["ideal/limit"] for r in host_steps)
     # One headline row per model and mode at rate 0.5 (the smoke run has no ResNet p_last 0.2), with the
     # ratio and its interval, sdepth over its by-hand comparator, the FLOP ideal, and for the models with
     # their own stochastic depth the target.

@@ -177,3 +177,17 @@ def assert_tree_close(got, want, exact: bool, msg: str = ""):
 
 __all__ = ["FamilyCase", "cached_maker", "image_input", "gated_add", "reference_forward", "unit_gates",
            "masked_original", "masks_of", "branch_modules", "gated_blocks", "is_gated", "assert_tree_close"]
+
+
+class Logits(nn.Module):
+    """A Hugging Face model whose forward returns its ``logits`` tensor (the suite compares tensors)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+__all__ += ["Logits"]

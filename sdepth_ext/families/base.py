@@ -54,6 +54,7 @@ class UnitAdapter:
     # Call arguments (:meth:`bind_arguments`): False = a converted block takes only its input in training.
     takes_arguments: bool = False
     batched_arguments: tuple[str, ...] = ()  # arguments with a batch dimension (dim 0), gathered in row mode
+    unbatched_arguments: tuple[str, ...] = ()  # tensor arguments without one (passed as they are)
 
     # -- structure ---------------------------------------------------------------------------------------
     @staticmethod
@@ -145,8 +146,9 @@ class UnitAdapter:
         """``call`` for the unit's branch on the samples ``rows`` of a batch of ``batch_size`` (row, subset).
 
         Tensors named in :attr:`batched_arguments` are gathered along dim 0 (a size-1 dim 0 broadcasts and
-        passes as is); other arguments pass through as they are, except a tensor of another name whose dim 0
-        is the batch size: whether it is a batch dimension cannot be told, so it is refused (ValueError).
+        passes as is); other arguments pass through as they are, except a tensor not named in
+        :attr:`unbatched_arguments` whose dim 0 is the batch size: whether that is a batch dimension cannot be
+        told, so it is refused (ValueError naming it).
         """
         out = {}
         for name, value in call.items():
@@ -157,7 +159,7 @@ class UnitAdapter:
                     elif value.shape[0] != 1:
                         raise ValueError(f"{name}: dim 0 is {value.shape[0]}, neither the batch size "
                                          f"({batch_size}) nor 1")
-                elif value.shape[0] == batch_size:
+                elif value.shape[0] == batch_size and name not in cls.unbatched_arguments:
                     raise ValueError(
                         f"{name}: a converted {cls.family} unit runs on some samples of the batch in row "
                         f"and subset mode, and cannot tell whether this argument's dim 0 (size "

@@ -30,7 +30,8 @@ _MODULES = ("_torchvision_sd", "tv_resnet", "tv_convnext", "tv_mbconv", "tv_swin
             "timm_resnet", "timm_convnext", "timm_vit")
 # Ecosystems whose library is slow to import (transformers: seconds) load once the user has imported it
 # (a model built from it implies that), checked at each lookup: library -> its modules, ecosystem first.
-_MODULES_ONCE_IMPORTED = {"transformers": ("_hf_sd", "hf_dinov2", "hf_convnext", "hf_swin")}
+_MODULES_ONCE_IMPORTED = {"transformers": ("_hf_sd", "hf_dinov2", "hf_convnext", "hf_swin",
+                                          "hf_beit")}
 _loaded = False
 
 

@@ -190,4 +190,27 @@ class Logits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-__all__ += ["Logits"]
+class _Keep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def forward(self, residual):
+        self.kept.append(residual)
+        return residual * 0
+
+
+def own_residual(block, t, unit, args, kwargs):
+    """Unit ``unit``'s residual on ``t``, by a Hugging Face layer's own forward (its ``drop_path`` swapped for
+    a module that keeps the residual and returns zeros): with the units before it zeroed, each
+    unit's input is ``t``."""
+    keep = _Keep()
+    block.__dict__["drop_path"] = keep
+    try:
+        type(block).forward(block, t, *args, **kwargs)
+    finally:
+        del block.__dict__["drop_path"]
+    return keep.kept[unit]
+
+
+__all__ += ["Logits", "own_residual"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 transformers = pytest.importorskip("transformers", minversion="5.0",
                                    reason="transformers >= 5.0 is not installed (pip install sdepth_ext[hf])")
@@ -25,32 +24,10 @@ from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer  # noqa: E402
 import sdepth_ext as sd  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import FamilyCase, Logits, cached_maker, gated_add, image_input  # noqa: E402
+from .common import FamilyCase, Logits, cached_maker, gated_add, image_input, own_residual  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
               drop_path_rate=0.5, num_labels=5, attn_implementation="eager")
-
-
-class _Keep(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.kept = []
-
-    def forward(self, residual):
-        self.kept.append(residual)
-        return residual * 0
-
-
-def own_residual(block, t, unit, args, kwargs):
-    """Unit ``unit``'s residual on ``t``, by the layer's own forward: with the units before it zeroed, each
-    unit's input is ``t``."""
-    keep = _Keep()
-    block.__dict__["drop_path"] = keep
-    try:
-        type(block).forward(block, t, *args, **kwargs)
-    finally:
-        del block.__dict__["drop_path"]
-    return keep.kept[unit]
 
 
 def swin_reference(block, x, *args, units, **kwargs):

@@ -49,9 +49,9 @@ except ImportError:
     HAS_HF = False
 else:
     HAS_HF = True
-    from . import test_hf_convnext, test_hf_dinov2, test_hf_swin
+    from . import test_hf_beit, test_hf_convnext, test_hf_dinov2, test_hf_swin
 
-    CASES += [*test_hf_dinov2.CASES, *test_hf_convnext.CASES, *test_hf_swin.CASES]
+    CASES += [*test_hf_dinov2.CASES, *test_hf_convnext.CASES, *test_hf_swin.CASES, *test_hf_beit.CASES]
 CASE_IDS = [c.name for c in CASES]
 
 

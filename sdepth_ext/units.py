@@ -29,6 +29,11 @@ A training forward that does not go through the root (a sub-model built from the
 feature extractor) still gets a fresh plan: a unit that finds the plan already used by itself draws the
 next one. Recomputation by activation checkpointing (inside backward) reuses the plan it ran with.
 
+Call arguments: a block whose adapter ``takes_arguments`` (the Hugging Face layers: masks, output flags,
+``**kwargs``) gets them by name in every unit's residual; in row and subset mode the adapter gathers those
+with a batch dimension to the unit's survivors (:meth:`~sdepth_ext.families.UnitAdapter.gather_arguments`).
+Other blocks take only their input in training (extra arguments raise TypeError naming them).
+
 Options on the shared state, set by the helpers of :mod:`sdepth_ext.distributed`, :mod:`sdepth_ext.compiled`
 and :mod:`sdepth_ext.checkpointing`:
 

@@ -95,6 +95,15 @@ def test_resume_from_a_checkpoint_continues_the_gate_stream(tmp_path, family):
     assert sd.get_scheduler(plain).state_dict() != want
 
 
+def test_evaluate_gives_the_plain_models_loss(tmp_path):
+    plain = make_model(seed=1)
+    sd.revert(plain)
+    converted = make_model(seed=1)
+    losses = [Trainer(model=m, args=train_args(tmp_path / str(i), per_device_eval_batch_size=4)).evaluate(
+        Images(8, seed=3))["eval_loss"] for i, m in enumerate((converted, plain))]
+    assert losses[0] == losses[1]
+
+
 class Grads(TrainerCallback):
     def __init__(self):
         self.grads = []

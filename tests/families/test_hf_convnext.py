@@ -94,3 +94,12 @@ def test_unsupported_hf_blocks_are_refused_by_name():
                                                             sr_ratios=[2, 1], drop_path_rate=0.2))
     with pytest.raises(TypeError, match="SegformerLayer.*SegformerDropPath.*no adapter"):
         sd.convert(model)
+
+
+def test_torch_export_in_eval_is_the_plain_model():
+    plain = small_convnext(v2=True).eval()
+    converted = sd.convert(small_convnext(v2=True), seed=0).eval()
+    converted.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(converted, (x,), strict=False).module()
+    assert torch.equal(exported(x), plain(x))

@@ -165,3 +165,12 @@ def test_save_pretrained_keeps_the_plain_keys(tmp_path):
         assert torch.equal(value, model.state_dict()[name]), name
     sd.convert(loaded, seed=0)  # converted again after loading
     assert len(sd.survival_probs(loaded)) == 6
+
+
+def test_torch_export_in_eval_is_the_plain_model():
+    plain = small_dinov2().eval()
+    converted = sd.convert(small_dinov2(), seed=0).eval()
+    converted.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(converted, (x,), strict=False).module()
+    assert torch.equal(exported(x), plain(x))

@@ -42,7 +42,7 @@ class Images(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-def make_model(seed=7, drop_scale=None, family="dinov2"):
+def make_model(seed=7, drop_scale=None, family="dinov2", mode=None):
     torch.manual_seed(0)
     if family == "dinov2":
         model = Dinov2ForImageClassification(Dinov2Config(
@@ -52,7 +52,7 @@ def make_model(seed=7, drop_scale=None, family="dinov2"):
         model = ConvNextForImageClassification(ConvNextConfig(
             hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, drop_path_rate=0.5, num_labels=5,
             image_size=32))
-    model = sd.convert(model, seed=seed)
+    model = sd.convert(model, seed=seed, mode=mode)
     if drop_scale is not None:
         sd.set_drop_scale(model, drop_scale)
     return model

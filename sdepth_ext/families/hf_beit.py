@@ -95,3 +95,9 @@ class HFBeit(HFAdapter):
             super().fold_scale(block, unit, scale)
         with torch.no_grad():
             layer_scale.mul_(scale)
+
+    @classmethod
+    def removed(cls, block):
+        if isinstance(block, Data2VecVisionLayer):  # it returns a tuple: no plain module for a removed layer
+            raise ValueError(f"{type(block).__name__}: {cls.family} has no plain form of a removed layer")
+        return super().removed(block)

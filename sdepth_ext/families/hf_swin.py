@@ -116,3 +116,8 @@ class HFSwin(HFAdapter):
             scale_affine(block.layernorm_before if unit == 0 else block.layernorm_after, scale)
         else:
             scale_affine(block.attention.o_proj, scale)
+
+    @classmethod
+    def removed(cls, block):
+        """None: a Swin layer returns HF's tuple, and Swin v1's ungated MLP stays when its unit is removed."""
+        raise ValueError(f"{type(block).__name__}: {cls.family} has no plain form of a removed layer")

@@ -24,7 +24,7 @@ from transformers.models.data2vec.modeling_data2vec_vision import Data2VecVision
 import sdepth_ext as sd  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import FamilyCase, Logits, cached_maker, gated_add, image_input, own_residual  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input, own_residual  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
               intermediate_size=64, drop_path_rate=0.4, layer_scale_init_value=0.5, num_labels=5)
@@ -57,10 +57,10 @@ def small_beit(data2vec: bool = False, **overrides):
 
 CASES = [
     FamilyCase("hf_beit", cached_maker(small_beit), image_input(32), beit_reference, (BeitLayer,),
-               own_rates=True, exact_row_mode=True, drop_slots=("drop_path",)),
+               own_rates=True, exact_row_mode=True, drop_slots=("drop_path",), extra=NOT_TRACEABLE),
     FamilyCase("hf_data2vec_vision", cached_maker(lambda: small_beit(data2vec=True)), image_input(32),
                beit_reference, (Data2VecVisionLayer,), own_rates=True, exact_row_mode=True,
-               drop_slots=("drop_path",)),
+               drop_slots=("drop_path",), extra=NOT_TRACEABLE),
 ]
 
 

@@ -20,7 +20,7 @@ from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer  
 import sdepth_ext as sd  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import FamilyCase, Logits, cached_maker, gated_add, image_input  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input  # noqa: E402
 
 CONFIG = dict(hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, drop_path_rate=0.5, num_labels=5,
               image_size=32)
@@ -56,10 +56,11 @@ def small_convnext(v2: bool = False, **overrides):
 
 CASES = [
     FamilyCase("hf_convnext", cached_maker(small_convnext), image_input(32), convnext_reference,
-               (ConvNextLayer,), own_rates=True, exact_row_mode=True, drop_slots=("drop_path",)),
+               (ConvNextLayer,), own_rates=True, exact_row_mode=True, drop_slots=("drop_path",),
+               extra=NOT_TRACEABLE),
     FamilyCase("hf_convnextv2", cached_maker(lambda: small_convnext(v2=True)), image_input(32),
                convnext_reference, (ConvNextV2Layer,), own_rates=True, exact_row_mode=True,
-               drop_slots=("drop_path",)),
+               drop_slots=("drop_path",), extra=NOT_TRACEABLE),
 ]
 
 

@@ -22,7 +22,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 import sdepth_ext as sd  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import FamilyCase, Logits, cached_maker, gated_add, image_input  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
               mlp_ratio=2, drop_path_rate=0.3, layerscale_value=0.5, num_labels=5,
@@ -51,10 +51,10 @@ def small_dinov2(registers: bool = False, **overrides):
 
 CASES = [
     FamilyCase("hf_dinov2", cached_maker(small_dinov2), image_input(32), dinov2_reference, (Dinov2Layer,),
-               own_rates=True, exact_row_mode=True, drop_slots=("drop_path",)),
+               own_rates=True, exact_row_mode=True, drop_slots=("drop_path",), extra=NOT_TRACEABLE),
     FamilyCase("hf_dinov2_registers", cached_maker(lambda: small_dinov2(registers=True)), image_input(32),
                dinov2_reference, (Dinov2WithRegistersLayer,), own_rates=True, exact_row_mode=True,
-               drop_slots=("drop_path",)),
+               drop_slots=("drop_path",), extra=NOT_TRACEABLE),
 ]
 
 

@@ -24,7 +24,7 @@ from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer  # noqa: E402
 import sdepth_ext as sd  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import FamilyCase, Logits, cached_maker, gated_add, image_input, own_residual  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input, own_residual  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
               drop_path_rate=0.5, num_labels=5, attn_implementation="eager")
@@ -49,9 +49,10 @@ def small_swin(v2: bool = False, **overrides):
 
 CASES = [
     FamilyCase("hf_swin", cached_maker(small_swin), image_input(32), swin_reference, (SwinLayer,),
-               own_rates=True, exact_row_mode=True, drop_slots=("drop_path",)),
+               own_rates=True, exact_row_mode=True, drop_slots=("drop_path",), extra=NOT_TRACEABLE),
     FamilyCase("hf_swinv2", cached_maker(lambda: small_swin(v2=True)), image_input(32), swin_reference,
-               (Swinv2Layer,), own_rates=True, exact_row_mode=True, drop_slots=("drop_path",)),
+               (Swinv2Layer,), own_rates=True, exact_row_mode=True, drop_slots=("drop_path",),
+               extra=NOT_TRACEABLE),
 ]
 
 
@@ -96,3 +97,9 @@ def test_attention_weights_of_the_units_that_ran():
             break
     assert seen == {0, 1, 2}
     assert "_hf_attention_weights" not in vars(layer)
+
+
+def test_prune_refuses_to_remove_a_whole_swin_layer():
+    model = sd.convert(small_swin(), seed=0)
+    with pytest.raises(ValueError, match="SwinLayer.*no plain form"):
+        sd.prune(model, [0])

@@ -29,6 +29,11 @@ A training forward that does not go through the root (a sub-model built from the
 feature extractor) still gets a fresh plan: a unit that finds the plan already used by itself draws the
 next one. Recomputation by activation checkpointing (inside backward) reuses the plan it ran with.
 
+Call arguments: a block whose adapter ``takes_arguments`` (the Hugging Face layers: masks, output flags,
+``**kwargs``) gets them by name in every unit's residual; in row and subset mode the adapter gathers those
+with a batch dimension to the unit's survivors (:meth:`~sdepth_ext.families.UnitAdapter.gather_arguments`).
+Other blocks take only their input in training (extra arguments raise TypeError naming them).
+
 Options on the shared state, set by the helpers of :mod:`sdepth_ext.distributed`, :mod:`sdepth_ext.compiled`
 and :mod:`sdepth_ext.checkpointing`:
 
@@ -111,7 +116,14 @@ class GatedUnits:
         state: SdepthState = self._sd_state
         if isinstance(x, _Proxy):
             return symbolic_forward(self, x, args, kwargs)
-        if args or kwargs:
+        call = None
+        if (args or kwargs) and self._sd_adapter.takes_arguments:
+            # Arguments the adapter passes to its branches (Hugging Face layers: masks, output flags); in row
+            # and subset mode it gathers those with a batch dimension to the survivors' rows.
+            if not self.training and state.scaling != "paper" and not state.lesioned:
+                return self._sd_base.forward(self, x, *args, **kwargs)
+            call = self._sd_adapter.bind_arguments(self, args, kwargs)
+        elif args or kwargs:
             # Extra arguments of the block's own forward (timm ViT's attn_mask): the plain network accepts
             # them; a gated unit would have to gather them with the survivors. Unset values are fine.
             extra = [repr(a) for a in args if a is not None and a is not False] + [
@@ -124,7 +136,7 @@ class GatedUnits:
         if state.call_order is not None:
             record_call(state, self)
         if not self.training:
-            return self._sd_eval(x, state)
+            return self._sd_eval(x, state, call)
         adapter = self._sd_adapter
         first = self._sd_index
         if self._sd_reshapes:
@@ -134,7 +146,7 @@ class GatedUnits:
             plan = state.plan_for(l, x)
             if plan.counts[l] == 0:
                 if state.fsdp is not None and plan.mode == "row":
-                    x = self._sd_empty_rows(u, x, plan)  # another rank may run it (module docstring)
+                    x = self._sd_empty_rows(u, x, plan, call)  # another rank may run it (module docstring)
                     continue
                 x = adapter.dropped(self, u, x)
                 if state.dropped_grads == "zero" and torch.is_grad_enabled():
@@ -144,44 +156,49 @@ class GatedUnits:
                     else:
                         state.defer_zero_grads(l)
             elif state.checkpoint is not None and torch.is_grad_enabled():
-                x = self._sd_checkpointed(u, x, plan, state)
+                x = self._sd_checkpointed(u, x, plan, state, call)
             else:
-                x = self._sd_active(u, x, plan, state.host_plan, state)
-        pending = state.zero_pending
-        pending.last_exit = last = first + self._sd_num_units - 1
-        if pending.params and pending.flush_at(last):
-            x = pending.attach(x, state.every_param)
+                x = self._sd_active(u, x, plan, state.host_plan, state, call)
+        if not is_compiling():  # the step's zero-gradient node (grads.PendingZeroGrads), eager only
+            pending = state.zero_pending
+            pending.last_exit = last = first + self._sd_num_units - 1
+            if pending.params and pending.flush_at(last):
+                x = pending.attach(x, state.every_param)
         return adapter.exit(self, x) if self._sd_reshapes else x
 
-    def _sd_checkpointed(self, u: int, x: torch.Tensor, plan: Plan, state: SdepthState) -> torch.Tensor:
+    def _sd_checkpointed(self, u: int, x: torch.Tensor, plan: Plan, state: SdepthState,
+                         call: dict | None) -> torch.Tensor:
         host_plan = state.host_plan
 
         def run(inp: torch.Tensor) -> torch.Tensor:  # the plan bound now: recomputation runs the same
-            return self._sd_active(u, inp, plan, host_plan, state)
+            return self._sd_active(u, inp, plan, host_plan, state, call)
 
         return run_checkpointed(run, x, self, state.checkpoint)
 
-    def _sd_eval(self, x: torch.Tensor, state: SdepthState) -> torch.Tensor:
+    def _sd_eval(self, x: torch.Tensor, state: SdepthState, call: dict | None = None) -> torch.Tensor:
         """Every unit runs (lesioned ones removed), the "paper" scale fused into the epilogue."""
         first, lesioned = self._sd_index, state.lesioned
         if state.scaling != "paper" and not self.__dict__.get("_sd_regions") and not (
                 lesioned and any(first + u in lesioned for u in range(self._sd_num_units))):
-            return self._sd_base.forward(self, x)
+            return self._sd_base.forward(self, x, **(call or {}))
         kept, scales = kept_units(self)
-        return eval_units(self, self._sd_adapter, x, kept, scales, GatedUnits._sd_eval_unit)
+        if call is None:
+            return eval_units(self, self._sd_adapter, x, kept, scales, GatedUnits._sd_eval_unit)
+        return eval_units(self, self._sd_adapter, x, kept, scales,
+                          lambda block, u, t, scale: block._sd_eval_unit(u, t, scale, call))
 
-    def _sd_eval_unit(self, u: int, x: torch.Tensor, scale: float) -> torch.Tensor:
-        return self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x), scale)
+    def _sd_eval_unit(self, u: int, x: torch.Tensor, scale: float, call: dict | None = None) -> torch.Tensor:
+        return self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x, call), scale)
 
     def _sd_active(self, u: int, x: torch.Tensor, plan: Plan, host_plan: Plan | None,
-                   state: SdepthState) -> torch.Tensor:
+                   state: SdepthState, call: dict | None = None) -> torch.Tensor:
         """A unit with at least one survivor under ``plan`` (an argument: recomputation passes the same)."""
         l = self._sd_index + u
         count = plan.counts[l]
         scale = state.train_scale(l, count, plan.batch_size)
         if count == plan.batch_size:
             # Batch mode's survivors, or row mode with every sample kept: no gather, no scatter.
-            return self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x), scale)
+            return self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x, call), scale)
         if x.shape[0] != plan.batch_size:
             raise RuntimeError(
                 f"row-mode plan was drawn for a batch of {plan.batch_size} samples but unit {l} "
@@ -189,12 +206,15 @@ class GatedUnits:
                 "carry the batch in dimension 0, and the blocks must keep it")
         # Scheduler rows are sorted, unique and in range by construction, and the plan carries their map.
         rows, slot = plan.rows(l), plan.slot(l)
+        call_rows = call
+        if call is not None:  # the arguments with a batch dimension, gathered to the same rows
+            call_rows = self._sd_adapter.gather_arguments(self, call, rows, plan.batch_size)
         if count == 1 and needs_two_samples(self._sd_adapter.branch_modules(self, u), x):
             shortcut = self._sd_shortcut(u, x)
-            residual = self._sd_single_survivor_residual(u, x, host_plan or plan, l)
+            residual = self._sd_single_survivor_residual(u, x, host_plan or plan, l, call)
         elif is_compiling():  # plain ops for the compiler, which decides itself what to save and fuse
             shortcut = self._sd_shortcut(u, x)
-            residual = self._sd_residual(u, gather_rows(x, rows))
+            residual = self._sd_residual(u, gather_rows(x, rows), call_rows)
         else:
             # One node for the input's two consumers: its backward adds the rows' gradient into the
             # shortcut's in one pass (sdepth_ext.rows).
@@ -208,12 +228,12 @@ class GatedUnits:
             if (kernels is not TorchEpilogue and state.checkpoint is None and can_regather()
                     and (keeps_output(x.grad_fn) or self._sd_adapter.has_projection(self, u))):
                 with Regather(x, rows, gathered):
-                    residual = self._sd_residual(u, gathered)
+                    residual = self._sd_residual(u, gathered, call_rows)
             else:
-                residual = self._sd_residual(u, gathered)
+                residual = self._sd_residual(u, gathered, call_rows)
         return self._sd_epilogue(u, shortcut, residual, scale, rows, slot)
 
-    def _sd_empty_rows(self, u: int, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def _sd_empty_rows(self, u: int, x: torch.Tensor, plan: Plan, call: dict | None = None) -> torch.Tensor:
         """A unit without a survivor on this rank, run on an empty sub-batch: ``act(shortcut(x))``.
 
         Under FSDP2 in row mode another rank may have survivors: this rank must take part in the unit's
@@ -224,8 +244,10 @@ class GatedUnits:
         l = self._sd_index + u
         rows = plan.rows(l)
         shortcut = self._sd_shortcut(u, x)
+        if call is not None:
+            call = self._sd_adapter.gather_arguments(self, call, rows, plan.batch_size)
         with frozen_batchnorm_stats(*self._sd_adapter.branch_modules(self, u)):
-            residual = self._sd_residual(u, gather_rows(x, rows))
+            residual = self._sd_residual(u, gather_rows(x, rows), call)
         return self._sd_epilogue(u, shortcut, residual, 1.0, rows, plan.slot(l))
 
     def _sd_epilogue(self, u: int, shortcut: torch.Tensor, residual: torch.Tensor, scale: float,
@@ -242,11 +264,14 @@ class GatedUnits:
         return out if relu or act is None else act(out)
 
     # -- compiled regions (sdepth_ext.compile_blocks) ------------------------------------------------------
-    def _sd_residual(self, u: int, x: torch.Tensor) -> torch.Tensor:
+    def _sd_residual(self, u: int, x: torch.Tensor, call: dict | None = None) -> torch.Tensor:
+        """The unit's residual on ``x``; ``call``: the block's extra arguments (adapters that take them)."""
         regions = self.__dict__.get("_sd_regions")
         if regions is not None:
-            return regions[u][0](x)
-        return self._sd_adapter.residual(self, u, x)
+            return regions[u][0](x) if call is None else regions[u][0](x, **call)
+        if call is None:
+            return self._sd_adapter.residual(self, u, x)
+        return self._sd_adapter.residual(self, u, x, **call)
 
     def _sd_shortcut(self, u: int, x: torch.Tensor) -> torch.Tensor:
         regions = self.__dict__.get("_sd_regions")
@@ -255,7 +280,8 @@ class GatedUnits:
         return self._sd_adapter.shortcut(self, u, x)
 
     # -- the one-survivor BatchNorm case ----------------------------------------------------------------
-    def _sd_single_survivor_residual(self, u: int, x: torch.Tensor, host_plan: Plan, l: int) -> torch.Tensor:
+    def _sd_single_survivor_residual(self, u: int, x: torch.Tensor, host_plan: Plan, l: int,
+                                     call: dict | None = None) -> torch.Tensor:
         """The single survivor's branch, computed on a 2-sample sub-batch: the survivor and a dropped one.
 
         BatchNorm cannot normalise one value per channel. Rather than change the gate (treating the unit as
@@ -269,7 +295,9 @@ class GatedUnits:
         pair = sorted((survivor, extra))
         pair_rows = torch.tensor(pair, dtype=torch.int64, pin_memory=x.is_cuda)  # pinned: a truly async copy
         pair_rows = pair_rows.to(x.device, non_blocking=True)
-        residual_pair = self._sd_residual(u, gather_rows(x, pair_rows))
+        if call is not None:
+            call = self._sd_adapter.gather_arguments(self, call, pair_rows, host_plan.batch_size)
+        residual_pair = self._sd_residual(u, gather_rows(x, pair_rows), call)
         return residual_pair.narrow(0, pair.index(survivor), 1)
 
 

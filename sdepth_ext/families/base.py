@@ -13,6 +13,7 @@ block classes to adapters is :mod:`sdepth_ext.families.registry`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +51,10 @@ class UnitAdapter:
     block_types: tuple[type, ...] = ()
     defaults = Defaults(0.5, "linear", "batch", "paper")
     projection: str | None = None
+    # Call arguments (:meth:`bind_arguments`): False = a converted block takes only its input in training.
+    takes_arguments: bool = False
+    batched_arguments: tuple[str, ...] = ()  # arguments with a batch dimension (dim 0), gathered in row mode
+    unbatched_arguments: tuple[str, ...] = ()  # tensor arguments without one (passed as they are)
 
     # -- structure ---------------------------------------------------------------------------------------
     @staticmethod
@@ -114,6 +119,54 @@ class UnitAdapter:
         if act is None:
             return out
         return torch.relu(out) if act == ACTIVATION_RELU else act(out)
+
+    # -- call arguments ------------------------------------------------------------------------------------
+    @classmethod
+    def bind_arguments(cls, block: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """The block's extra call arguments (those after its input) by name, for :meth:`residual`.
+
+        Adapters with :attr:`takes_arguments` pass them to their branches: positional ones are named after the
+        original forward's signature. Arguments of the block's forward that are not passed stay out.
+        """
+        own = next(c for c in type(block).__mro__ if c in cls.block_types)
+        params = list(inspect.signature(own.forward).parameters.values())[2:]
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(args) > len(positional):
+            raise TypeError(f"{type(block).__name__}: takes {len(positional)} arguments after its input, got "
+                            f"{len(args)}")
+        call = dict(zip(positional, args))
+        for name in kwargs:
+            if name in call:
+                raise TypeError(f"{type(block).__name__}: got multiple values for argument {name!r}")
+        call.update(kwargs)
+        return call
+
+    @classmethod
+    def gather_arguments(cls, block: nn.Module, call: dict, rows: torch.Tensor, batch_size: int) -> dict:
+        """``call`` for the unit's branch on the samples ``rows`` of a batch of ``batch_size`` (row, subset).
+
+        Tensors named in :attr:`batched_arguments` are gathered along dim 0 (a size-1 dim 0 broadcasts and
+        passes as is); other arguments pass through as they are, except a tensor not named in
+        :attr:`unbatched_arguments` whose dim 0 is the batch size: whether that is a batch dimension cannot be
+        told, so it is refused (ValueError naming it).
+        """
+        out = {}
+        for name, value in call.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if name in cls.batched_arguments:
+                    if value.shape[0] == batch_size:
+                        value = value.index_select(0, rows)
+                    elif value.shape[0] != 1:
+                        raise ValueError(f"{name}: dim 0 is {value.shape[0]}, neither the batch size "
+                                         f"({batch_size}) nor 1")
+                elif value.shape[0] == batch_size and name not in cls.unbatched_arguments:
+                    raise ValueError(
+                        f"{name}: a converted {cls.family} unit runs on some samples of the batch in row "
+                        f"and subset mode, and cannot tell whether this argument's dim 0 (size "
+                        f"{batch_size}) is the batch; pass it without a batch dimension, or convert with "
+                        "mode='batch'")
+            out[name] = value
+        return out
 
     # -- the model's own stochastic depth -----------------------------------------------------------------
     @staticmethod

@@ -5,12 +5,15 @@ Each family module registers its adapter with ``@register_adapter(BlockClass, ..
 (:mod:`~sdepth_ext.families._torchvision_sd`, :mod:`~sdepth_ext.families._timm_sd`) registers its own
 stochastic-depth module with :func:`register_drop_module`. The lookups (:func:`adapter_for`,
 :func:`registered_adapters`, :func:`drop_module_types`) first import every family module once; a module whose
-optional library (torchvision, timm) is missing is skipped.
+optional library (torchvision, timm) is missing is skipped; the Hugging Face modules load once
+``transformers`` is imported (a model built from it implies that), so converting other models never pays its
+import.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from torch import nn
 
@@ -25,6 +28,10 @@ _DROP_MODULES: list[type] = []
 # The ecosystem modules first (their stochastic-depth modules), then the family modules.
 _MODULES = ("_torchvision_sd", "tv_resnet", "tv_convnext", "tv_mbconv", "tv_swin", "tv_maxvit", "_timm_sd",
             "timm_resnet", "timm_convnext", "timm_vit")
+# Ecosystems whose library is slow to import (transformers: seconds) load once the user has imported it
+# (a model built from it implies that), checked at each lookup: library -> its modules, ecosystem first.
+_MODULES_ONCE_IMPORTED = {"transformers": ("_hf_sd", "hf_dinov2", "hf_convnext", "hf_swin",
+                                          "hf_beit")}
 _loaded = False
 
 
@@ -56,17 +63,23 @@ def register_drop_module(*types: type) -> None:
             _DROP_MODULES.append(module_type)
 
 
-def _load_families() -> None:
-    """Import every family module once; one whose library is missing (torchvision, timm) is skipped."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for name in _MODULES:
+def _import_families(names) -> None:
+    for name in names:
         try:
             importlib.import_module(f".{name}", __package__)
         except ImportError:  # the optional library of that family is not installed
             continue
+
+
+def _load_families() -> None:
+    """Import every family module once; one whose library is missing (torchvision, timm) is skipped, and
+    those of :data:`_MODULES_ONCE_IMPORTED` wait until their library is imported."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        _import_families(_MODULES)
+    for library in [lib for lib in _MODULES_ONCE_IMPORTED if lib in sys.modules]:
+        _import_families(_MODULES_ONCE_IMPORTED.pop(library))
 
 
 def adapter_for(module: nn.Module) -> type[UnitAdapter] | None:

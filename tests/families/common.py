@@ -177,3 +177,45 @@ def assert_tree_close(got, want, exact: bool, msg: str = ""):
 
 __all__ = ["FamilyCase", "cached_maker", "image_input", "gated_add", "reference_forward", "unit_gates",
            "masked_original", "masks_of", "branch_modules", "gated_blocks", "is_gated", "assert_tree_close"]
+
+
+# FamilyCase.extra of models that torch.fx and TorchScript cannot take even unconverted (transformers 5.x's:
+# data-dependent control flow, source-less functions); test_interop skips those tests for them.
+NOT_TRACEABLE = {"fx_and_script": False}
+
+
+class Logits(nn.Module):
+    """A Hugging Face model whose forward returns its ``logits`` tensor (the suite compares tensors)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+class _Keep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def forward(self, residual):
+        self.kept.append(residual)
+        return residual * 0
+
+
+def own_residual(block, t, unit, args, kwargs):
+    """Unit ``unit``'s residual on ``t``, by a Hugging Face layer's own forward (its ``drop_path`` swapped for
+    a module that keeps the residual and returns zeros): with the units before it zeroed, each
+    unit's input is ``t``."""
+    keep = _Keep()
+    block.__dict__["drop_path"] = keep
+    try:
+        type(block).forward(block, t, *args, **kwargs)
+    finally:
+        del block.__dict__["drop_path"]
+    return keep.kept[unit]
+
+
+__all__ += ["Logits", "NOT_TRACEABLE", "own_residual"]

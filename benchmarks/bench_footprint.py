@@ -3,12 +3,13 @@
 On a GPU, memory decides the batch a user can fit and on small steps launches decide the time. Both are
 counted exactly, on any machine (:mod:`benchmarks.counting`), for bench_models' models and sizes at the
 headline drop rates (ResNets p_last 0.5; torchvision models stochastic_depth_prob 0.5; timm models at
-bench_models' highest drop_path_rate, 0.4). Variants per model:
+bench_models' highest drop_path_rate, 0.4; Hugging Face transformers' Dinov2 and ConvNextV2, where
+installed, at drop_path_rate 0.5). Variants per model:
 
 * ``full``: every unit runs, nothing dropped (the plain ResNet; the model built at rate 0);
 * ``original``: what users run today, a mask-multiply stochastic depth that computes every unit (the
-  model's own StochasticDepth/DropPath at the rate; ResNets: ``torchvision.ops.stochastic_depth`` on the
-  residual of the same blocks, bench_models' peer);
+  model's own StochasticDepth/DropPath, HF's ``<Model>DropPath``, at the rate; ResNets:
+  ``torchvision.ops.stochastic_depth`` on the residual of the same blocks, bench_models' peer);
 * ``sdepth batch`` / ``sdepth row``: ``sd.convert`` in that mode at the same rates (seed 0), with the
   dropped-unit gradient policy set explicitly (``sd.set_dropped_grads``), ``"none"`` and ``"zero"`` on the
   same plans: their difference is what ``"zero"`` costs (counted again only where a plan has a unit
@@ -52,7 +53,7 @@ counted steps; forward + backward, no optimizer step, which is the same for ever
   allocation above its start (``torch.cuda.max_memory_allocated``), CUDA only.
 
     python -m benchmarks.bench_footprint            # about 2 minutes on a 2-core CPU
-    python -m benchmarks.bench_footprint --smoke    # seconds: two models at tiny sizes
+    python -m benchmarks.bench_footprint --smoke    # seconds: two models at tiny sizes (and the HF ones)
 """
 
 from __future__ import annotations
@@ -79,13 +80,13 @@ from .common import (
     write_results,
 )
 from .counting import count_step
-from .models import model_configs, num_classes_of, skip_by_hand, with_peer
+from .models import HF_MODELS, model_configs, num_classes_of, skip_by_hand, with_peer
 
 # The units' GPU path runs on CPU tensors through Triton's interpreter: set on import, before kernels load.
 use_triton_interpreter_without_cuda()
 
 RESNET_P_LAST = 0.5
-OWN_SD_RATE = 0.5  # torchvision models; timm models: the highest rate bench_models times (TIMM_RATES)
+OWN_SD_RATE = 0.5  # torchvision and HF models; timm models: the highest rate bench_models times (TIMM_RATES)
 POLICIES = ("none", "zero")
 MODES = ("batch", "row")
 STEPS = {"smoke": 1, "quick": 1, "full": 3}
@@ -283,9 +284,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "their grids not executed")
     print_environment(env)
     configs, _, _ = model_configs(device, quick=not args.full, smoke=args.smoke)
-    if args.smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth do
+    if args.smoke:  # checks that it runs: a ResNet and a (small) model with its own stochastic depth do,
+        # and the Hugging Face layers (their own call arguments), at tiny widths
         configs = [configs[0], min((c for c in configs if c["kind"] == "own-sd"),
-                                   key=lambda c: c["name"] != "efficientnet_b0")]
+                                   key=lambda c: c["name"] != "efficientnet_b0"),
+                   *(c for c in configs if c["name"] in HF_MODELS)]
     steps = STEPS["smoke" if args.smoke else ("full" if args.full else "quick")]
     rows: list[dict] = []
     for config in configs:

@@ -20,6 +20,13 @@ Models with their own stochastic depth (``convnext_tiny``, ``swin_t``, ``efficie
 * ``sdepth batch p<rate>`` / ``sdepth row p<rate>``: the same model through ``sd.convert(model, mode=...)``
   (the model's own rates and "inverted" scaling), at torchvision's default rate and at 0.5.
 
+timm's models (``timm deit_small``, ``timm resnet50``, where timm is installed) and Hugging Face
+transformers' (``hf dinov2``: ``Dinov2ForImageClassification``, ``hf convnextv2``:
+``ConvNextV2ForImageClassification``, built from small configs with no hub access where transformers is
+installed; :data:`~benchmarks.models.HF_MODELS`) are timed the same way, their ``drop_path_rate`` as the
+rate: HF's own ``<Model>DropPath`` (a per-sample mask multiply) is ``original``; timm's at 0.05 to 0.4, the
+HF models at 0.1 and 0.5 (``--full``: also 0.3).
+
 Comparators on sdepth_ext's own plans, for both kinds (at the rate the targets are stated for, 0.5;
 ``--full``: also p_last 0.2 and every stochastic_depth_prob): the model skipping by hand the work of the *same
 plans* sdepth_ext draws, written around the model's own modules (the family adapter's residual, shortcut and
@@ -97,6 +104,7 @@ from .models import (
     activate,
     add_residual,
     build_variants,
+    call_arguments,
     model_configs,
     num_classes_of,
     patch_units,
@@ -128,11 +136,13 @@ def ratio_interval(samples: list[float], reference: list[float], rounds: int = 2
 # ------------------------------------------------------------------------------------------------------------
 # Measured unit times (the time ideal)
 # ------------------------------------------------------------------------------------------------------------
-def _recording_forward(block: nn.Module, adapter, first: int, inputs: list, x: torch.Tensor) -> torch.Tensor:
+def _recording_forward(block: nn.Module, adapter, first: int, inputs: list, x: torch.Tensor, *args,
+                       **kwargs) -> torch.Tensor:
+    call = call_arguments(block, adapter, args, kwargs)
     x = adapter.enter(block, x)
     for u in range(adapter.num_units(block)):
         inputs[first + u] = x.detach()
-        x = activate(adapter.activation(block), add_residual(adapter.residual(block, u, x),
+        x = activate(adapter.activation(block), add_residual(adapter.residual(block, u, x, **call),
                                                       adapter.shortcut(block, u, x), 1.0), fresh=True)
     return adapter.exit(block, x)
 

@@ -2,7 +2,8 @@
 
 * :func:`model_configs`: the models and sizes per device (``--smoke``, default, ``--full``);
 * builders of torchvision's and timm's models with their own stochastic depth at any rate
-  (:data:`OWN_SD_MODELS`);
+  (:data:`OWN_SD_MODELS`), and of Hugging Face transformers' (:data:`HF_MODELS`: small configs built offline,
+  called on pixels for their logits, :class:`HFLogits`);
 * the ResNets' mask-multiply peers (:func:`with_peer`: every block always runs);
 * the hand-written comparators (:func:`with_hand_skip`): the plain model skipping by hand the work of the
   plans sdepth_ext draws, written around the family adapter's pieces, with no sdepth_ext unit forward;
@@ -83,12 +84,64 @@ def _has_timm() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Hugging Face transformers (optional): image classifiers built from configs (no hub access)
+# ------------------------------------------------------------------------------------------------------------
+class HFLogits(nn.Module):
+    """An HF image classifier called as the other models are: ``forward(x)`` is its logits on pixels ``x``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def _hf(config_name: str, model_name: str, **arch) -> Callable[..., nn.Module]:
+    """A builder of the transformers model ``model_name`` from a ``config_name`` of sizes ``arch``, at
+    ``stochastic_depth_prob`` (the config's ``drop_path_rate``: Dinov2's rate of every layer, ConvNextV2's
+    last layer's, linear from 0)."""
+    def build(*, stochastic_depth_prob: float, num_classes: int, **kwargs) -> nn.Module:
+        import transformers
+
+        sizes = {**arch, **kwargs}
+        config = getattr(transformers, config_name)(drop_path_rate=stochastic_depth_prob, **sizes)
+        config.num_labels = num_classes
+        return HFLogits(getattr(transformers, model_name)(config))
+    return build
+
+
+# name -> (builder, rate), as OWN_SD_MODELS. transformers' configs default to drop_path_rate 0: the models
+# are built at 0.1, a common fine-tuning rate. Sizes: facebook/dinov2-small's width, depth and heads with
+# 16-pixel patches (at 64x64: 16 patches and the class token, as timm's DeiT-S); ConvNeXt V2-Femto's widths
+# and depths (~0.8 GFLOPs at 224x224, about twice EfficientNet-B0's). --smoke: HF_SMOKE.
+HF_MODELS: dict[str, tuple[Callable[..., nn.Module], float]] = {
+    "hf dinov2": (_hf("Dinov2Config", "Dinov2ForImageClassification", hidden_size=384, num_hidden_layers=12,
+                      num_attention_heads=6, patch_size=16), 0.1),
+    "hf convnextv2": (_hf("ConvNextV2Config", "ConvNextV2ForImageClassification",
+                          hidden_sizes=[48, 96, 192, 384], depths=[2, 2, 6, 2]), 0.1),
+}
+# --smoke: the same layers at tiny widths and depths (checks that they run, in seconds).
+HF_SMOKE = {"hf dinov2": {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+                          "patch_size": 8},
+            "hf convnextv2": {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 2, 1]}}
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _resnet(name: str, make: Callable[[], nn.Module], batch: int, size: int) -> dict:
     return {"name": name, "kind": "resnet", "make": make, "batch": batch, "size": size}
 
 
 def _own_sd(name: str, batch: int, size: int, num_classes: int = 1000, **build_kwargs) -> dict:
-    builder, default_rate = OWN_SD_MODELS[name]
+    builder, default_rate = OWN_SD_MODELS[name] if name in OWN_SD_MODELS else HF_MODELS[name]
     return {"name": name, "kind": "own-sd", "batch": batch, "size": size, "default_rate": default_rate,
             "rates": TIMM_RATES.get(name),
             "make": lambda rate: builder(stochastic_depth_prob=rate, num_classes=num_classes, **build_kwargs)}
@@ -102,6 +155,18 @@ def _timm_configs(batch: int, size: int, resnet_batch: int, resnet_size: int, nu
             _own_sd("timm resnet50", resnet_batch, resnet_size, num_classes=num_classes)]
 
 
+def _hf_configs(batch: int, size: int, num_classes: int, smoke: bool = False,
+                dinov2_batch: int | None = None) -> list[dict]:
+    if not _has_transformers():
+        print("transformers is not installed: its models are left out (pip install sdepth_ext[hf])",
+              flush=True)
+        return []
+    arch = HF_SMOKE if smoke else {}
+    return [_own_sd("hf dinov2", dinov2_batch or batch, size, num_classes=num_classes, image_size=size,
+                    **arch.get("hf dinov2", {})),
+            _own_sd("hf convnextv2", batch, size, num_classes=num_classes, **arch.get("hf convnextv2", {}))]
+
+
 def model_configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[dict], int, int]:
     """(model configs, warmup steps, timed steps per variant)."""
     own_sd = [name for name in OWN_SD_MODELS if not name.startswith("timm")]
@@ -109,11 +174,12 @@ def model_configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[
         return ([_resnet("cifar_resnet20", lambda: sd.cifar_resnet(20), 4, 32),
                  _resnet("resnet50", lambda: torchvision.models.resnet50(num_classes=10), 2, 64),
                  *(_own_sd(name, 4, 32, num_classes=10) for name in own_sd),
-                 *_timm_configs(4, 32, 2, 64, 10)], 1, 2)
+                 *_timm_configs(4, 32, 2, 64, 10), *_hf_configs(4, 32, 10, smoke=True)], 1, 2)
     if device.type == "cuda":
         configs = [_resnet("cifar_resnet110", lambda: sd.cifar_resnet(110), 128, 32),
                    _resnet("resnet50", lambda: torchvision.models.resnet50(), 64, 224),
-                   *(_own_sd(name, 64, 224) for name in own_sd), *_timm_configs(128, 224, 64, 224, 1000)]
+                   *(_own_sd(name, 64, 224) for name in own_sd), *_timm_configs(128, 224, 64, 224, 1000),
+                   *_hf_configs(64, 224, 1000)]
         return configs, 5, (30 if quick else 100)
     # CPU: the bulk of make bench (its time per benchmark is in bench.log), the ResNets about 40%. A full
     # step on one thread: cifar_resnet110 b32 ~0.9 s, resnet50 b8@112 ~0.9 s, convnext_tiny b16@64 ~0.65 s,
@@ -126,7 +192,10 @@ def model_configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[
                _own_sd("swin_t", 16, size, num_classes=100),
                _own_sd("efficientnet_b0", 16, size, num_classes=100),
                # timm: DeiT-S at 64x64 (16 patches: a step of ~0.2 s), ResNet-50 at b8@64
-               *_timm_configs(16, size, 8, size, 100)]
+               *_timm_configs(16, size, 8, size, 100),
+               # transformers: Dinov2 at DeiT-S's size and tokens at b8 (timm deit_small b16@64 steps took
+               # ~0.5 s in the last make bench), ConvNeXt V2-Femto at b16@64 (~1/6 of convnext_tiny's FLOPs)
+               *_hf_configs(16, size, 100, dinov2_batch=8)]
     return configs, 2, (14 if quick else 30)
 
 
@@ -205,33 +274,54 @@ def _bn_sees_one_value(block: nn.Module, adapter, u: int, x: torch.Tensor, short
                for branch in adapter.branch_modules(block, u) for m in branch.modules())
 
 
-def hand_unit(block: nn.Module, adapter, u: int, x: torch.Tensor, kept: int, scale: float) -> torch.Tensor:
-    """Unit ``u`` of ``block`` with its first ``kept`` samples surviving, written by hand."""
+def call_arguments(block: nn.Module, adapter, args: tuple, kwargs: dict) -> dict:
+    """The block's call arguments after its input, by name, for the adapter's ``residual`` (Hugging Face
+    layers: masks, output flags); none for the other families, which take only their input."""
+    if not (args or kwargs):
+        return {}
+    if not adapter.takes_arguments:
+        raise TypeError(f"{type(block).__name__}: takes only its input, got also {len(args) + len(kwargs)}")
+    return adapter.bind_arguments(block, args, kwargs)
+
+
+def _first_rows(adapter, call: dict, n: int, run: int) -> dict:
+    """``call`` for a branch on the first ``run`` of ``n`` samples: the batched arguments sliced (a view)."""
+    return {k: v[:run] if k in adapter.batched_arguments and isinstance(v, torch.Tensor) and v.dim() > 0
+            and v.shape[0] == n else v for k, v in call.items()}
+
+
+def hand_unit(block: nn.Module, adapter, u: int, x: torch.Tensor, kept: int, scale: float,
+              call: dict | None = None) -> torch.Tensor:
+    """Unit ``u`` of ``block`` with its first ``kept`` samples surviving, written by hand; ``call``: the
+    block's call arguments (:func:`call_arguments`)."""
     if kept == 0:
         return adapter.dropped(block, u, x)  # act(shortcut(x)); nothing of the branch runs
+    call = call or {}
     act = adapter.activation(block)
     shortcut = adapter.shortcut(block, u, x)
     if kept == x.shape[0]:
-        return activate(act, add_residual(adapter.residual(block, u, x), shortcut, scale), fresh=True)
+        return activate(act, add_residual(adapter.residual(block, u, x, **call), shortcut, scale), fresh=True)
     # Row mode, 0 < K < N: the residual of the first K samples (a view: no gather), one concatenation.
     run = 2 if kept == 1 and _bn_sees_one_value(block, adapter, u, x, shortcut) else kept
-    residual = adapter.residual(block, u, x[:run])
+    residual = adapter.residual(block, u, x[:run], **_first_rows(adapter, call, x.shape[0], run))
     residual = residual if run == kept else residual[:kept]
     head = activate(act, add_residual(residual, shortcut[:kept], scale), fresh=True)
     return torch.cat([head, activate(act, shortcut[kept:], fresh=False)])
 
 
 def _hand_forward(block: nn.Module, adapter, first: int, scales: list[float], current: dict,
-                  x: torch.Tensor) -> torch.Tensor:
+                  x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     counts = current["plan"].counts
+    call = call_arguments(block, adapter, args, kwargs)
     x = adapter.enter(block, x)
     for u in range(adapter.num_units(block)):
-        x = hand_unit(block, adapter, u, x, counts[first + u], scales[first + u])
+        x = hand_unit(block, adapter, u, x, counts[first + u], scales[first + u], call)
     return adapter.exit(block, x)
 
 
 def patch_units(model: nn.Module, forward: Callable, *args) -> None:
-    """Give each block with units ``forward(block, adapter, first_unit, *args, x)`` (instance attribute)."""
+    """Give each block with units ``forward(block, adapter, first_unit, *args, x, *call_args, **call_kwargs)``
+    (instance attribute): the block's own call arguments follow its input (Hugging Face layers')."""
     first: dict[int, int] = {}
     for l, (block, _, adapter) in enumerate(units_of(model)):
         if id(block) not in first:

@@ -54,8 +54,16 @@ except ImportError:
     TIMM_SD: tuple[str, ...] = ()
 else:
     TIMM_SD = ("timm deit_small", "timm resnet50")  # timed at their highest rate only in a smoke run
+try:
+    import transformers  # noqa: F401
+except ImportError:
+    HF_SD: tuple[str, ...] = ()  # the oldest venv (make test-oldest): the benchmarks leave them out
+else:
+    HF_SD = ("hf dinov2", "hf convnextv2")  # Dinov2 / ConvNextV2ForImageClassification, tiny in a smoke run
+NO_TRANSFORMERS = "transformers is not installed (pip install sdepth_ext[hf]): no HF rows are benchmarked"
 FAMILIES = {"torchvision ResNet", "torchvision ConvNeXt", "torchvision Swin", "torchvision EfficientNet",
-            *({"timm ViT", "timm ResNet"} if TIMM_SD else ())}
+            *({"timm ViT", "timm ResNet"} if TIMM_SD else ()),
+            *({"Hugging Face Dinov2", "Hugging Face ConvNext"} if HF_SD else ())}
 
 
 def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
@@ -75,6 +83,7 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     assert {(r["variant"], r["dropped_grads"]) for r in footprint["rows"]} == {
         ("full", None), ("original", None),
         *((f"sdepth {mode}", policy) for mode in ("batch", "row") for policy in ("none", "zero"))}
+    assert {r["model"] for r in footprint["rows"]} == {"cifar_resnet20", "efficientnet_b0", *HF_SD}
     for r in results["epilogue"]:  # every row says how much it rotated, and that covers 4x the L2 (by reads)
         tensor = r["bytes"] // {"fwd": 3, "bwd": 4, "fwd+bwd": 7}[r["pass"]]
         assert r["rotation_bytes"] == r["rotation_sets"] * 3 * tensor
@@ -97,7 +106,7 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     # their own stochastic depth the issue's target.
     models = [r for r in summary["rows"] if " train step, " in r["what"]]
     heads = {re.match(r"(.*) b\d+@\d+ train step, (\w+)", r["what"]).groups() for r in models}
-    assert heads == {(m, mode) for m in ("cifar_resnet20", "resnet50", *OWN_SD, *TIMM_SD)
+    assert heads == {(m, mode) for m in ("cifar_resnet20", "resnet50", *OWN_SD, *TIMM_SD, *HF_SD)
                      for mode in ("batch", "row")}
     assert len(models) == len(heads)
     for r in models:
@@ -116,21 +125,21 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     assert markdown.count("| what |") == 1 and markdown.count("| model |") == 1
     assert markdown.count("| per call |") == 1 and markdown.count("| host step |") == 1
     assert "not measurements" in markdown
-    assert all(f"| {m} b4@32 | sdepth row p0.5 |" in markdown for m in OWN_SD)
+    assert all(f"| {m} b4@32 | sdepth row p0.5 |" in markdown for m in (*OWN_SD, *HF_SD))
     assert markdown.count("| model, drop rate |") == 1 and "| original (mask-multiply) |" in markdown
 
 
 def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
-    from benchmarks.models import HAND_MODES, OWN_SD_MODELS
+    from benchmarks.models import HAND_MODES, HF_MODELS, OWN_SD_MODELS
 
     rows = smoke_run[0]["models"]
     assert {r["family"] for r in rows} == FAMILIES
     assert all(r["ratio_ci95_low"] <= r["ratio"] <= r["ratio_ci95_high"] for r in rows)
     assert all(r["full_ratio_ci95_low"] <= r["full_ratio"] <= r["full_ratio_ci95_high"] for r in rows)
-    for model in ("cifar_resnet20", "resnet50", *OWN_SD, *TIMM_SD):
+    for model in ("cifar_resnet20", "resnet50", *OWN_SD, *TIMM_SD, *HF_SD):
         sel = {r["variant"]: r for r in rows if r["model"] == model}
-        if model in (*OWN_SD, *TIMM_SD):
-            default = OWN_SD_MODELS[model][1]
+        if model in (*OWN_SD, *TIMM_SD, *HF_SD):
+            default = {**OWN_SD_MODELS, **HF_MODELS}[model][1]
             top = "p0.4" if model in TIMM_SD else "p0.5"
             rates = [top] if model in TIMM_SD else [f"p{default:g}", top]
             expected = {"original p0", *(f"{v} {p}" for p in rates for v in
@@ -150,7 +159,7 @@ def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
             assert all(r["ideal_ratio"] == 1.0 for r in sel.values()
                        if r["mode"] in ("torchvision", "droppath"))
         sdepth = [r for r in sel.values() if r["mode"] in ("batch", "row")]
-        assert len(sdepth) == (4 if model in OWN_SD else 2)  # timm: one rate in a smoke run
+        assert len(sdepth) == (4 if model in (*OWN_SD, *HF_SD) else 2)  # ResNets, timm: one rate in smoke
         # FLOP ideals, expected and of the plans drawn (a tiny smoke run may skip nothing). The unit-time
         # ideal is built from measured times, which a smoke run's few noisy samples can put on either side
         # of 1: only its presence is checked, never a timing.
@@ -169,6 +178,37 @@ def test_model_rows_carry_ratio_comparators_and_ideals(smoke_run):
             assert r["over_hand"] == pytest.approx(r["ratio"] / r["hand_ratio"])
             assert r["hand_gap"] == pytest.approx(r["ratio"] - r["hand_ratio"])
             assert r["over_hand_ci95_low"] <= r["over_hand"] <= r["over_hand_ci95_high"]
+
+
+@pytest.mark.skipif(not HF_SD, reason=NO_TRANSFORMERS)
+def test_smoke_run_has_the_hugging_face_rows(smoke_run):
+    """Dinov2 and ConvNextV2 (transformers' classifiers, built offline) are timed against HF's own
+    mask-multiply at the same drop_path_rate, with the same plans skipped by hand; counted in the footprint;
+    headlined in the summary with the issue's target."""
+    results, _, _ = smoke_run
+    for model, family in zip(HF_SD, ("Hugging Face Dinov2", "Hugging Face ConvNext")):
+        rows = {r["variant"]: r for r in results["models"] if r["model"] == model}
+        assert {r["family"] for r in rows.values()} == {family}
+        for mode in ("batch", "row"):
+            r = rows[f"sdepth {mode} p0.5"]
+            assert r["reference"] == "original p0.5" and r["stochastic_depth_prob"] == 0.5
+            assert "over_hand" in r
+        footprint = [r for r in results["footprint"] if r["model"] == model]
+        assert {r["variant"] for r in footprint} == {"full", "original", "sdepth batch", "sdepth row"}
+        assert all(r["rate"] == 0.5 and r["saved_over_ideal"] >= -1e-9 and r["launches_ideal"] > 0
+                   for r in footprint if r["variant"].startswith("sdepth"))
+        summary = [r for r in bench_run._summary(results, "cpu") if r["what"].startswith(f"{model} b4@32 ")]
+        assert len(summary) == 2 and all("target" in r["ideal/limit"] for r in summary)
+
+
+def test_without_transformers_the_benchmarks_leave_the_hf_models_out(monkeypatch, capsys):
+    from benchmarks import models
+
+    monkeypatch.setattr(models, "_has_transformers", lambda: False)
+    for smoke, quick in ((True, True), (False, True), (False, False)):
+        configs, _, _ = models.model_configs(torch.device("cpu"), quick=quick, smoke=smoke)
+        assert configs and not any(c["name"] in models.HF_MODELS for c in configs)
+    assert "transformers is not installed" in capsys.readouterr().out
 
 
 def test_block_cost_interpolates_measured_sizes_through_zero():
@@ -222,10 +262,27 @@ def _cifar_resnet20():
     return sd.cifar_resnet(20)
 
 
+def _hf_model(name: str, rate: float = 0.5, **sizes):
+    """A tiny Hugging Face classifier as bench_models builds them (``benchmarks.models.HF_MODELS``)."""
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
+    from benchmarks.models import HF_MODELS, HF_SMOKE
+
+    return HF_MODELS[name][0](stochastic_depth_prob=rate, num_classes=5, **{**HF_SMOKE[name], **sizes})
+
+
+def _hf_dinov2():  # called by the encoder with the layer's attention_mask (None) and kwargs
+    return _hf_model("hf dinov2", image_size=32)
+
+
+def _hf_convnextv2():
+    return _hf_model("hf convnextv2")
+
+
 # (model, batch): a batch of 2 makes one-survivor units common; at 32x32 EfficientNet's last stage is 1x1,
 # where BatchNorm needs a second sample (sdepth_ext and the comparator both run the branch on 2).
 HAND_CASES = {"cifar_resnet20": (_cifar_resnet20, 8), "swin": (_tiny_swin, 4),
-              "convnext": (_tiny_convnext, 4), "efficientnet_b0": (_efficientnet_b0, 2)}
+              "convnext": (_tiny_convnext, 4), "efficientnet_b0": (_efficientnet_b0, 2),
+              "hf_dinov2": (_hf_dinov2, 4), "hf_convnextv2": (_hf_convnextv2, 4)}
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
@@ -305,6 +362,26 @@ def test_timm_builders_take_the_rate():
     builder, default = OWN_SD_MODELS["timm deit_small"]
     model = builder(stochastic_depth_prob=0.4, num_classes=10, img_size=32)
     assert max(m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath") == pytest.approx(0.4)
+
+
+def test_hf_builders_take_the_rate():
+    """bench_models' HF classifiers: built from a config (no hub access) at drop_path_rate, called on pixels
+    for their logits; the default sizes are dinov2-small's and ConvNeXt V2-Femto's."""
+    pytest.importorskip("transformers", reason=NO_TRANSFORMERS)
+    from benchmarks.models import HF_MODELS
+
+    def drop_probs(model):
+        return [m.drop_prob for m in model.modules() if type(m).__name__.endswith("DropPath")]
+
+    dinov2 = HF_MODELS["hf dinov2"][0](stochastic_depth_prob=0.4, num_classes=10, image_size=32)
+    assert type(dinov2.model).__name__ == "Dinov2ForImageClassification"
+    assert (dinov2.model.config.hidden_size, dinov2.model.config.num_hidden_layers) == (384, 12)
+    assert drop_probs(dinov2) == pytest.approx([0.4] * 12)
+    assert dinov2.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    convnext = HF_MODELS["hf convnextv2"][0](stochastic_depth_prob=0.4, num_classes=10)
+    assert type(convnext.model).__name__ == "ConvNextV2ForImageClassification"
+    assert convnext.model.config.hidden_sizes == [48, 96, 192, 384]
+    assert max(drop_probs(convnext)) == pytest.approx(0.4)  # linear from 0 (an Identity) to the last layer
 
 
 def test_break_even_rate():
@@ -527,11 +604,22 @@ def _one_stage_swin(rate: float):
 
 
 # bench_footprint configs (kind, make) and an input size: one-unit blocks with identity and projection
-# shortcuts (ResNet), two-unit blocks (timm ViT, torchvision Swin).
+# shortcuts (ResNet), two-unit blocks (timm ViT, torchvision Swin, HF Dinov2: with call arguments), HF
+# ConvNextV2.
+def _footprint_hf_dinov2(rate: float):
+    return _hf_model("hf dinov2", rate, num_hidden_layers=1, image_size=16)
+
+
+def _footprint_hf_convnextv2(rate: float):
+    return _hf_model("hf convnextv2", rate, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+
+
 FOOTPRINT_CASES = {
     "cifar_resnet8": ({"kind": "resnet", "make": _cifar_resnet8}, 8),
     "timm_vit": ({"kind": "own-sd", "rates": None, "make": _tiny_vit}, 16),
     "swin": ({"kind": "own-sd", "rates": None, "make": _one_stage_swin}, 16),
+    "hf_dinov2": ({"kind": "own-sd", "rates": None, "make": _footprint_hf_dinov2}, 16),
+    "hf_convnextv2": ({"kind": "own-sd", "rates": None, "make": _footprint_hf_convnextv2}, 16),
 }
 
 

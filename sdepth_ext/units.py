@@ -49,6 +49,11 @@ and :mod:`sdepth_ext.checkpointing`:
   forward time; BatchNorm running statistics are not updated a second time by the recomputation.
 * compiled regions (``compile_blocks``): a unit's residual and projection shortcut run through compiled
   functions kept in ``regions``; the gate decisions, the row gather and the epilogue stay in eager Python.
+
+Compiled whole (``torch.compile(model)``, Dynamo tracing the units): the plan is drawn outside the graph
+(the root's hooks run eagerly) and the units read it without bookkeeping. Subset mode runs the code above
+(fixed counts; the rows are graph inputs). Batch and row mode read the plan's gates as a tensor
+(:meth:`GatedUnits._sd_gated_in_graph`), so one graph serves every drop pattern.
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def test_a_dropped_unit_runs_nothing_under_compile():
         for _ in range(2):
             m(torch.randn(BATCH, *shape)).sum().backward()
     seen = {"compiled": {}, "eager": {}}
-    for step in range(12):
+    for _ in range(12):
         x = torch.randn(BATCH, *shape)
         for key, m in (("compiled", compiled), ("eager", twin)):
             calls = mm_calls(m, x)

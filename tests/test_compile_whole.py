@@ -194,10 +194,11 @@ def test_a_dropped_unit_runs_nothing_under_compile():
                                        ("vit", "batch"), ("convnext", "subset")])
 def test_a_plain_model_compiled_after_a_converted_one_is_one_graph(name, mode):
     """Dynamo must not stop tracing shared code (the root forward, nn.Sequential's loop) because a
-    converted model ran through it."""
+    converted model ran through it (it did once the converted model's graph breaks and recompiles had run
+    for some steps)."""
     model, shape = converted(name, mode, seed=1)
     compiled = torch.compile(model, backend="aot_eager")
-    for _ in range(3):
+    for _ in range(STEPS):
         compiled(torch.randn(BATCH, *shape)).sum().backward()
     counters.clear()
     torch.manual_seed(0)

@@ -310,6 +310,12 @@ class GatedUnits:
         survivor's residual reaches the output; the extra sample's residual feeds the BatchNorm statistics
         alone (so, as in batch mode, its input gets gradient only through those statistics).
         """
+        if is_compiling():  # the same pair from the rows tensor: no host read, no graph break
+            survivor = host_plan.rows(l).to(x.device)
+            extra = (survivor == 0).long()
+            pair_rows = torch.cat([torch.minimum(survivor, extra), torch.maximum(survivor, extra)])
+            residual_pair = self._sd_residual(u, gather_rows(x, pair_rows))
+            return residual_pair.index_select(0, (survivor > extra).long())
         survivor = host_plan.survivors(l)[0]
         extra = 1 if survivor == 0 else 0
         pair = sorted((survivor, extra))

@@ -238,3 +238,17 @@ def test_eval_after_training_compiled():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), twin(x), **TOL)
     assert breaks() == 0
+
+
+def test_subset_mode_single_batchnorm_survivor_compiles_in_one_graph():
+    """Batches of 2 at p 0.5 keep one sample per unit, and at a 1x1 map BatchNorm needs two: the survivor is
+    normalised with a dropped sample, paired from the rows tensor inside the graph (no host read)."""
+    torch.manual_seed(0)
+    model = sd.convert(sd.cifar_resnet(8, num_classes=4), p_last=0.5, rule="uniform", mode="subset",
+                       seed=3).train()
+    twin = copy.deepcopy(model)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    plans = train_both(compiled, twin, backend, (3, 4, 4), steps=6, batch=2)
+    assert all(c == 1 for p in plans for c in p)
+    assert backend.compiled_at == [0] and breaks() == 0

@@ -71,6 +71,15 @@ rounds (:func:`ratio_interval`), the ratio of medians, and ideal ratios (variant
     python -m benchmarks.bench_models            # ~6 minutes on a 2-core CPU (sizes: models.model_configs)
     python -m benchmarks.bench_models --full     # more timed steps; larger inputs for the non-ResNets
     python -m benchmarks.bench_models --smoke    # seconds: tiny sizes, checks that everything runs
+    python -m benchmarks.bench_models --compiled # adds the compiled rows (below): minutes of inductor
+    python -m benchmarks.bench_models --smoke --compiled aot_eager --models cifar_resnet20  # their plumbing
+
+``--compiled [BACKEND]`` adds, per model, ``torch.compile(model)`` (inductor unless named) of the whole
+model at rate 0.5: the converted model in batch, row and subset mode (``compiled sdepth <mode>``) against
+the compiled unconverted model with its own mask-multiply (``compiled timm-style DropPath`` for the ResNets,
+``compiled original`` for the others), the reference of their ratios and intervals. Each is stepped
+:data:`COMPILED_WARMUP` times before timing (batch and row mode compile a second graph at their second
+step). What each mode compiles and skips: docs/training.md.
 """
 
 from __future__ import annotations
@@ -91,8 +100,9 @@ from .common import (
     environment,
     format_table,
     median,
-    parse_size_args,
+    parse_args,
     print_environment,
+    size_parser,
     size_suffix,
     time_fn,
     time_interleaved,
@@ -105,6 +115,7 @@ from .models import (
     add_residual,
     build_variants,
     call_arguments,
+    compiled_variants,
     model_configs,
     num_classes_of,
     patch_units,
@@ -258,8 +269,12 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return step
 
 
+# Steps each compiled variant runs before the timed rounds: its compiles (two graphs in batch and row mode).
+COMPILED_WARMUP = 3
+
+
 def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, quick: bool = True,
-                smoke: bool = False) -> tuple[list[dict], dict]:
+                smoke: bool = False, compiled: str | None = None) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     kind = config["kind"]
     base = (config["make"]() if kind == "resnet" else config["make"](0.0)).to(device)
@@ -271,6 +286,8 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
 
     size_key = "smoke" if smoke else ("quick" if quick else "full")
     variants, full = build_variants(config, base, size_key)
+    if compiled:
+        variants.update(compiled_variants(config, base, backend=compiled))
 
     steps, drawn = {}, {}
     for name, v in variants.items():
@@ -278,6 +295,9 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
         drawn[name] = [] if v.mode in SDEPTH_MODES else None
         optimizer = torch.optim.SGD(v.model.parameters(), lr=0.01, momentum=0.9)
         steps[name] = _train_step(v.model, optimizer, x, y, drawn[name])
+        if v.mode.startswith("compiled"):
+            for _ in range(COMPILED_WARMUP):
+                steps[name]()
     pairs = [(name, v.hand) for name, v in variants.items() if v.hand is not None]
     samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat, pairs=pairs)
     times = unit_times(base, x, device, warmup=1, repeat=max(3, repeat))
@@ -375,23 +395,31 @@ TABLE_COLUMNS = ["model", "batch", "size", "variant", "mean_ms", "ratio", "ratio
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark on the best device; print the tables, write the results; return the rows."""
-    args = parse_size_args(argv, __doc__.split("\n")[0],
-                           smoke_help="tiny sizes, a few steps: checks that it runs",
-                           full_help="more timed steps, larger non-ResNet inputs")
+    parser = size_parser(__doc__.split("\n")[0], smoke_help="tiny sizes, a few steps: checks that it runs",
+                         full_help="more timed steps, larger non-ResNet inputs")
+    parser.add_argument("--compiled", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="add torch.compile(model) rows (backend: inductor unless named): converted in "
+                             "each mode vs the compiled original")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated model names to run (default: all of the size's models)")
+    args = parse_args(parser, argv)
     device = best_device()
     env = {**environment(device), "zero_grad_set_to_none": ZERO_GRAD_SET_TO_NONE}
     print_environment(env)
     configs, warmup, repeat = model_configs(device, quick=not args.full, smoke=args.smoke)
+    if args.models:
+        wanted = args.models.split(",")
+        configs = [c for c in configs if c["name"] in wanted]
     rows: list[dict] = []
     all_samples: dict = {}
     for config in configs:
         model_rows, samples = bench_model(config, device, warmup, repeat, quick=not args.full,
-                                          smoke=args.smoke)
+                                          smoke=args.smoke, compiled=args.compiled)
         print(format_table(model_rows, TABLE_COLUMNS))
         print()
         rows.extend(model_rows)
         all_samples.update(samples)
-    name = "models" + size_suffix(args.smoke, args.full)
+    name = "models" + ("_compiled" if args.compiled else "") + size_suffix(args.smoke, args.full)
     json_path, _ = write_results(name, rows, env, samples=all_samples)
     print(f"results: {json_path}")
     crossings = break_even_rows(rows)

@@ -7,7 +7,9 @@
 * the ResNets' mask-multiply peers (:func:`with_peer`: every block always runs);
 * the hand-written comparators (:func:`with_hand_skip`): the plain model skipping by hand the work of the
   plans sdepth_ext draws, written around the family adapter's pieces, with no sdepth_ext unit forward;
-* :func:`build_variants`: every variant of one model that bench_models times side by side.
+* :func:`build_variants`: every variant of one model that bench_models times side by side;
+* :func:`compiled_variants` (``bench_models --compiled``): the whole model under ``torch.compile``, converted
+  in each mode and unconverted with its own mask-multiply.
 
 What each variant measures is told in :mod:`benchmarks.bench_models`.
 """
@@ -39,6 +41,10 @@ HAND_P_LASTS = {"smoke": (0.5,), "quick": (0.5,), "full": (0.2, 0.5)}
 RATES = {"smoke": (0.5,), "quick": (0.5,), "full": (0.3, 0.5)}
 HAND_RATES = {"smoke": (0.5,), "quick": (0.5,), "full": None}  # None: every rate
 HAND_MODES = {"batch": "hand-written skip", "row": "contiguous sub-batches"}
+# bench_models --compiled: torch.compile(model) of the converted model in each mode, at this rate (ResNets:
+# p_last; the others: stochastic_depth_prob), against the compiled unconverted model with its mask-multiply.
+COMPILED_MODES = ("batch", "row", "subset")
+COMPILED_RATE = 0.5
 SDEPTH_MODES = ("batch", "row")
 
 
@@ -437,3 +443,27 @@ def build_variants(config: dict, base: nn.Module, size_key: str) -> tuple[dict[s
     "quick", "full"), and the name of the full network's variant."""
     make = _resnet_variants if config["kind"] == "resnet" else _own_sd_variants
     return make(config, base, size_key)
+
+
+def compiled_variants(config: dict, base: nn.Module, backend: str = "inductor") -> dict[str, Variant]:
+    """``torch.compile(backend=backend)`` of the whole model at :data:`COMPILED_RATE`: the unconverted
+    model with its own mask-multiply (ResNets: the timm-style DropPath peer; the others: the model's own
+    StochasticDepth/DropPath), the reference, and the model converted in each of :data:`COMPILED_MODES`.
+    Compiled lazily: the first steps (bench_models' warm-up) compile."""
+    kind, rate = config["kind"], COMPILED_RATE
+    if kind == "resnet":
+        source, kwargs = base, {"p_last": rate}
+        peer = with_peer(copy.deepcopy(base), "droppath", rate)
+        reference = f"compiled timm-style DropPath {_rate_text(kind, rate)}"
+    else:
+        source, kwargs = config["make"](rate).to(next(base.parameters()).device), {}
+        source.load_state_dict(base.state_dict())
+        peer = copy.deepcopy(source)
+        reference = f"compiled original {_rate_text(kind, rate)}"
+    variants = {reference: Variant(torch.compile(peer, backend=backend), "compiled", rate, reference)}
+    for mode in COMPILED_MODES:
+        model = sd.convert(copy.deepcopy(source), mode=mode, seed=0, **kwargs)
+        variants[f"compiled sdepth {mode} {_rate_text(kind, rate)}"] = Variant(
+            torch.compile(model, backend=backend), f"compiled-{mode}", rate, reference,
+            sd.survival_probs(model))
+    return variants

@@ -7,6 +7,8 @@ Three facts about BatchNorm in a unit's branch that the units and the distribute
 * in training mode BatchNorm refuses one value per channel, which a row-mode sub-batch of one sample reaches
   at a 1x1 spatial size (resnet18's layer4 at 32x32 input): :func:`needs_two_samples` tells from the branch's
   convolution geometry alone, on the host;
+* a branch that a compiled graph runs whatever the gate (a model compiled whole, where the gate is a tensor)
+  must leave the statistics as a skipped branch would when the gate is off: :func:`batchnorm_stats_where`;
 * SyncBatchNorm in a branch cannot run in row mode under DDP/FSDP: a unit without a survivor on one rank and
   with some on another would skip the collective on the first rank only (a hang):
   :func:`refuse_sync_batchnorm`.
@@ -21,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["frozen_batchnorm_stats", "needs_two_samples", "refuse_sync_batchnorm"]
-
+__all__ = ["batchnorm_stats", "batchnorm_stats_where", "frozen_batchnorm_stats", "has_batchnorm",
+           "needs_two_samples", "refuse_sync_batchnorm"]
 
 
 @contextlib.contextmanager
@@ -45,6 +47,37 @@ def frozen_batchnorm_stats(*modules: nn.Module):
     finally:
         for m, name, buf in swapped:
             m._buffers[name] = buf
+
+
+def has_batchnorm(modules: Iterable[nn.Module]) -> bool:
+    """Whether any of ``modules`` is or contains a BatchNorm layer."""
+    return any(isinstance(m, _BatchNorm) for module in modules for m in module.modules())
+
+
+def batchnorm_stats(*modules: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Give the BatchNorm layers of ``modules`` stand-in copies of their buffers to update (as
+    :func:`frozen_batchnorm_stats` does); :func:`batchnorm_stats_where` puts the originals back."""
+    swapped = []
+    for m in (m for module in modules for m in module.modules()):
+        if isinstance(m, _BatchNorm):
+            for name, buf in list(m._buffers.items()):
+                if buf is not None:
+                    swapped.append((m, name, buf))
+                    m._buffers[name] = buf.clone()
+    return swapped
+
+
+def batchnorm_stats_where(keep: torch.Tensor, swapped: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """The original buffers back (:func:`batchnorm_stats`), updated from their stand-ins where the 0-dim
+    bool tensor ``keep`` is true.
+
+    For compiled code that runs a branch whatever its gate (no host decision): the running statistics end
+    as if the branch had been skipped when the gate is off. The stand-ins are what the branch's BatchNorm
+    saved for backward; the originals, written in place here, were not.
+    """
+    for m, name, buf in swapped:
+        buf.copy_(torch.where(keep, m._buffers[name], buf))
+        m._buffers[name] = buf
 
 
 def needs_two_samples(branch: Iterable[nn.Module], x: torch.Tensor) -> bool:

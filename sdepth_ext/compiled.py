@@ -1,8 +1,9 @@
 """torch.compile for converted models, region by region: ``compile_blocks``.
 
-Compiling the converted root with ``torch.compile(model)`` does not work well: the plan draw (a C++ call in a
-forward pre-hook) breaks the graph, and the per-block Python branches on the plan's gates become guards, so
-Dynamo recompiles for every new drop pattern and falls back to eager after ``recompile_limit`` (8) of them.
+Compiling the converted root whole (``torch.compile(model)``) gives one graph per mode, but real skipping
+only in subset mode and for transformer units in batch mode (:meth:`sdepth_ext.units.GatedUnits.forward`,
+docs/training.md); in row mode and for BatchNorm or convolutional branches in batch mode the compiled graph
+multiplies the branch by its gate. Regions skip in every mode.
 
 ``compile_blocks`` compiles what costs FLOPs -- each unit's residual branch (convs, norms, attention, MLP)
 and its projection shortcut -- and keeps the gate decisions, the row gather and the fused epilogue in eager

@@ -164,4 +164,9 @@ class ParameterSlots:
         slots = self.slots[l]
         if slots is None:
             slots = self.slots[l] = tuple(self.find(l))
-        return [p for m, name in slots if (p := m._parameters.get(name)) is not None]
+        params = []
+        for module, name in slots:  # a loop, not a comprehension with :=, which Dynamo cannot trace
+            p = module._parameters.get(name)
+            if p is not None:
+                params.append(p)
+        return params

@@ -63,9 +63,12 @@ class Plan:
         active: 0-based indices of units with at least one survivor, ascending.
         counts: ``counts[l]``, the number of surviving samples of unit ``l``.
         step: the scheduler step it was drawn at (None for plans built by hand or transformed).
+        gates: None, or (for a model compiled whole, batch and row mode) the gates as a bool tensor on the
+            plan's device: ``[num_units]`` in batch mode, ``[num_units, batch_size]`` in row mode. Compiled
+            code reads them as graph inputs, so the graph does not depend on the drop pattern.
     """
 
-    __slots__ = ("mode", "batch_size", "active", "counts", "step", "_offsets", "_buffer", "_views")
+    __slots__ = ("mode", "batch_size", "active", "counts", "step", "gates", "_offsets", "_buffer", "_views")
 
     def __init__(self, mode: str, batch_size: int, active: list[int], counts: list[int],
                  offsets: list[int], buffer: torch.Tensor, step: int | None = None):
@@ -74,6 +77,7 @@ class Plan:
         self.active = active
         self.counts = counts
         self.step = step
+        self.gates: torch.Tensor | None = None
         self._offsets = offsets
         self._buffer = buffer
         self._views: dict = {}
@@ -84,6 +88,7 @@ class Plan:
         return {name: getattr(self, name) for name in self.__slots__ if name != "_views"}
 
     def __setstate__(self, state: dict) -> None:
+        self.gates = None  # plans pickled before the attribute existed
         for name, value in state.items():
             setattr(self, name, value)
         self._views = {}
@@ -139,7 +144,8 @@ class Plan:
         return self._row_views(l)[1]
 
     def _row_views(self, l: int) -> tuple:
-        views = self._views.get(l)
+        compiling = torch.compiler.is_compiling()
+        views = None if compiling else self._views.get(l)
         if views is None:
             self._check_unit(l)
             count, n = self.counts[l], self.batch_size
@@ -152,8 +158,25 @@ class Plan:
                 start = self._offsets[l]
                 views = (self._buffer[start:start + count],
                          self._buffer[start + count:start + count + (n + 1) // 2].view(torch.int32)[:n])
-            self._views[l] = views
+            if not compiling:  # compiled code reads the buffer itself: no cache of views the graph made
+                self._views[l] = views
         return views
+
+    def with_gates(self) -> Plan:
+        """Set :attr:`gates` from the counts (batch mode) or the rows (row and subset mode) of this host plan
+        (:meth:`to` carries them to the device); returns self."""
+        n = self.batch_size
+        if self.mode == "batch":
+            gates = torch.tensor([c > 0 for c in self.counts], dtype=torch.bool)
+        else:
+            gates = torch.zeros(len(self.counts), n, dtype=torch.bool)
+            for l, c in enumerate(self.counts):
+                if c == n:
+                    gates[l] = True
+                elif c > 0:
+                    gates[l, self.rows(l)] = True
+        self.gates = gates
+        return self
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Plan:
         """This plan with its buffer on ``device``: one copy (asynchronous from pinned memory to a GPU).
@@ -168,8 +191,11 @@ class Plan:
         if non_blocking and device.type == "cuda" and buffer.device.type == "cpu" and not buffer.is_pinned():
             # From pageable memory CUDA may make the "asynchronous" copy wait for the stream.
             buffer = buffer.pin_memory()
-        return Plan(self.mode, self.batch_size, self.active, self.counts, self._offsets,
-                    buffer.to(device, non_blocking=non_blocking), step=self.step)
+        moved = Plan(self.mode, self.batch_size, self.active, self.counts, self._offsets,
+                     buffer.to(device, non_blocking=non_blocking), step=self.step)
+        if self.gates is not None:
+            moved.gates = self.gates.to(device, non_blocking=non_blocking)
+        return moved
 
     def __repr__(self) -> str:
         return (f"Plan(mode={self.mode!r}, batch_size={self.batch_size}, step={self.step}, "

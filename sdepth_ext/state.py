@@ -91,6 +91,9 @@ class SdepthState:
         self.tally = WorkTally(len(units))  # what ran, for sdepth_ext.compute_stats
         self.input_meta: tuple | None = None  # (shape without the batch, dtype, device) of the last step
         self.macs_cache: dict = {}
+        # Set by the units when Dynamo traces them (the model is compiled whole): from then on each plan
+        # carries its gates as a tensor (Plan.gates), a graph input in batch and row mode.
+        self.gate_tensors = False
         self._init_transient()
 
     def _init_transient(self) -> None:
@@ -106,6 +109,7 @@ class SdepthState:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("gate_tensors", False)  # pickles of before whole-model compile
         self._init_transient()  # also what a pickle of before these fields lacks
 
     @property
@@ -148,6 +152,8 @@ class SdepthState:
             # rank, but different each step, so the promoted samples rotate.
             salt = mix64(self.scheduler.seed ^ mix64(host_plan.step))
             host_plan = round_plan_rows(host_plan, self.row_multiple, salt)
+        if getattr(self, "gate_tensors", False) and self.mode != "subset":
+            host_plan.with_gates()
         self.host_plan = host_plan
         self.plan = host_plan.to(device)
         self.consumed = bytearray(len(self.units))
@@ -160,7 +166,11 @@ class SdepthState:
         """The plan unit ``l`` runs on: the step's, or a fresh one if this unit already used it.
 
         ``claim=False`` only looks (FSDP2's hooks decide on the plan the unit's forward will then claim).
+        While Dynamo traces the model (compiled whole) it is the step's plan, drawn by the root's pre-hook
+        outside the graph: no autograd query, no bookkeeping, nothing the graph would have to guard on.
         """
+        if self.plan is not None and torch.compiler.is_compiling():
+            return self.plan
         if in_backward() and self.plan is not None:
             return self.plan  # recomputation (checkpointing) reruns the forward it belongs to
         if self.plan is None or self.consumed[l]:
@@ -326,6 +336,11 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
+# The root's hooks never run under Dynamo: torch.compile(model) calls them as frames of their own, which
+# torch.compiler.disable runs eagerly (no graph break, fullgraph=True works), so the plan is drawn outside the
+# graph. (A model compiled inside a wrapper inlines the root's call: there the hooks are one graph break, at
+# the root, outside any of the model's loops.)
+@torch.compiler.disable
 def draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state = _state_in(module)
     if state is None or not module.training:
@@ -352,6 +367,7 @@ def draw_plan_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     return None
 
 
+@torch.compiler.disable
 def forward_post_hook(module: nn.Module, args: tuple, output) -> None:
     state = _state_in(module)
     if state is None:

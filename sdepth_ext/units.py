@@ -56,6 +56,11 @@ and :mod:`sdepth_ext.checkpointing`:
   forward time; BatchNorm running statistics are not updated a second time by the recomputation.
 * compiled regions (``compile_blocks``): a unit's residual and projection shortcut run through compiled
   functions kept in ``regions``; the gate decisions, the row gather and the epilogue stay in eager Python.
+
+Compiled whole (``torch.compile(model)``, Dynamo tracing the units): the plan is drawn outside the graph
+(the root's hooks run eagerly) and the units read it without bookkeeping. Subset mode runs the code above
+(fixed counts; the rows are graph inputs). Batch and row mode read the plan's gates as a tensor
+(:meth:`GatedUnits._sd_gated_in_graph`), so one graph serves every drop pattern.
 """
 
 from __future__ import annotations
@@ -64,8 +69,15 @@ import copyreg
 import pickle
 
 import torch
+from torch import nn
 
-from .batchnorm import frozen_batchnorm_stats, needs_two_samples
+from .batchnorm import (
+    batchnorm_stats,
+    batchnorm_stats_where,
+    frozen_batchnorm_stats,
+    has_batchnorm,
+    needs_two_samples,
+)
 from .checkpointing import run_checkpointed
 from .families import UnitAdapter
 from .functional import epilogue_kernels, fused_epilogue, is_compiling, keeps_output
@@ -80,6 +92,7 @@ from .state import SdepthState, WorkTally, record_call
 __all__ = ["GatedUnits", "gated_class"]
 
 _Proxy = torch.fx.Proxy
+COND = getattr(torch, "cond", None)  # torch >= 2.5 (a prototype in torch 2.4's torch._higher_order_ops)
 
 
 class GatedUnits:
@@ -133,7 +146,8 @@ class GatedUnits:
                                 f"{', '.join(extra)}; call it without them (or revert the model)")
             if not self.training and state.scaling != "paper" and not state.lesioned:
                 return self._sd_base.forward(self, x, *args, **kwargs)
-        if state.call_order is not None:
+        compiling = is_compiling()
+        if not compiling and state.call_order is not None:
             record_call(state, self)
         if not self.training:
             return self._sd_eval(x, state, call)
@@ -144,13 +158,19 @@ class GatedUnits:
         for u in range(self._sd_num_units):
             l = first + u
             plan = state.plan_for(l, x)
+            if compiling and plan.mode != "subset" and state.checkpoint is None:
+                if plan.gates is not None:
+                    x = self._sd_gated_in_graph(u, x, plan.gates[l], state, call)
+                    continue
+                # The first traced step: its gates are constants of that graph; later plans carry tensors.
+                state.gate_tensors = True
             if plan.counts[l] == 0:
                 if state.fsdp is not None and plan.mode == "row":
                     x = self._sd_empty_rows(u, x, plan, call)  # another rank may run it (module docstring)
                     continue
                 x = adapter.dropped(self, u, x)
                 if state.dropped_grads == "zero" and torch.is_grad_enabled():
-                    if is_compiling():  # one node per unit: no state mutated inside a compiled graph
+                    if compiling:  # one node per unit: no state mutated inside a compiled graph
                         params = state.unit_parameters(l)
                         x = ZeroGradTouch.apply(x, state.every_param, *params) if params else x
                     else:
@@ -159,12 +179,47 @@ class GatedUnits:
                 x = self._sd_checkpointed(u, x, plan, state, call)
             else:
                 x = self._sd_active(u, x, plan, state.host_plan, state, call)
-        if not is_compiling():  # the step's zero-gradient node (grads.PendingZeroGrads), eager only
+        if not compiling:  # the step's zero-gradient node (grads.PendingZeroGrads), eager only
             pending = state.zero_pending
             pending.last_exit = last = first + self._sd_num_units - 1
             if pending.params and pending.flush_at(last):
                 x = pending.attach(x, state.every_param)
         return adapter.exit(self, x) if self._sd_reshapes else x
+
+    def _sd_gated_in_graph(self, u: int, x: torch.Tensor, gate: torch.Tensor, state: SdepthState,
+                           call: dict | None) -> torch.Tensor:
+        """Unit ``u`` traced by Dynamo (the model compiled whole), its gate a graph input: one graph for
+        every drop pattern.
+
+        Batch mode, no BatchNorm and no convolution in the branch (transformer units): ``torch.cond`` on the
+        0-dim bool ``gate``, so a dropped unit runs nothing of its branch at run time. Otherwise (BatchNorm,
+        which ``torch.cond`` refuses because the branch mutates its running statistics; convolutions, whose
+        weight gradients torch.cond's backward rejects when a size-1 dimension gives the two branches
+        different strides, e.g. a depthwise [C, 1, k, k] weight; row mode, whose sub-batch sizes vary): the
+        branch runs on every sample and its residual is multiplied by the gate
+        (``[N]`` in row mode), as the unconverted model's own mask-multiply does; BatchNorm statistics are
+        kept where no sample survives. Nothing is saved that way: docs/training.md.
+        """
+        l = self._sd_index + u
+        scale = state.train_scale(l)
+        adapter = self._sd_adapter
+        branch = adapter.branch_modules(self, u)
+        if gate.dim() == 0 and COND is not None and not has_batchnorm(branch) and not _has_conv(branch):
+            # torch.cond wants both branches' outputs (and so their gradients) with the same strides, and no
+            # output that is an input: both outputs as fresh tensors with the input's strides.
+            def kept(x: torch.Tensor) -> torch.Tensor:
+                out = self._sd_epilogue(u, self._sd_shortcut(u, x), self._sd_residual(u, x, call), scale)
+                return _strided_like(out, x)
+
+            def dropped(x: torch.Tensor) -> torch.Tensor:
+                return _strided_like(adapter.dropped(self, u, x), x)
+
+            return COND(gate, kept, dropped, (x,))
+        saved = batchnorm_stats(*branch)
+        residual = self._sd_residual(u, x, call)
+        batchnorm_stats_where(gate.any(), saved)
+        mask = gate.reshape(-1, *(1,) * (residual.dim() - 1)).to(residual.dtype)
+        return self._sd_epilogue(u, self._sd_shortcut(u, x), residual * mask, scale)
 
     def _sd_checkpointed(self, u: int, x: torch.Tensor, plan: Plan, state: SdepthState,
                          call: dict | None) -> torch.Tensor:
@@ -290,6 +345,12 @@ class GatedUnits:
         survivor's residual reaches the output; the extra sample's residual feeds the BatchNorm statistics
         alone (so, as in batch mode, its input gets gradient only through those statistics).
         """
+        if is_compiling():  # the same pair from the rows tensor: no host read, no graph break
+            survivor = host_plan.rows(l).to(x.device)
+            extra = (survivor == 0).long()
+            pair_rows = torch.cat([torch.minimum(survivor, extra), torch.maximum(survivor, extra)])
+            residual_pair = self._sd_residual(u, gather_rows(x, pair_rows))
+            return residual_pair.index_select(0, (survivor > extra).long())
         survivor = host_plan.survivors(l)[0]
         extra = 1 if survivor == 0 else 0
         pair = sorted((survivor, extra))
@@ -299,6 +360,17 @@ class GatedUnits:
             call = self._sd_adapter.gather_arguments(self, call, pair_rows, host_plan.batch_size)
         residual_pair = self._sd_residual(u, gather_rows(x, pair_rows), call)
         return residual_pair.narrow(0, pair.index(survivor), 1)
+
+
+def _has_conv(modules: list[nn.Module]) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for module in modules for m in module.modules())
+
+
+def _strided_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` as a tensor of its own with the strides of ``x`` (same shape): a copy unless it is one."""
+    if out is not x and out.stride() == x.stride():
+        return out
+    return x.new_empty_strided(x.shape, x.stride(), dtype=out.dtype).copy_(out)
 
 
 # ------------------------------------------------------------------------------------------------------------

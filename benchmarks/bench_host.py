@@ -24,10 +24,12 @@ launch shows in the step time. Two measurements:
   (``"zero"``, the default: exact zero gradients for dropped units; ``"none"``) and in row mode, over the
   plain model, next to the block-count ideal (the expected fraction of residual blocks that run,
   ``mean(p_l)``; ``over_ideal`` is the ratio minus it) and the fraction of blocks that ran in the timed
-  steps. On a CPU the model runs the torch epilogue (the default there). SGD with momentum runs with
-  ``foreach=True``, its default on a GPU: on a CPU its default is a Python loop over the parameters, which
-  would charge the "zero" policy (whose dropped parameters the optimizer updates, as in the plain model)
-  host time that no GPU run pays.
+  steps. On a CPU the model runs the torch epilogue (the default there). SGD with momentum runs
+  ``foreach=True`` (its default on a GPU). Each variant is also timed without the optimizer's step
+  (``fwd+bwd``): under the "zero" policy the optimizer updates the dropped units' parameters too (weight
+  decay and momentum, as in the plain model), which "none" skips; on a CPU each updated tensor costs its
+  own C++ op calls (``foreach`` falls back to a loop over tensors), where a GPU's multi-tensor kernels
+  update all of them in a few launches. The fwd+bwd rows isolate what the policies' mechanisms cost.
 
     python -m benchmarks.bench_host            # ~2 minutes on a 2-core CPU
     python -m benchmarks.bench_host --smoke    # seconds; checks that it runs (its numbers mean nothing)
@@ -66,6 +68,9 @@ STEP_DEPTH, STEP_BATCH, STEP_SIZE = 56, 2, 8
 STEP_VARIANTS = ((1.0, "batch", "zero"),
                  (0.5, "batch", "zero"), (0.5, "batch", "none"), (0.5, "row", "zero"),
                  (0.2, "batch", "zero"), (0.2, "batch", "none"), (0.2, "row", "zero"))
+# Each variant is timed twice in the same rounds: the whole train step, and without the optimizer's step
+# (what the forward and backward cost, where the dropped-gradient policies differ in mechanism only).
+STEP_PARTS = ((True, ""), (False, " fwd+bwd"))
 
 
 def _interpreting() -> bool:
@@ -198,15 +203,16 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
         variants[f"sdepth {mode} p{p_last} {policy}"] = (model, p_last, mode, policy)
     ran: dict[str, list[float]] = {}
 
-    def make_step(name, model):
+    def make_step(name, model, optimize):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
-        state = get_state(model) if name != "plain" else None
+        state = get_state(model) if model is not variants["plain"][0] else None
         ran[name] = []
 
         def step():
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+            if optimize:
+                optimizer.step()
             if state is not None:
                 counts = state.host_plan.counts
                 ran[name].append(sum(c / state.host_plan.batch_size for c in counts) / len(counts))
@@ -215,20 +221,25 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     steps = {}
     for name, (model, *_) in variants.items():
         model.train()
-        steps[name] = make_step(name, model)
+        for optimize, suffix in STEP_PARTS:
+            steps[name + suffix] = make_step(name + suffix, model, optimize)
     times = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
-    plain = trimmed_mean(times["plain"])
     rows, samples = [], {}
-    for name, (model, p_last, mode, policy) in variants.items():
-        samples[f"step/{name}"] = times[name]
-        row = {"bench": "host", "part": "step", "what": f"cifar_resnet{STEP_DEPTH} b{STEP_BATCH}@{STEP_SIZE}",
-               "variant": name, "mode": mode, "p_last": p_last, "dropped_grads": policy,
-               "ms": trimmed_mean(times[name]) * 1e3, "ratio": trimmed_mean(times[name]) / plain}
-        if p_last is not None:
-            row["block_ideal"] = statistics.fmean(sd.survival_probs(model))
-            row["over_ideal"] = row["ratio"] - row["block_ideal"]
-            row["blocks_ran"] = statistics.fmean(ran[name][-len(times[name]):])
-        rows.append(row)
+    for optimize, suffix in STEP_PARTS:
+        plain = trimmed_mean(times["plain" + suffix])
+        for name, (model, p_last, mode, policy) in variants.items():
+            ts = times[name + suffix]
+            samples[f"step/{name}{suffix}"] = ts
+            row = {"bench": "host", "part": "step",
+                   "what": f"cifar_resnet{STEP_DEPTH} b{STEP_BATCH}@{STEP_SIZE}{suffix}",
+                   "variant": name, "mode": mode, "p_last": p_last, "dropped_grads": policy,
+                   "optimizer": "SGD foreach" if optimize else "none",
+                   "ms": trimmed_mean(ts) * 1e3, "ratio": trimmed_mean(ts) / plain}
+            if p_last is not None:
+                row["block_ideal"] = statistics.fmean(sd.survival_probs(model))
+                row["over_ideal"] = row["ratio"] - row["block_ideal"]
+                row["blocks_ran"] = statistics.fmean(ran[name + suffix][-len(ts):])
+            rows.append(row)
     return rows, samples
 
 

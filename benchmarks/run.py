@@ -11,6 +11,7 @@ summary table printed last (within 120 columns; ``summary.json`` has the long fo
     python -m benchmarks.run            # default: ~15 minutes on a 2-core CPU (models: ~12; bench.log)
     python -m benchmarks.run --full     # large shapes, more steps, the whole p_last sweep
     python -m benchmarks.run --smoke    # seconds; what CI runs (checks that it runs: no measurements)
+    python -m benchmarks.run --only host    # rerun some; the summary and plots keep the others' results
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import sys
 import textwrap
 import time
+
+from sdepth_ext.train.files import atomic_write_text
 
 from . import (
     bench_epilogue,
@@ -165,6 +168,7 @@ def _host_rows(rows: list[dict]) -> list[dict]:
         policy = r.get("dropped_grads", "zero")
         over = r["ratio"] - r["block_ideal"]
         brief = f"host step {r['what'].replace('cifar_', '')} {r['mode']} p{r['p_last']} {policy}"
+        brief = brief.replace(" fwd+bwd", "") + (" fwd+bwd" if "fwd+bwd" in r["what"] else "")
         out.append(_row(f"host step {r['what']}, {r['mode']} p_last={r['p_last']}, dropped_grads={policy}",
                         _ms(r["ms"]), f"plain {_ms(plain['ms'])}", ratio,
                         f"x{r['block_ideal']:.3f} of the blocks expected to run (ratio {over:+.3f} over it); "
@@ -353,7 +357,19 @@ def main(argv=None) -> dict[str, list[dict]]:
         bar.close()
     suffix = size_suffix(args.smoke, args.full)
     log.write(f"[total: {time.perf_counter() - started:.0f} s]\n")  # the figure the README states
-    (out_dir / f"bench{suffix}.log").write_text(log.getvalue())
+    log_path = out_dir / f"bench{suffix}.log"
+    if args.only:
+        # A partial rerun: the other benchmarks' rows come from their result files (the summary and plots
+        # cover every benchmark), and their tables stay in the log, this run's appended after them.
+        for name in BENCHES:
+            path = out_dir / f"{name}{'' if args.full and name in NO_FULL else suffix}.json"
+            if name not in results and path.exists():
+                results[name] = json.loads(path.read_text())["rows"]
+        previous = log_path.read_text() if log_path.exists() else ""
+        header = f"\n===== rerun of {', '.join(chosen)} ({env['date']}, {env['command']}) =====\n"
+        atomic_write_text(log_path, previous + header + log.getvalue())
+    else:
+        atomic_write_text(log_path, log.getvalue())
 
     title = f"{env['device']} | torch {env['torch']}, triton {env['triton']} | {env['date']}"
     plots = [
@@ -361,11 +377,12 @@ def main(argv=None) -> dict[str, list[dict]]:
         plot_models(results.get("models", []), out_dir / f"models_ratio{suffix}.png", title),
     ]
     summary = _summary(results, device.type)
-    with open(out_dir / f"summary{suffix}.json", "w") as f:
-        head = {"environment": env, "smoke": args.smoke}
-        if args.smoke:
-            head["note"] = SMOKE_NOTE
-        json.dump({**head, "rows": summary}, f, indent=1)
+    head = {"environment": env, "smoke": args.smoke}
+    if args.smoke:
+        head["note"] = SMOKE_NOTE
+    if args.only:
+        head["rerun"] = chosen  # the others' rows are their last run's, each stamped in its own file
+    atomic_write_text(out_dir / f"summary{suffix}.json", json.dumps({**head, "rows": summary}, indent=1))
     print(f"\nall benchmarks done in {time.perf_counter() - started:.0f} s; results, plots and bench.log in "
           f"{out_dir}")
     for p in plots:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -45,6 +46,26 @@ def smoke_run(tmp_path_factory):
         with contextlib.redirect_stdout(printed):
             results = bench_run.main(["--smoke", "--cpu-malloc", "default"])
     return results, tmp / common.device_slug(common.best_device()), printed.getvalue()
+
+
+def test_a_partial_rerun_keeps_the_other_benchmarks_in_summary_and_log(smoke_run, tmp_path, monkeypatch):
+    """``--only scheduler`` after a whole run: its summary still holds every benchmark's rows (the others'
+    from their result files), and the log keeps their tables with this run's appended."""
+    _, out_dir, _ = smoke_run
+    copied = tmp_path / out_dir.name
+    shutil.copytree(out_dir, copied)
+    before_log = (copied / "bench_smoke.log").read_text()
+    before = json.loads((copied / "summary_smoke.json").read_text())["rows"]
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_run, "RESULTS_DIR", tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        bench_run.main(["--smoke", "--only", "scheduler", "--cpu-malloc", "default"])
+    summary = json.loads((copied / "summary_smoke.json").read_text())
+    assert summary["rerun"] == ["scheduler"]
+    assert [r["what"] for r in summary["rows"]] == [r["what"] for r in before]
+    log = (copied / "bench_smoke.log").read_text()
+    assert log.startswith(before_log) and "===== rerun of scheduler (" in log[len(before_log):]
+    assert "[scheduler: " in log[len(before_log):]
 
 
 OWN_SD = ("convnext_tiny", "swin_t", "efficientnet_b0")
@@ -99,7 +120,7 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     host_calls = [r for r in summary["rows"] if r["what"].startswith("epilogue host")]
     assert all("of eager" in r["ratio"] for r in host_calls)
     host_steps = [r for r in summary["rows"] if r["what"].startswith("host step")]
-    assert len(host_steps) == len(bench_host.STEP_VARIANTS)
+    assert len(host_steps) == len(bench_host.STEP_VARIANTS) * len(bench_host.STEP_PARTS)
     assert all("of plain" in r["ratio"] and "blocks expected" in r["ideal/limit"] for r in host_steps)
     # One headline row per model and mode at rate 0.5 (the smoke run has no ResNet p_last 0.2), with the
     # ratio and its interval, sdepth over its by-hand comparator, the FLOP ideal, and for the models with

@@ -28,7 +28,8 @@ def _section(text: str, heading: str) -> str:
 
 def test_readme_is_short_and_names_the_two_commands():
     text = README.read_text()
-    assert len(text.splitlines()) <= 230, "the README is an overview; details belong in docs/"
+    # 240: the generated result tables hold a row per model and mode (the Hugging Face rows added six).
+    assert len(text.splitlines()) <= 240, "the README is an overview; details belong in docs/"
     commands = _section(text, "## Two commands")
     assert "make test " in commands and "make bench " in commands
     makefile = (ROOT / "Makefile").read_text()

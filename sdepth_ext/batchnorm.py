@@ -35,13 +35,7 @@ def frozen_batchnorm_stats(*modules: nn.Module):
     counters alone: the recomputed graph saves the running statistics for BatchNorm's backward, and an
     in-place restore would make autograd reject that graph.
     """
-    swapped = []
-    for m in (m for module in modules for m in module.modules()):
-        if isinstance(m, _BatchNorm):
-            for name, buf in list(m._buffers.items()):
-                if buf is not None:
-                    swapped.append((m, name, buf))
-                    m._buffers[name] = buf.clone()
+    swapped = batchnorm_stats(*modules)
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ __all__ = ["DROPPED_GRADS", "DEFAULT_DROPPED_GRADS", "ZeroGradTouch", "PendingZe
 DROPPED_GRADS = ("zero", "none")
 DEFAULT_DROPPED_GRADS = "zero"
 
-# Parameter types whose zero gradients may be views of one shared fill (not DTensors and other subclasses).
+# Parameter types whose zero gradients come from one foreach fill (not DTensors and other subclasses).
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 def is_plain_tensor(t: torch.Tensor) -> bool:

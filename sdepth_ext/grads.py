@@ -1,10 +1,14 @@
 """What a dropped unit's branch parameters get: the dropped-gradient policies and the zero-gradient node.
 
 ``"zero"`` (the default everywhere: the paper's code, timm's DropPath and torchvision's StochasticDepth, whose
-zero gate still hands every parameter a gradient): exact zero gradients through autograd, so optimizers apply
-weight decay and momentum to dropped units too and DDP's default ``find_unused_parameters=False`` sees every
-parameter each step. ``"none"``: no gradient (frozen that step). Set with
-:func:`sdepth_ext.set_dropped_grads`.
+zero gate still hands every parameter a gradient): exact zero gradients, so optimizers apply weight decay and
+momentum to dropped units too and DDP's default ``find_unused_parameters=False`` sees every parameter each
+step. ``"none"``: no gradient (frozen that step). Set with :func:`sdepth_ext.set_dropped_grads`.
+
+How the zeros arrive: where something may watch a parameter's gradient arrive (DDP's and FSDP's hooks, a
+tensor hook, ``autograd.grad``), through autograd (:class:`ZeroGradTouch`); in a plain single-process
+``backward()`` of the whole graph, written to ``.grad`` directly by the step's one node
+(:class:`StepZeroGrads`), which is what autograd would have left there.
 """
 
 from __future__ import annotations
@@ -12,20 +16,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import distributed, nn
 from torch.nn.modules.module import (
     register_module_module_registration_hook,
     register_module_parameter_registration_hook,
 )
 
-__all__ = ["DROPPED_GRADS", "DEFAULT_DROPPED_GRADS", "ZeroGradTouch", "PendingZeroGrads", "zero_grads",
-           "is_plain_tensor", "ParameterSlots"]
+__all__ = ["DROPPED_GRADS", "DEFAULT_DROPPED_GRADS", "ZeroGradTouch", "StepZeroGrads", "PendingZeroGrads",
+           "zero_grads", "is_plain_tensor", "ParameterSlots"]
 
 DROPPED_GRADS = ("zero", "none")
 DEFAULT_DROPPED_GRADS = "zero"
 
 # Parameter types whose zero gradients come from one foreach fill (not DTensors and other subclasses).
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
 
 def is_plain_tensor(t: torch.Tensor) -> bool:
     """True for a plain tensor or parameter; False for a subclass (FSDP2's sharded DTensor, ...)."""
@@ -82,9 +87,55 @@ def zero_grads(params: list) -> list[torch.Tensor]:
     return [torch.zeros_like(p) for p in params]
 
 
+# A leaf tensor no caller can name in ``autograd.grad(..., inputs)`` or ``backward(inputs=...)``: the engine
+# will run its AccumulateGrad only in a backward of the whole graph, where every parameter's runs too.
+_WHOLE_GRAPH_PROBE = torch.zeros((), requires_grad=True)
+
+
+def _watched(p: torch.Tensor) -> bool:
+    """Whether a hook on the parameter itself waits for its gradient to arrive through autograd."""
+    return bool(p._backward_hooks) or p._post_accumulate_grad_hooks is not None
+
+
+class StepZeroGrads(torch.autograd.Function):
+    """The step's one zero-gradient node (:class:`PendingZeroGrads`) where nothing watches gradients arrive.
+
+    In a ``backward()`` of the whole graph (a probe leaf tells: :data:`_WHOLE_GRAPH_PROBE`) it writes the
+    zeros to ``.grad`` itself, where ``.grad`` is None, and returns no gradient for the parameters: the
+    ``.grad`` autograd would have left, without the engine running one AccumulateGrad per parameter (most
+    of what the "zero" policy cost over "none" on the host; ``benchmarks/bench_host.py`` times both).
+    ``autograd.grad`` and ``backward(inputs=...)`` get
+    every parameter's zeros through autograd, and so does every parameter when one has a hook of its own
+    (``register_hook``, ``register_post_accumulate_grad_hook``). Chosen only in one process without
+    ``torch.distributed`` (:meth:`PendingZeroGrads.attach`): DDP's reducer and other data-parallel engines
+    hook the AccumulateGrad nodes, which Python cannot see.
+    """
+
+    @staticmethod
+    def forward(ctx, out, probe, *params):
+        ctx.params = params
+        return out.detach()  # see ZeroGradTouch
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        params = ctx.params
+        if not torch._C._will_engine_execute_node(ctx.next_functions[1][0]):
+            return (grad, None, *zero_grads(params))  # autograd.grad / backward(inputs=...): the asked ones
+        wanted = [p.grad is None and p.requires_grad for p in params]
+        fresh = [p for p, w in zip(params, wanted) if w]
+        zeros = zero_grads(fresh)
+        if any(_watched(p) for p in fresh):
+            through_autograd = iter(zeros)
+            return (grad, None, *(next(through_autograd) if w else None for w in wanted))
+        for p, zero in zip(fresh, zeros):
+            p.grad = zero
+        return (grad, None) + (None,) * len(params)
+
+
 class PendingZeroGrads:
-    """Dropped units' parameters of a step, waiting for the one :class:`ZeroGradTouch` node that gives them
-    their zero gradients.
+    """Dropped units' parameters of a step, waiting for the one node (:class:`StepZeroGrads`, or
+    :class:`ZeroGradTouch` under data parallelism) that gives them their zero gradients.
 
     A Python autograd node costs about 60 us of host time (forward and backward) whatever it carries, as much
     as a third of a small unit's own step, so the dropped units of a step share one: each dropped unit adds
@@ -106,9 +157,14 @@ class PendingZeroGrads:
         # each block its own.
         return self.flush_unit is None or last_unit >= self.flush_unit or not self.root_forward
 
-    def attach(self, x: torch.Tensor, every_param: bool) -> torch.Tensor:
+    def attach(self, x: torch.Tensor, every_param: bool, sharded: bool) -> torch.Tensor:
+        """Attach the pending parameters' zero gradients to ``x``: through autograd where a data-parallel
+        engine may watch them arrive (DDP's ``every_param``, FSDP2 (``sharded``), any process with
+        ``torch.distributed`` initialized), else :class:`StepZeroGrads`."""
         params, self.params = self.params, []
-        return ZeroGradTouch.apply(x, every_param, *params)
+        if every_param or sharded or _distributed():
+            return ZeroGradTouch.apply(x, every_param, *params)
+        return StepZeroGrads.apply(x, _WHOLE_GRAPH_PROBE, *params)
 
     def start_root_forward(self) -> None:
         self.params = []  # left by a forward that raised: nothing can backpropagate through it
@@ -125,11 +181,15 @@ class PendingZeroGrads:
         self.root_forward = False
         if self.params:
             missed, self.params = self.params, []
+            missed = [p for p in missed if p.grad is None and p.requires_grad]
             for p, zero in zip(missed, zero_grads(missed)):
-                if p.grad is None:
-                    p.grad = zero
+                p.grad = zero
             self.per_block = True
         self.flush_unit = None if self.per_block or renumbered else self.last_exit
+
+
+def _distributed() -> bool:
+    return distributed.is_available() and distributed.is_initialized()
 
 
 # Parameters' registration anywhere in the process bumps this; a cache of where a unit's parameters live is

@@ -183,7 +183,7 @@ class GatedUnits:
             pending = state.zero_pending
             pending.last_exit = last = first + self._sd_num_units - 1
             if pending.params and pending.flush_at(last):
-                x = pending.attach(x, state.every_param)
+                x = pending.attach(x, state.every_param, state.fsdp is not None)
         return adapter.exit(self, x) if self._sd_reshapes else x
 
     def _sd_gated_in_graph(self, u: int, x: torch.Tensor, gate: torch.Tensor, state: SdepthState,

@@ -1,7 +1,9 @@
-"""The "zero" policy's one node per step (sdepth_ext.grads.PendingZeroGrads): the dropped units of a step get
-their exact zero gradients from one ZeroGradTouch node, attached by the block that ran last in the previous
-forward; forwards that end elsewhere, start below the root, or are recomputed in backward still give every
-dropped unit that ran its zero gradient."""
+"""The "zero" policy's one node per step (sdepth_ext.grads.PendingZeroGrads): the dropped units of a step
+get their exact zero gradients from one node, attached by the block that ran last in the previous forward;
+forwards that end elsewhere, start below the root, or are recomputed in backward still give every dropped
+unit that ran its zero gradient. In a plain backward the node writes the zeros to .grad itself
+(StepZeroGrads); whatever watches gradients arrive (autograd.grad, backward(inputs=...), hooks,
+torch.distributed) gets them through autograd."""
 
 import copy
 
@@ -45,16 +47,21 @@ def _drops_several(plan):
 SEED = seed_where(_drops_several, sd.uniform(NUM_BLOCKS, 0.5), "batch", BATCH)
 
 
-def _touch_nodes(loss: torch.Tensor) -> int:
+def _graph_nodes(loss: torch.Tensor, *names: str) -> int:
+    """How many nodes of ``loss``'s backward graph have one of these type names."""
     seen, stack, count = set(), [loss.grad_fn], 0
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        count += type(fn).__name__ == "ZeroGradTouchBackward"
+        count += type(fn).__name__ in names
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
     return count
+
+
+def _touch_nodes(loss: torch.Tensor) -> int:
+    return _graph_nodes(loss, "ZeroGradTouchBackward", "StepZeroGradsBackward")
 
 
 def _models():
@@ -197,3 +204,115 @@ def test_copies_and_pickles_rebuild_the_step_bookkeeping(tmp_path):
 def _saved_and_loaded(model, path):
     torch.save(model, path)
     return torch.load(path, weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# How the zeros arrive: written to .grad by the step's node in a plain backward, through autograd where
+# something watches them arrive.
+# ----------------------------------------------------------------------------------------------------------
+def _learned(x, y):
+    """Both models after one step (where forwards end is known) and their plans on scheduler step 0."""
+    zero, none = _models()
+    _step(zero, x, y, 0)
+    _step(none, x, y, 0)
+    for model in (zero, none):
+        model.zero_grad(set_to_none=True)
+        sd.get_scheduler(model).step = 0
+    return zero, none
+
+
+def _dropped_and_kept(model):
+    state = get_state(model)
+    dropped = [p for l, c in enumerate(state.host_plan.counts) if c == 0 for p in state.unit_parameters(l)]
+    kept = [p for l, c in enumerate(state.host_plan.counts) if c > 0 for p in state.unit_parameters(l)]
+    return dropped, kept
+
+
+def test_a_plain_backward_writes_the_zeros_without_one_accumulate_grad_per_parameter():
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _models()
+    _step(zero, x, y, 0)
+    dropped, kept = _dropped_and_kept(zero)
+    arrived = {}  # parameter -> what its AccumulateGrad node received (None: no gradient tensor)
+    accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in dropped + kept]
+    for p, node in zip(dropped + kept, accumulators):
+        node.register_prehook(lambda grads, p=p: arrived.setdefault(id(p), []).append(grads[0]))
+    loss = _step(zero, x, y, 0)
+    _step(none, x, y, 0)
+    _check_grads(zero, none, NUM_BLOCKS)
+    assert _graph_nodes(loss, "StepZeroGradsBackward") == 1
+    assert _graph_nodes(loss, "ZeroGradTouchBackward") == 0
+    assert all(g is None for p in dropped for g in arrived.get(id(p), []))
+    assert all(arrived[id(p)][0] is not None for p in kept)  # the probe works: these arrive as tensors
+    # Accumulation (no zero_grad): the dropped units' gradients stay the tensors they are, zeros.
+    grads = [p.grad for p in dropped]
+    loss.backward()
+    assert all(p.grad is g and not g.any() for p, g in zip(dropped, grads))
+
+
+def test_autograd_grad_gets_the_zeros_and_leaves_dot_grad_alone():
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    dropped, kept = _dropped_and_kept(zero)
+    loss = F.cross_entropy(zero(x), y)
+    reference = F.cross_entropy(none(x), y)
+    got = torch.autograd.grad(loss, [dropped[0], kept[0]], retain_graph=True)
+    want = torch.autograd.grad(reference, [_dropped_and_kept(none)[1][0]])
+    assert got[0].shape == dropped[0].shape and not got[0].any()
+    torch.testing.assert_close(got[1], want[0], rtol=0, atol=0)
+    image = x.clone().requires_grad_()
+    torch.autograd.grad(F.cross_entropy(zero(image), y), image)
+    assert all(p.grad is None for p in zero.parameters())
+
+
+def test_backward_with_inputs_accumulates_only_those():
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    dropped, kept = _dropped_and_kept(zero)
+    F.cross_entropy(zero(x), y).backward(inputs=[dropped[0], kept[0]])
+    F.cross_entropy(none(x), y).backward(inputs=[_dropped_and_kept(none)[1][0]])
+    assert dropped[0].grad is not None and not dropped[0].grad.any()
+    torch.testing.assert_close(kept[0].grad, _dropped_and_kept(none)[1][0].grad, rtol=0, atol=0)
+    assert sum(p.grad is not None for p in zero.parameters()) == 2
+
+
+def test_hooks_on_dropped_parameters_see_their_zeros():
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    dropped, _ = _dropped_and_kept(zero)
+    seen = []
+    dropped[0].register_hook(lambda g: seen.append(("hook", g.clone())))
+    dropped[1].register_post_accumulate_grad_hook(lambda p: seen.append(("post", p.grad.clone())))
+    F.cross_entropy(zero(x), y).backward()
+    F.cross_entropy(none(x), y).backward()
+    assert [kind for kind, _ in seen] == ["hook", "post"] and not any(g.any() for _, g in seen)
+    _check_grads(zero, none, NUM_BLOCKS)
+
+
+def test_frozen_parameters_of_dropped_units_get_no_gradient():
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, _ = _learned(x, y)
+    dropped, _ = _dropped_and_kept(zero)
+    for p in dropped[:3]:
+        p.requires_grad_(False)
+    F.cross_entropy(zero(x), y).backward()
+    assert all(p.grad is None for p in dropped[:3])
+    assert all(p.grad is not None and not p.grad.any() for p in dropped[3:])
+
+
+def test_with_torch_distributed_initialized_the_zeros_go_through_autograd(tmp_path):
+    """A process group may mean a data-parallel engine hooked on the parameters' AccumulateGrad nodes
+    (DDP's reducer without ddp_ready, Horovod, DeepSpeed), which Python cannot see."""
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                                         world_size=1)
+    try:
+        loss = F.cross_entropy(zero(x), y)
+        loss.backward()
+    finally:
+        torch.distributed.destroy_process_group()
+    F.cross_entropy(none(x), y).backward()
+    assert _graph_nodes(loss, "ZeroGradTouchBackward") == 1
+    assert _graph_nodes(loss, "StepZeroGradsBackward") == 0
+    _check_grads(zero, none, NUM_BLOCKS)

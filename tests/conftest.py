@@ -83,6 +83,21 @@ def one_thread():
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """One thread (timing is irrelevant to the compile tests; 2 loaded cores), empty Dynamo caches and
+    counters before the test, so that the graphs and breaks it counts are its own, and empty caches after
+    it, so that no compiled code outlives it. A module takes it for all its tests with
+    ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``."""
+    from torch._dynamo.utils import counters  # imported here: most test modules never load Dynamo
+
+    with single_thread():
+        torch._dynamo.reset()
+        counters.clear()
+        yield
+        torch._dynamo.reset()
+
+
+@pytest.fixture
 def restore_rng_state():
     """Tests that seed or consume torch's default RNG leave it as they found it."""
     cpu_state = torch.get_rng_state()

@@ -21,6 +21,8 @@ import sdepth_ext as sd
 from sdepth_ext.compiled import _inlines_nn_modules, _shape_key
 from sdepth_ext.state import get_state
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 STEPS = 20
 # torch >= 2.5 shares a compiled graph among blocks of one shape; torch 2.4 (Dynamo without nn.Module
 # inlining) compiles one per block instance. Graph counts below are per "graph key" accordingly.
@@ -29,18 +31,6 @@ PER_INSTANCE = not _inlines_nn_modules()
 
 def graph_key(blocks, l):
     return l if PER_INSTANCE else _shape_key(blocks[l])
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Single thread (timing is irrelevant here; 2 loaded cores), empty Dynamo caches and counters."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 def tiny_model():

@@ -25,8 +25,9 @@ timm = pytest.importorskip("timm")
 
 # Dynamo of torch 2.4 (make test-oldest) does not inline nn.Modules by default and has no torch.cond: the
 # whole-model path is built and measured on torch >= 2.6.
-pytestmark = pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
-                                reason="whole-model torch.compile of converted models needs torch >= 2.6")
+pytestmark = [pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+                                 reason="whole-model torch.compile of converted models needs torch >= 2.6"),
+              pytest.mark.usefixtures("fresh_dynamo")]
 
 STEPS = 20
 BATCH = 4
@@ -50,17 +51,6 @@ def vit():
 
 
 MODELS = {"cifar_resnet": cifar, "convnext": convnext, "vit": vit}
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 class CountingBackend:

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers", minversion="5.0",
                                    reason="transformers >= 5.0 is not installed (pip install sdepth_ext[hf])")
@@ -25,6 +26,7 @@ from transformers import (  # noqa: E402
 
 import sdepth_ext as sd  # noqa: E402
 from sdepth_ext.hf import GATE_STATE_NAME, GateStateCallback  # noqa: E402
+from sdepth_ext.state import get_state  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,3 +131,60 @@ def test_gradient_checkpointing_gives_equal_gradients(tmp_path):
             if grad is not None:
                 torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6,
                                            msg=f"{step} {name}")
+
+
+
+class Steps(TrainerCallback):
+    """Each step's loss and plan, and how many graphs Dynamo had compiled by the end of the step."""
+
+    def __init__(self):
+        self.losses, self.plans, self.graphs = [], [], []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.plans.append(list(get_state(model).host_plan.counts))
+        self.graphs.append(counters["stats"]["unique_graphs"])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="whole-model torch.compile of converted models needs torch >= 2.6")
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("mode", ["batch", "subset"])
+def test_torch_compile_trains_like_eager(tmp_path, mode):
+    """Trainer(torch_compile=True) compiles the converted model whole (accelerate's torch.compile of the
+    root): 0 graph breaks, no graph after the second step, the same plans, losses and weights as an eager
+    twin, and GateStateCallback's checkpoints hold the gate state. Dinov2's units are transformer units, so
+    batch mode skips a dropped unit inside the graph (torch.cond) and subset mode runs each branch on its
+    kept rows."""
+    runs = {}
+    for compiled in (False, True):
+        model, steps = make_model(seed=7, mode=mode), Steps()
+        before = [p.detach().clone() for p in model.parameters()]
+        options = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+        trainer = Trainer(model=model, args=train_args(tmp_path / str(compiled), max_steps=4, logging_steps=1,
+                                                       logging_strategy="steps", **options),
+                          train_dataset=Images(), callbacks=[GateStateCallback(), steps])
+        trainer.train()
+        assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        assert sum(not torch.equal(p, q) for p, q in zip(model.parameters(), before)) > 0.9 * len(before)
+        runs[compiled] = model, steps
+    (eager, eager_steps), (model, steps) = runs[False], runs[True]
+    assert len(steps.losses) == 4 and all(torch.isfinite(torch.tensor(steps.losses)))
+    torch.testing.assert_close(steps.losses, eager_steps.losses, rtol=1e-5, atol=1e-6)
+    assert steps.plans == eager_steps.plans
+    if mode == "batch":
+        assert any(0 in plan for plan in steps.plans)  # a unit was dropped: the compiled skip ran
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert sd.get_scheduler(model).state_dict() == sd.get_scheduler(eager).state_dict()
+    with open(tmp_path / "True" / "checkpoint-2" / GATE_STATE_NAME) as f:
+        assert json.load(f)["step"] == 2
+
+    # Two graphs, both by step 2: HF's loss sets config.problem_type at the first call (a guard), and batch
+    # mode's first traced step has its gates as constants; from then on one graph serves every plan.
+    assert steps.graphs[0] >= 1 and steps.graphs[1:] == [steps.graphs[1]] * 3 and steps.graphs[-1] <= 2
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["frames"]["total"] == counters["frames"]["ok"]  # no frame fell back to eager

@@ -71,13 +71,15 @@ rounds (:func:`ratio_interval`), the ratio of medians, and ideal ratios (variant
     python -m benchmarks.bench_models            # ~6 minutes on a 2-core CPU (sizes: models.model_configs)
     python -m benchmarks.bench_models --full     # more timed steps; larger inputs for the non-ResNets
     python -m benchmarks.bench_models --smoke    # seconds: tiny sizes, checks that everything runs
-    python -m benchmarks.bench_models --compiled # adds the compiled rows (below): minutes of inductor
+    python -m benchmarks.bench_models --compiled # the compiled rows (below): ~N minutes of inductor on a CPU
     python -m benchmarks.bench_models --smoke --compiled aot_eager --models cifar_resnet20  # their plumbing
 
 ``--compiled [BACKEND]`` adds, per model, ``torch.compile(model)`` (inductor unless named) of the whole
 model at rate 0.5: the converted model in batch, row and subset mode (``compiled sdepth <mode>``) against
 the compiled unconverted model with its own mask-multiply (``compiled timm-style DropPath`` for the ResNets,
-``compiled original`` for the others), the reference of their ratios and intervals. Each is stepped
+``compiled original`` for the others), the reference of their ratios and intervals. On a CPU the
+compiled run takes its own models (CIFAR ResNet-20 b32@32, DeiT-Ti b16@64: ``models.compiled_configs``),
+which inductor compiles in minutes there. Each is stepped
 :data:`COMPILED_WARMUP` times before timing (batch and row mode compile a second graph at their second
 step). What each mode compiles and skips: docs/training.md.
 """
@@ -115,6 +117,7 @@ from .models import (
     add_residual,
     build_variants,
     call_arguments,
+    compiled_configs,
     compiled_variants,
     model_configs,
     num_classes_of,
@@ -407,6 +410,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = {**environment(device), "zero_grad_set_to_none": ZERO_GRAD_SET_TO_NONE}
     print_environment(env)
     configs, warmup, repeat = model_configs(device, quick=not args.full, smoke=args.smoke)
+    if args.compiled and not args.smoke:
+        configs = compiled_configs(device) or configs
     if args.models:
         wanted = args.models.split(",")
         configs = [c for c in configs if c["name"] in wanted]

@@ -76,6 +76,8 @@ OWN_SD_MODELS: dict[str, tuple[Callable[..., nn.Module], float]] = {
     # timm (optional): DeiT-S's recipe trains at drop_path_rate 0.1; timm's ResNet-50 at 0.05 (a1 recipe)
     "timm deit_small": (_timm("deit_small_patch16_224"), 0.1),
     "timm resnet50": (_timm("resnet50"), 0.05),
+    # bench_models --compiled on a CPU only (compiled_configs): DeiT-S's recipe, DeiT-Ti's width
+    "timm deit_tiny": (_timm("deit_tiny_patch16_224"), 0.1),
 }
 # timm models at the rates the issue names (its drop_path_rate 0.1 and 0.4), and the ViT at more rates for
 # the break-even drop rate of subset computation (DINOv2's claim: it pays only above 0.1).
@@ -203,6 +205,21 @@ def model_configs(device: torch.device, quick: bool, smoke: bool) -> tuple[list[
                # ~0.5 s in the last make bench), ConvNeXt V2-Femto at b16@64 (~1/6 of convnext_tiny's FLOPs)
                *_hf_configs(16, size, 100, dinov2_batch=8)]
     return configs, 2, (14 if quick else 30)
+
+
+def compiled_configs(device: torch.device) -> list[dict] | None:
+    """The models of ``bench_models --compiled`` where its default set is too slow to compile; None: the
+    default set.
+
+    CPU inductor builds a forward and a backward graph per mode and model, each in minutes for a CIFAR
+    ResNet-110 or a DeiT-S on the 2-core CI machine (a smoke run of DeiT-S did not finish its compiles in 25
+    minutes there), so a CPU runs a CIFAR ResNet-20 (BatchNorm and convolutions: the gate multiply in batch
+    mode) and a DeiT-Ti (transformer units: ``torch.cond``) at the quick sizes' batch.
+    """
+    if device.type == "cuda":
+        return None
+    deit = ([_own_sd("timm deit_tiny", 16, 64, num_classes=100, img_size=64)] if _has_timm() else [])
+    return [_resnet("cifar_resnet20", lambda: sd.cifar_resnet(20), 32, 32), *deit]
 
 
 def num_classes_of(model: nn.Module, x: torch.Tensor) -> int:

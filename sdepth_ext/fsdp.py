@@ -112,7 +112,8 @@ def fully_shard(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
             shard(modules if len(modules) > 1 else modules[0], **fully_shard_kwargs)
 
     for block in state.blocks:
-        adapter, units = adapter_of(block), range(len(unit_range(block)))
+        adapter = adapter_of(block)
+        units = range(adapter.num_units(block))
         branches = [adapter.branch_modules(block, u) for u in units]
         in_branch = {id(m) for branch in branches for m in branch}
         for child in block.children():  # parts that run whenever the block runs: groups of their own

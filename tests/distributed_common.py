@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
+from sdepth_ext.fsdp import MIN_TORCH
 
 WORLD = 2
 
@@ -159,3 +160,22 @@ def assert_the_other_fails_fast(setup, out_dir, mode, lr, join_timeout_s):
     outcome = torch.load(os.path.join(out_dir, "killed-rank0.pt"), weights_only=False)
     assert outcome["error"] is not None, "rank 0 trained on alone without noticing"
     assert outcome["seconds"] < 30, outcome
+
+
+# FSDP2 tests' shared pieces (tests/test_fsdp*.py)
+needs_fsdp2 = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH,
+    reason=f"FSDP2 on a CPU with gloo needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (CPU stream events)")
+
+
+def loss_of(out):
+    return out.float().square().mean()
+
+
+def full_params(model):
+    """Unsharded copies of every parameter (a collective under FSDP2: every rank calls it)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = t.detach().clone()
+    return out

@@ -26,15 +26,20 @@ import torch
 from torch import nn
 
 import sdepth_ext as sd
-from sdepth_ext.fsdp import MIN_TORCH, CollectiveCount, count_collectives
+from sdepth_ext.fsdp import CollectiveCount, count_collectives
 from sdepth_ext.state import get_state
 from tests import distributed_common as common
 from tests.conftest import single_thread
-from tests.distributed_common import WORLD, assert_close_dicts, bn_model, gn_model, local_slice
-
-needs_fsdp2 = pytest.mark.skipif(
-    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH,
-    reason=f"FSDP2 on a CPU with gloo needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (CPU stream events)")
+from tests.distributed_common import (
+    WORLD,
+    assert_close_dicts,
+    bn_model,
+    full_params,
+    gn_model,
+    local_slice,
+    loss_of,
+    needs_fsdp2,
+)
 
 LOCAL_BATCH = 4
 STEPS = 4  # >= 3: the row-mode hang this guards against showed at the third step
@@ -80,10 +85,6 @@ def local_input(spec, step, rank):
     if step == spec.get("uneven_step") and rank == 1:
         x = x[:-1]  # a last partial batch: rank 1 one sample short
     return x
-
-
-def loss_of(out):
-    return out.float().square().mean()
 
 
 def convert(spec, seed):
@@ -137,15 +138,6 @@ def family_scenarios():
 # ============================================================================================================
 # The worker (one per rank)
 # ============================================================================================================
-def full_params(model):
-    """Unsharded copies of every parameter (a collective under FSDP2: every rank calls it)."""
-    out = {}
-    for name, p in model.named_parameters():
-        t = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[name] = t.detach().clone()
-    return out
-
-
 def buffers(model):
     return {n: b.detach().clone() for n, b in model.named_buffers()}
 

@@ -22,8 +22,7 @@ from torchvision.models.swin_transformer import SwinTransformer, SwinTransformer
 import sdepth_ext as sd
 from sdepth_ext.fsdp import count_collectives
 from tests.conftest import single_thread
-from tests.distributed_common import WORLD, gn_model, run_ranks
-from tests.test_fsdp import full_params, loss_of, needs_fsdp2
+from tests.distributed_common import WORLD, full_params, gn_model, loss_of, needs_fsdp2, run_ranks
 
 LOCAL_BATCH = 4
 STEPS = 3

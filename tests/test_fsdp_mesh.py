@@ -23,8 +23,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
-from tests.distributed_common import run_ranks
-from tests.test_fsdp import full_params, loss_of, needs_fsdp2
+from tests.distributed_common import full_params, loss_of, needs_fsdp2, run_ranks
 
 WORLD = 4
 MESH = (2, 2)

@@ -71,7 +71,7 @@ rounds (:func:`ratio_interval`), the ratio of medians, and ideal ratios (variant
     python -m benchmarks.bench_models            # ~6 minutes on a 2-core CPU (sizes: models.model_configs)
     python -m benchmarks.bench_models --full     # more timed steps; larger inputs for the non-ResNets
     python -m benchmarks.bench_models --smoke    # seconds: tiny sizes, checks that everything runs
-    python -m benchmarks.bench_models --compiled # the compiled rows (below): ~N minutes of inductor on a CPU
+    python -m benchmarks.bench_models --compiled # the compiled rows (below): ~12 minutes on a 2-core CPU
     python -m benchmarks.bench_models --smoke --compiled aot_eager --models cifar_resnet20  # their plumbing
 
 ``--compiled [BACKEND]`` adds, per model, ``torch.compile(model)`` (inductor unless named) of the whole

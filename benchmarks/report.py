@@ -6,7 +6,8 @@
 Reads ``summary.json``, ``models.json`` (``resnet.json`` of runs before bench_models covered the other
 families), ``host.json``, ``prune.json``, ``break_even.json`` and ``footprint.json`` (all written by
 ``make bench``) and
-``ddp.json`` (``python -m benchmarks.bench_ddp``), and prints what they hold, with the stamp (device,
+``ddp.json`` (``python -m benchmarks.bench_ddp``) and ``models_compiled.json`` (``python -m
+benchmarks.bench_models --compiled``), and prints what they hold, with the stamp (device,
 versions, allocator, date, command) of the run, so a README number can always be traced to a file
 (``tests/test_readme.py`` checks that the tables pasted in the docs still match their files). The notes
 the files carry (why a peer is left out, a smoke run's numbers) come along.
@@ -65,6 +66,28 @@ def models_markdown(path: Path) -> str:
                      ratio_text(r), r.get("reference", "plain"), _num(r, "full_ratio", _num(r, "ratio")),
                      by_hand, f"{r['ideal_ratio']:.3f}", _num(r, "drawn_ideal_ratio", "1.000"),
                      _num(r, "drawn_time_ideal_ratio", "1.000"), str(r["steps"])])
+    return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
+
+
+def compiled_markdown(path: Path) -> str:
+    """``bench_models --compiled``'s rows: ``torch.compile`` of the whole model, converted in each mode, over
+    the compiled unconverted model with its own mask-multiply, in the same timed rounds."""
+    data = json.loads(path.read_text())
+    # The compiled rows carry no ideal of their own; the eager batch-mode row of the same model and rate has
+    # the FLOP ideal of the same survival probabilities.
+    ideals = {(r["model"], r["variant"].removeprefix("sdepth batch ")): r["ideal_ratio"]
+              for r in data["rows"] if r["variant"].startswith("sdepth batch ")}
+    header = ["model", "variant", "mean step (trimmed)", "ratio [95% CI]", "to", "FLOP ideal (its eager row)",
+              "steps"]
+    rows = []
+    for r in data["rows"]:
+        if not r["variant"].startswith("compiled"):
+            continue
+        # the compiled unconverted model computes everything: 1 by definition
+        ideal = ideals.get((r["model"], r["variant"].split()[-1])) if " sdepth " in r["variant"] else 1.0
+        rows.append([f"{r['model']} b{r['batch']}@{r['size']}", r["variant"], f"{r['mean_ms']:.0f} ms",
+                     ratio_text(r), r.get("reference", "plain"), "-" if ideal is None else f"{ideal:.3f}",
+                     str(r["steps"])])
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 
@@ -268,7 +291,7 @@ def _host_path(results_dir: Path, suffix: str) -> Path:
 CITED_BLOCK = re.compile(r"<!-- from (?P<cited>[^\n]*?) -->\n(?P<body>.*?)(?=\n(?:#|<!-- |!\[)|\Z)", re.S)
 RENDERERS = {"summary": summary_markdown, "models": models_markdown, "resnet": models_markdown,
              "host": host_markdown, "prune": prune_markdown, "break_even": break_even_markdown,
-             "ddp": ddp_markdown, "footprint": footprint_markdown}
+             "ddp": ddp_markdown, "footprint": footprint_markdown, "models_compiled": compiled_markdown}
 VIEWS = {"(headline)": headline_markdown, "(training)": training_markdown,
          "(row mode)": footprint_row_markdown}
 
@@ -342,14 +365,16 @@ def main(argv: list[str] | None = None) -> str:
         print("updated: " + (", ".join(map(str, changed)) or "nothing"))
         return ""
     parts = []
-    optional = {"prune", "break_even", "ddp", "footprint"}  # older runs, without timm, bench_ddp not run
+    # older runs, without timm; bench_ddp and bench_models --compiled are not part of make bench
+    optional = {"prune", "break_even", "ddp", "footprint", "models_compiled"}
     # (file, renderer, view): the headline is a second view of models.json, cited as such
     for name, render, view in (("models", headline_markdown, " (headline)"),
                                ("summary", summary_markdown, ""), ("models", models_markdown, ""),
                                ("host", host_markdown, ""),
                                ("prune", prune_markdown, ""), ("break_even", break_even_markdown, ""),
                                ("footprint", footprint_row_markdown, " (row mode)"),
-                               ("footprint", footprint_markdown, ""), ("ddp", ddp_markdown, "")):
+                               ("footprint", footprint_markdown, ""), ("ddp", ddp_markdown, ""),
+                               ("models_compiled", compiled_markdown, "")):
         path = args.results_dir / f"{name}{args.suffix}.json"
         if name == "models":
             path = _models_path(args.results_dir, args.suffix)

@@ -790,3 +790,34 @@ def test_time_interleaved_runs_pairs_back_to_back():
     for bad in ([("a", "b"), ("b", "c")], [("a", "z")]):
         with pytest.raises(ValueError, match="pairs"):
             time_interleaved(fns, torch.device("cpu"), warmup=0, repeat=1, pairs=bad)
+
+
+def test_compiled_table_shows_the_compiled_rows_with_their_reference(tmp_path):
+    """report's table of ``bench_models --compiled``: the compiled rows only (the file holds the eager ones
+    too), each over the compiled unconverted model it was timed against."""
+    def row(variant, ratio, reference):
+        return {"model": "cifar_resnet20", "batch": 32, "size": 32, "variant": variant, "mean_ms": 10 * ratio,
+                "ratio": ratio, "ratio_ci95_low": ratio - 0.05, "ratio_ci95_high": ratio + 0.05,
+                "reference": reference, "ideal_ratio": 0.7286, "steps": 14}
+    rows = [row("plain", 1.0, "plain"), row("sdepth batch p0.5", 0.8, "plain"),
+            row("compiled timm-style DropPath p0.5", 1.0, "compiled timm-style DropPath p0.5"),
+            row("compiled sdepth batch p0.5", 0.98, "compiled timm-style DropPath p0.5"),
+            row("compiled sdepth subset p0.5", 0.75, "compiled timm-style DropPath p0.5")]
+    path = tmp_path / "models_compiled.json"
+    path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
+    table = report.render_cited(str(path.relative_to(tmp_path)), tmp_path)
+    rows[1]["ideal_ratio"] = 0.7  # the eager batch row's FLOP ideal is the compiled rows' of the same rate
+    path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
+    table = report.render_cited(str(path.relative_to(tmp_path)), tmp_path)
+    assert "| cifar_resnet20 b32@32 | compiled sdepth subset p0.5 | 8 ms | 0.750 [0.700, 0.800] | compiled " \
+           "timm-style DropPath p0.5 | 0.700 | 14 |" in table
+    assert "| compiled timm-style DropPath p0.5 | 10 ms | 1.000 [0.950, 1.050] |" in table
+    assert "| plain |" not in table and "| sdepth batch p0.5 |" not in table
+
+
+def test_compiled_models_on_a_cpu_are_the_small_ones():
+    from benchmarks.models import compiled_configs
+
+    names = [c["name"] for c in compiled_configs(torch.device("cpu"))]
+    assert names[0] == "cifar_resnet20" and set(names) <= {"cifar_resnet20", "timm deit_tiny"}
+    assert compiled_configs(torch.device("cuda")) is None  # a GPU compiles the default set

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import distributed, nn
+from torch._dynamo import compiled_autograd  # already loaded: torch.compiler.disable imports torch._dynamo
 from torch.nn.modules.module import (
     register_module_module_registration_hook,
     register_module_parameter_registration_hook,
@@ -92,6 +93,13 @@ def zero_grads(params: list) -> list[torch.Tensor]:
 _WHOLE_GRAPH_PROBE = torch.zeros((), requires_grad=True)
 
 
+def _compiled_autograd() -> bool:
+    """Whether this backward runs in compiled autograd's graph, which wants a tensor for every input that
+    requires grad (a None for the probe fails there at run time)."""
+    region = getattr(compiled_autograd, "in_compiled_autograd_region", None)  # torch >= 2.5
+    return bool(compiled_autograd.compiled_autograd_enabled if region is None else region)
+
+
 def _watched(p: torch.Tensor) -> bool:
     """Whether a hook on the parameter itself waits for its gradient to arrive through autograd."""
     return bool(p._backward_hooks) or p._post_accumulate_grad_hooks is not None
@@ -106,7 +114,8 @@ class StepZeroGrads(torch.autograd.Function):
     of what the "zero" policy cost over "none" on the host; ``benchmarks/bench_host.py`` times both).
     ``autograd.grad`` and ``backward(inputs=...)`` get
     every parameter's zeros through autograd, and so does every parameter when one has a hook of its own
-    (``register_hook``, ``register_post_accumulate_grad_hook``). Chosen only in one process without
+    (``register_hook``, ``register_post_accumulate_grad_hook``), and so does compiled autograd (its graph
+    accumulates what the node returns; the probe then gets a zero too). Chosen only in one process without
     ``torch.distributed`` (:meth:`PendingZeroGrads.attach`): DDP's reducer and other data-parallel engines
     hook the AccumulateGrad nodes, which Python cannot see.
     """
@@ -120,6 +129,8 @@ class StepZeroGrads(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         params = ctx.params
+        if _compiled_autograd():
+            return (grad, torch.zeros_like(_WHOLE_GRAPH_PROBE), *zero_grads(params))
         if not torch._C._will_engine_execute_node(ctx.next_functions[1][0]):
             return (grad, None, *zero_grads(params))  # autograd.grad / backward(inputs=...): the asked ones
         wanted = [p.grad is None and p.requires_grad for p in params]

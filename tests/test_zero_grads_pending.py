@@ -316,3 +316,21 @@ def test_with_torch_distributed_initialized_the_zeros_go_through_autograd(tmp_pa
     assert _graph_nodes(loss, "ZeroGradTouchBackward") == 1
     assert _graph_nodes(loss, "StepZeroGradsBackward") == 0
     _check_grads(zero, none, NUM_BLOCKS)
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="compiled autograd of a converted model is checked on torch >= 2.6")
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_autograd_accumulates_the_zeros_itself():
+    """Compiled autograd's graph accumulates every gradient the node returns (a None for an input that
+    requires grad fails there at run time): the node returns the zeros through autograd."""
+    from torch._dynamo import compiled_autograd
+
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    loss = F.cross_entropy(zero(x), y)
+    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        loss.backward()
+    F.cross_entropy(none(x), y).backward()
+    assert _graph_nodes(loss, "StepZeroGradsBackward") == 1
+    _check_grads(zero, none, NUM_BLOCKS)

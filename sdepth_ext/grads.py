@@ -110,12 +110,13 @@ class StepZeroGrads(torch.autograd.Function):
 
     In a ``backward()`` of the whole graph (a probe leaf tells: :data:`_WHOLE_GRAPH_PROBE`) it writes the
     zeros to ``.grad`` itself, where ``.grad`` is None, and returns no gradient for the parameters: the
-    ``.grad`` autograd would have left, without the engine running one AccumulateGrad per parameter (most
-    of what the "zero" policy cost over "none" on the host; ``benchmarks/bench_host.py`` times both).
-    ``autograd.grad`` and ``backward(inputs=...)`` get
-    every parameter's zeros through autograd, and so does every parameter when one has a hook of its own
-    (``register_hook``, ``register_post_accumulate_grad_hook``), and so does compiled autograd (its graph
-    accumulates what the node returns; the probe then gets a zero too). Chosen only in one process without
+    ``.grad`` autograd would have left, without the engine accumulating one gradient tensor per parameter
+    (most of what the "zero" policy cost over "none" on the host; ``benchmarks/bench_host.py`` times both).
+
+    The zeros go through autograd instead, as :class:`ZeroGradTouch` gives them, where something watches
+    them arrive: ``autograd.grad`` and ``backward(inputs=...)``, a parameter with a hook of its own
+    (``register_hook``, ``register_post_accumulate_grad_hook``), and compiled autograd, whose graph
+    accumulates what the node returns (the probe then gets a zero too). Chosen only in one process without
     ``torch.distributed`` (:meth:`PendingZeroGrads.attach`): DDP's reducer and other data-parallel engines
     hook the AccumulateGrad nodes, which Python cannot see.
     """

@@ -67,9 +67,7 @@ class ZeroGradTouch(torch.autograd.Function):
         params = ctx.params
         if ctx.every_param:
             return (grad, None, *zero_grads(params))
-        wanted = [p.grad is None for p in params]
-        zeros = iter(zero_grads([p for p, w in zip(params, wanted) if w]))
-        return (grad, None, *(next(zeros) if w else None for w in wanted))
+        return (grad, None, *_zeros_where_missing(params))
 
 
 def zero_grads(params: list) -> list[torch.Tensor]:
@@ -86,6 +84,21 @@ def zero_grads(params: list) -> list[torch.Tensor]:
             torch._foreach_zero_(zeros)
         return zeros
     return [torch.zeros_like(p) for p in params]
+
+
+def _zeros_where_missing(params) -> list:
+    """Per parameter, a zero gradient where it has none and requires one, else None (an existing gradient
+    stays as it is: the same as adding zero, with no launch)."""
+    wanted = [p.grad is None and p.requires_grad for p in params]
+    zeros = iter(zero_grads([p for p, w in zip(params, wanted) if w]))
+    return [next(zeros) if w else None for w in wanted]
+
+
+def _set_missing_zero_grads(params) -> None:
+    """``.grad`` = zeros where a parameter has none and requires one: what autograd would leave there."""
+    fresh = [p for p in params if p.grad is None and p.requires_grad]
+    for p, zero in zip(fresh, zero_grads(fresh)):
+        p.grad = zero
 
 
 # A leaf tensor no caller can name in ``autograd.grad(..., inputs)`` or ``backward(inputs=...)``: the engine
@@ -134,14 +147,9 @@ class StepZeroGrads(torch.autograd.Function):
             return (grad, torch.zeros_like(_WHOLE_GRAPH_PROBE), *zero_grads(params))
         if not torch._C._will_engine_execute_node(ctx.next_functions[1][0]):
             return (grad, None, *zero_grads(params))  # autograd.grad / backward(inputs=...): the asked ones
-        wanted = [p.grad is None and p.requires_grad for p in params]
-        fresh = [p for p, w in zip(params, wanted) if w]
-        zeros = zero_grads(fresh)
-        if any(_watched(p) for p in fresh):
-            through_autograd = iter(zeros)
-            return (grad, None, *(next(through_autograd) if w else None for w in wanted))
-        for p, zero in zip(fresh, zeros):
-            p.grad = zero
+        if any(_watched(p) for p in params):
+            return (grad, None, *_zeros_where_missing(params))
+        _set_missing_zero_grads(params)
         return (grad, None) + (None,) * len(params)
 
 
@@ -192,10 +200,8 @@ class PendingZeroGrads:
         """
         self.root_forward = False
         if self.params:
-            missed, self.params = self.params, []
-            missed = [p for p in missed if p.grad is None and p.requires_grad]
-            for p, zero in zip(missed, zero_grads(missed)):
-                p.grad = zero
+            _set_missing_zero_grads(self.params)
+            self.params = []
             self.per_block = True
         self.flush_unit = None if self.per_block or renumbered else self.last_exit
 

@@ -133,7 +133,6 @@ def test_gradient_checkpointing_gives_equal_gradients(tmp_path):
                                            msg=f"{step} {name}")
 
 
-
 class Steps(TrainerCallback):
     """Each step's loss and plan, and how many graphs Dynamo had compiled by the end of the step."""
 

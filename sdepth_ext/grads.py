@@ -104,6 +104,9 @@ def _set_missing_zero_grads(params) -> None:
 # A leaf tensor no caller can name in ``autograd.grad(..., inputs)`` or ``backward(inputs=...)``: the engine
 # will run its AccumulateGrad only in a backward of the whole graph, where every parameter's runs too.
 _WHOLE_GRAPH_PROBE = torch.zeros((), requires_grad=True)
+# That AccumulateGrad, held so that every graph links the same node: the backward asks the engine about it
+# directly (``ctx.next_functions`` would build a Python object per edge: one per dropped parameter).
+_WHOLE_GRAPH_PROBE_NODE = _WHOLE_GRAPH_PROBE.view_as(_WHOLE_GRAPH_PROBE).grad_fn.next_functions[0][0]
 
 
 def _compiled_autograd() -> bool:
@@ -145,7 +148,7 @@ class StepZeroGrads(torch.autograd.Function):
         params = ctx.params
         if _compiled_autograd():
             return (grad, torch.zeros_like(_WHOLE_GRAPH_PROBE), *zero_grads(params))
-        if not torch._C._will_engine_execute_node(ctx.next_functions[1][0]):
+        if not torch._C._will_engine_execute_node(_WHOLE_GRAPH_PROBE_NODE):
             return (grad, None, *zero_grads(params))  # autograd.grad / backward(inputs=...): the asked ones
         if any(_watched(p) for p in params):
             return (grad, None, *_zeros_where_missing(params))

@@ -22,16 +22,25 @@ launch shows in the step time. Two measurements:
   calls and launches dominate, as on a fast GPU): converted at ``p_last=1`` (every block through the
   converted code), and at ``p_last`` 0.5 and 0.2 in batch mode under both dropped-gradient policies
   (``"zero"``, the default: exact zero gradients for dropped units; ``"none"``) and in row mode, over the
-  plain model, next to the block-count ideal (the expected fraction of residual blocks that run,
-  ``mean(p_l)``; ``over_ideal`` is the ratio minus it) and the fraction of blocks that ran in the timed
-  steps. On a CPU the model runs the torch epilogue (the default there). SGD with momentum runs
-  ``foreach=True`` (its default on a GPU). Each variant is also timed without the optimizer's step
-  (``fwd+bwd``): under the "zero" policy the optimizer updates the dropped units' parameters too (weight
-  decay and momentum, as in the plain model), which "none" skips; on a CPU each updated tensor costs its
-  own C++ op calls (``foreach`` falls back to a loop over tensors), where a GPU's multi-tensor kernels
-  update all of them in a few launches. The fwd+bwd rows isolate what the policies' mechanisms cost.
+  plain model, next to two ideals: the block-count ideal (the expected fraction of residual blocks that run,
+  ``mean(p_l)``; ``over_ideal`` is the ratio minus it) and the step ideal, which also counts what no drop
+  removes (``fixed``: the plain model with every residual branch skipped, timed in the same rounds: stem,
+  projection shortcuts, head, loss, the optimizer's share): ``fixed + (1 - fixed) * mean(p_l)``, what a
+  converted model that cost nothing above the blocks it runs would reach. Also the fraction of blocks
+  that ran in the timed steps. A sample is
+  ``STEP_CALLS`` back-to-back steps of one model (after the other variants ran: the first step finds cold
+  caches, the others warm ones, as in training, where one model steps again and again). The ``"zero"``
+  and ``"none"`` twins of a ``p_last`` draw the same plans (same seed, same number of steps) and run back
+  to back in every round, so their difference (``over_none``, with a bootstrap 95% interval over rounds) is
+  what the zero gradients cost, with the machine's drift paired out. On a CPU the model runs the torch
+  epilogue (the default there). SGD with momentum runs ``foreach=True`` (its default on a GPU). Each
+  variant is also timed without the optimizer's step (``fwd+bwd``): under the "zero" policy the optimizer
+  updates the dropped units' parameters too (weight decay and momentum, as in the plain model), which
+  "none" skips; on a CPU each updated tensor costs its own C++ op calls (``foreach`` falls back to a loop
+  over tensors), where a GPU's multi-tensor kernels update all of them in a few launches. The fwd+bwd rows
+  isolate what the policies' mechanisms cost.
 
-    python -m benchmarks.bench_host            # ~2 minutes on a 2-core CPU
+    python -m benchmarks.bench_host            # ~3 minutes on a 2-core CPU
     python -m benchmarks.bench_host --smoke    # seconds; checks that it runs (its numbers mean nothing)
 """
 
@@ -44,14 +53,18 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from .common import (
     best_device,
+    bootstrap_interval,
     environment,
     format_table,
     median,
     parse_size_args,
     print_environment,
+    ratio_interval,
     size_suffix,
     time_interleaved,
     trimmed_mean,
@@ -63,6 +76,7 @@ SHAPE = (4, 16, 8, 8)  # 4096 elements: a few microseconds of eager CPU kernels,
 SCALE = 0.5
 ROWS = (0, 2)  # two of four samples survive
 STEP_DEPTH, STEP_BATCH, STEP_SIZE = 56, 2, 8
+STEP_CALLS = 5  # back-to-back steps of one model per sample (module docstring)
 # (p_last, mode, dropped_grads): every block through the converted code, then both policies in batch mode
 # (their gap is what a dropped unit's zero gradients cost the host) and row mode, at two drop rates.
 STEP_VARIANTS = ((1.0, "batch", "zero"),
@@ -71,6 +85,7 @@ STEP_VARIANTS = ((1.0, "batch", "zero"),
 # Each variant is timed twice in the same rounds: the whole train step, and without the optimizer's step
 # (what the forward and backward cost, where the dropped-gradient policies differ in mechanism only).
 STEP_PARTS = ((True, ""), (False, " fwd+bwd"))
+FIXED = "plain, residual branches skipped"
 
 
 def _interpreting() -> bool:
@@ -187,16 +202,43 @@ def bench_calls(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
 # ------------------------------------------------------------------------------------------------------------
 # Train step
 # ------------------------------------------------------------------------------------------------------------
+class ShortcutOnly(nn.Module):
+    """A ResNet basic block with its residual branch skipped: what runs of it when it is dropped."""
+
+    def __init__(self, block: BasicBlock):
+        super().__init__()
+        self.downsample = block.downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A dropped block's output is relu(shortcut): x itself (a block's output, already >= 0) or the
+        # projection.
+        return x if self.downsample is None else torch.relu(self.downsample(x))
+
+
+def branches_skipped(model: nn.Module) -> nn.Module:
+    """``model`` with every basic block's residual branch skipped: the part of a step no drop removes."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, BasicBlock):
+                setattr(parent, name, ShortcutOnly(child))
+    return model
+
+
+def _gap_to_plain(ours: list[float], twin: list[float], plain: list[float]) -> float:
+    return (trimmed_mean(ours) - trimmed_mean(twin)) / trimmed_mean(plain)
+
+
 def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     import sdepth_ext as sd
     from sdepth_ext.state import get_state
 
-    warmup, repeat = (1, 3) if smoke else (5, 120)
+    warmup, repeat = (1, 3) if smoke else (3, 40)
     torch.manual_seed(0)
     base = sd.cifar_resnet(STEP_DEPTH).to(device)
     x = torch.randn(STEP_BATCH, 3, STEP_SIZE, STEP_SIZE, device=device)
     y = torch.randint(0, 10, (STEP_BATCH,), device=device)
-    variants = {"plain": (copy.deepcopy(base), None, "-", None)}
+    variants = {"plain": (copy.deepcopy(base), None, "-", None),
+                FIXED: (branches_skipped(copy.deepcopy(base)), None, "-", None)}
     for p_last, mode, policy in STEP_VARIANTS:
         model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0)
         sd.set_dropped_grads(model, policy)
@@ -205,7 +247,7 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
 
     def make_step(name, model, optimize):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
-        state = get_state(model) if model is not variants["plain"][0] else None
+        state = get_state(model) if name.startswith("sdepth") else None
         ran[name] = []
 
         def step():
@@ -218,27 +260,44 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                 ran[name].append(sum(c / state.host_plan.batch_size for c in counts) / len(counts))
         return step
 
-    steps = {}
+    def twin(name: str) -> str | None:  # the "none" twin of a batch-mode "zero" variant
+        other = name.replace(" zero", " none")
+        return other if other != name and other in variants else None
+
+    steps, pairs = {}, []
     for name, (model, *_) in variants.items():
         model.train()
         for optimize, suffix in STEP_PARTS:
             steps[name + suffix] = make_step(name + suffix, model, optimize)
-    times = time_interleaved(steps, device, warmup=warmup, repeat=repeat)
+            if twin(name):
+                pairs.append((name + suffix, twin(name) + suffix))
+    times = time_interleaved(steps, device, warmup=warmup, repeat=repeat, calls=STEP_CALLS, pairs=pairs)
     rows, samples = [], {}
     for optimize, suffix in STEP_PARTS:
-        plain = trimmed_mean(times["plain" + suffix])
+        plain_ts = times["plain" + suffix]
+        plain = trimmed_mean(plain_ts)
+        fixed = trimmed_mean(times[FIXED + suffix]) / plain
         for name, (model, p_last, mode, policy) in variants.items():
             ts = times[name + suffix]
             samples[f"step/{name}{suffix}"] = ts
             row = {"bench": "host", "part": "step",
                    "what": f"cifar_resnet{STEP_DEPTH} b{STEP_BATCH}@{STEP_SIZE}{suffix}",
                    "variant": name, "mode": mode, "p_last": p_last, "dropped_grads": policy,
-                   "optimizer": "SGD foreach" if optimize else "none",
+                   "optimizer": "SGD foreach" if optimize else "none", "steps_per_sample": STEP_CALLS,
                    "ms": trimmed_mean(ts) * 1e3, "ratio": trimmed_mean(ts) / plain}
+            if name != "plain":
+                row["ratio_ci95_low"], row["ratio_ci95_high"] = ratio_interval(ts, plain_ts)
             if p_last is not None:
                 row["block_ideal"] = statistics.fmean(sd.survival_probs(model))
                 row["over_ideal"] = row["ratio"] - row["block_ideal"]
-                row["blocks_ran"] = statistics.fmean(ran[name + suffix][-len(ts):])
+                row["step_ideal"] = fixed + (1.0 - fixed) * row["block_ideal"]
+                row["over_step_ideal"] = row["ratio"] - row["step_ideal"]
+                row["blocks_ran"] = statistics.fmean(ran[name + suffix][-len(ts) * STEP_CALLS:])
+            if twin(name):
+                none_ts = times[twin(name) + suffix]
+                row["over_none"] = (trimmed_mean(ts) - trimmed_mean(none_ts)) / plain
+                row["over_none_ci95_low"], row["over_none_ci95_high"] = bootstrap_interval(
+                    _gap_to_plain, ts, none_ts, plain_ts)
             rows.append(row)
     return rows, samples
 
@@ -249,7 +308,8 @@ def run(smoke: bool = False) -> tuple[list[dict], dict]:
     call_rows, call_samples = bench_calls(device, smoke)
     print(format_table(call_rows, ["what", "variant", "shape", "us", "x_eager", "launch"]) + "\n", flush=True)
     step_rows, step_samples = bench_step(device, smoke)
-    columns = ["what", "variant", "ms", "ratio", "block_ideal", "over_ideal", "blocks_ran"]
+    columns = ["what", "variant", "ms", "ratio", "block_ideal", "over_ideal", "step_ideal", "over_none",
+               "blocks_ran"]
     print(format_table(step_rows, columns) + "\n", flush=True)
     return call_rows + step_rows, {**call_samples, **step_samples}
 

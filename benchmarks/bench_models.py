@@ -87,7 +87,6 @@ step). What each mode compiles and skips: docs/training.md.
 from __future__ import annotations
 
 import copy
-import random
 import statistics
 
 import torch
@@ -104,6 +103,7 @@ from .common import (
     median,
     parse_args,
     print_environment,
+    ratio_interval,
     size_parser,
     size_suffix,
     time_fn,
@@ -124,27 +124,6 @@ from .models import (
     patch_units,
     unpatch_units,
 )
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Statistics
-# ------------------------------------------------------------------------------------------------------------
-def ratio_interval(samples: list[float], reference: list[float], rounds: int = 2000,
-                   level: float = 0.95) -> tuple[float, float]:
-    """Bootstrap interval of ``trimmed_mean(samples) / trimmed_mean(reference)``, resampling the rounds.
-
-    Sample i of both lists ran in the same round (:func:`time_interleaved`), so rounds are resampled as
-    pairs: a load drift that slowed one round slows both sides of it. Seeded: same samples, same interval.
-    """
-    n = min(len(samples), len(reference))
-    rng = random.Random(0)
-    ratios = []
-    for _ in range(rounds):
-        idx = [rng.randrange(n) for _ in range(n)]
-        ratios.append(trimmed_mean([samples[i] for i in idx]) / trimmed_mean([reference[i] for i in idx]))
-    ratios.sort()
-    tail = (1.0 - level) / 2
-    return ratios[int(tail * rounds)], ratios[min(rounds - 1, int((1.0 - tail) * rounds))]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -200,6 +200,31 @@ def trimmed_mean(xs: Sequence[float], fraction: float = 0.1) -> float:
     return statistics.fmean(ordered[cut:len(ordered) - cut])
 
 
+def bootstrap_interval(statistic: Callable[..., float], *samples: Sequence[float], rounds: int = 2000,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of ``statistic(*samples)``, resampling the rounds.
+
+    Sample i of every list ran in the same round (:func:`time_interleaved`), so rounds are resampled
+    together: a load drift that slowed one round slows every side of it. Seeded: same samples, same interval.
+    """
+    n = min(len(s) for s in samples)
+    rng = random.Random(0)
+    values = []
+    for _ in range(rounds):
+        idx = [rng.randrange(n) for _ in range(n)]
+        values.append(statistic(*([s[i] for i in idx] for s in samples)))
+    values.sort()
+    tail = (1.0 - level) / 2
+    return values[int(tail * rounds)], values[min(rounds - 1, int((1.0 - tail) * rounds))]
+
+
+def ratio_interval(samples: Sequence[float], reference: Sequence[float], rounds: int = 2000,
+                   level: float = 0.95) -> tuple[float, float]:
+    """The :func:`bootstrap_interval` of ``trimmed_mean(samples) / trimmed_mean(reference)``."""
+    return bootstrap_interval(lambda s, r: trimmed_mean(s) / trimmed_mean(r), samples, reference,
+                              rounds=rounds, level=level)
+
+
 def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | None = None,
                   out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``<name>.json`` (stamp + rows + raw samples) and ``<name>.csv`` (stamp on every row).

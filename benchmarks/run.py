@@ -159,20 +159,30 @@ def _host_rows(rows: list[dict]) -> list[dict]:
                         {"what": f"epilogue host {what}", "ratio": brief_ratio,
                          "ideal/limit": "launch stubbed" if stubbed else ""}))
     steps = [r for r in rows if r["part"] == "step"]
-    plain = next((r for r in steps if r["variant"] == "plain"), None)
+    plains = {r["what"]: r for r in steps if r["variant"] == "plain"}
     for r in steps:
+        plain = plains.get(r["what"])
         if r["p_last"] is None or plain is None:
             continue
         ratio = f"x{r['ratio']:.3f} of plain"
+        if "ratio_ci95_low" in r:
+            ratio += f" [{r['ratio_ci95_low']:.3f}, {r['ratio_ci95_high']:.3f}]"
         limit = f"x{r['block_ideal']:.3f} blocks (ran x{r['blocks_ran']:.3f})"
         policy = r.get("dropped_grads", "zero")
         over = r["ratio"] - r["block_ideal"]
+        ideal = (f"x{r['block_ideal']:.3f} of the blocks expected to run (ratio {over:+.3f} over it); "
+                 f"ran x{r['blocks_ran']:.3f}")
+        if "step_ideal" in r:
+            ideal += f"; step ideal x{r['step_ideal']:.3f} (the part no drop removes counted)"
+        if "over_none" in r:
+            gap = (f"{r['over_none']:+.3f} [{r['over_none_ci95_low']:+.3f}, {r['over_none_ci95_high']:+.3f}]"
+                   " over none")
+            ratio += f"; {gap}"
+            limit += f"; {gap}"
         brief = f"host step {r['what'].replace('cifar_', '')} {r['mode']} p{r['p_last']} {policy}"
         brief = brief.replace(" fwd+bwd", "") + (" fwd+bwd" if "fwd+bwd" in r["what"] else "")
         out.append(_row(f"host step {r['what']}, {r['mode']} p_last={r['p_last']}, dropped_grads={policy}",
-                        _ms(r["ms"]), f"plain {_ms(plain['ms'])}", ratio,
-                        f"x{r['block_ideal']:.3f} of the blocks expected to run (ratio {over:+.3f} over it); "
-                        f"ran x{r['blocks_ran']:.3f}",
+                        _ms(r["ms"]), f"plain {_ms(plain['ms'])}", ratio, ideal,
                         {"what": brief, "ratio": ratio, "ideal/limit": limit}))
     return out
 

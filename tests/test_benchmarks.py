@@ -7,6 +7,7 @@ setting is tested in subprocesses.
 
 import collections
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -244,7 +245,7 @@ def test_block_cost_interpolates_measured_sizes_through_zero():
 
 
 def test_ratio_interval_pairs_rounds_and_contains_the_ratio():
-    from benchmarks.bench_models import ratio_interval
+    from benchmarks.common import ratio_interval
 
     plain = [1.0, 2.0, 1.5, 3.0, 1.2, 2.2]
     # A variant at exactly 0.8x of plain in every round: every paired resample gives 0.8, whatever the drift.
@@ -821,3 +822,42 @@ def test_compiled_models_on_a_cpu_are_the_small_ones():
     names = [c["name"] for c in compiled_configs(torch.device("cpu"))]
     assert names[0] == "cifar_resnet20" and set(names) <= {"cifar_resnet20", "timm deit_tiny"}
     assert compiled_configs(torch.device("cuda")) is None  # a GPU compiles the default set
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench_host's train step: the fixed part and the paired policies
+# ------------------------------------------------------------------------------------------------------------
+def test_branches_skipped_is_the_model_with_every_unit_removed():
+    """bench_host's fixed part runs what sd.lesion runs with every unit removed (a dropped block's output:
+    relu of its shortcut, projections included), and nothing of the branches."""
+    import sdepth_ext as sd
+
+    torch.manual_seed(0)
+    model = sd.cifar_resnet(14).eval()
+    x = torch.randn(3, 3, 16, 16)
+    skipped = bench_host.branches_skipped(copy.deepcopy(model)).eval()
+    with sd.lesion(model, drop=range(len(sd.survival_probs(sd.convert(copy.deepcopy(model)))))):
+        expected = model(x)
+    torch.testing.assert_close(skipped(x), expected, rtol=0, atol=0)
+    names = {n for n, _ in skipped.named_parameters()}
+    assert names and not any(".conv" in n or ".bn" in n for n in names)  # only stem, projections, head
+
+
+def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):
+    results, _, _ = smoke_run
+    steps = [r for r in results["host"] if r["part"] == "step"]
+    by_name = {(r["what"], r["variant"]): r for r in steps}
+    paired = [r for r in steps if "over_none" in r]
+    assert len(paired) == 2 * len(bench_host.STEP_PARTS)  # batch mode at p_last 0.5 and 0.2
+    for r in paired:
+        twin = by_name[(r["what"], r["variant"].replace(" zero", " none"))]
+        assert r["blocks_ran"] == twin["blocks_ran"]  # the same plans, step for step
+        assert r["over_none"] == pytest.approx(r["ratio"] - twin["ratio"])
+        assert r["over_none_ci95_low"] <= r["over_none_ci95_high"]
+    for r in steps:
+        if r["p_last"] is not None:
+            assert r["block_ideal"] <= r["step_ideal"] <= 1.0
+            assert r["step_ideal"] > r["block_ideal"] or r["block_ideal"] == 1.0  # the fixed part costs
+            assert r["ratio_ci95_low"] <= r["ratio_ci95_high"]
+    fixed = [r for r in steps if r["variant"] == bench_host.FIXED]
+    assert len(fixed) == len(bench_host.STEP_PARTS) and all(0 < r["ratio"] < 1 for r in fixed)

@@ -40,7 +40,7 @@ launch shows in the step time. Two measurements:
   over tensors), where a GPU's multi-tensor kernels update all of them in a few launches. The fwd+bwd rows
   isolate what the policies' mechanisms cost.
 
-    python -m benchmarks.bench_host            # ~3 minutes on a 2-core CPU
+    python -m benchmarks.bench_host            # ~2 minutes on a 2-core CPU
     python -m benchmarks.bench_host --smoke    # seconds; checks that it runs (its numbers mean nothing)
 """
 
@@ -232,7 +232,7 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     import sdepth_ext as sd
     from sdepth_ext.state import get_state
 
-    warmup, repeat = (1, 3) if smoke else (3, 40)
+    warmup, repeat = (1, 3) if smoke else (3, 80)
     torch.manual_seed(0)
     base = sd.cifar_resnet(STEP_DEPTH).to(device)
     x = torch.randn(STEP_BATCH, 3, STEP_SIZE, STEP_SIZE, device=device)

@@ -96,7 +96,8 @@ def _has_timm() -> bool:
 # Hugging Face transformers (optional): image classifiers built from configs (no hub access)
 # ------------------------------------------------------------------------------------------------------------
 class HFLogits(nn.Module):
-    """An HF image classifier called as the other models are: ``forward(x)`` is its logits on pixels ``x``."""
+    """An HF image classifier called as the other models are: ``forward(x)`` is its logits on pixels ``x``
+    (the Hugging Face family tests wrap their models in it too)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

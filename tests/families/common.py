@@ -184,17 +184,6 @@ __all__ = ["FamilyCase", "cached_maker", "image_input", "gated_add", "reference_
 NOT_TRACEABLE = {"fx_and_script": False}
 
 
-class Logits(nn.Module):
-    """A Hugging Face model whose forward returns its ``logits`` tensor (the suite compares tensors)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
-
-
 class _Keep(nn.Module):
     def __init__(self):
         super().__init__()
@@ -218,4 +207,4 @@ def own_residual(block, t, unit, args, kwargs):
     return keep.kept[unit]
 
 
-__all__ += ["Logits", "NOT_TRACEABLE", "own_residual"]
+__all__ += ["NOT_TRACEABLE", "own_residual"]

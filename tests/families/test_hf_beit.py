@@ -22,9 +22,10 @@ from transformers.models.beit.modeling_beit import BeitLayer  # noqa: E402
 from transformers.models.data2vec.modeling_data2vec_vision import Data2VecVisionLayer  # noqa: E402
 
 import sdepth_ext as sd  # noqa: E402
+from benchmarks.models import HFLogits  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input, own_residual  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, cached_maker, gated_add, image_input, own_residual  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
               intermediate_size=64, drop_path_rate=0.4, layer_scale_init_value=0.5, num_labels=5)
@@ -50,9 +51,9 @@ def randomize_position_bias(model):
 def small_beit(data2vec: bool = False, **overrides):
     if data2vec:  # the shared bias, passed to every layer as its relative_position_bias argument
         config = Data2VecVisionConfig(**{"use_shared_relative_position_bias": True, **CONFIG, **overrides})
-        return Logits(randomize_position_bias(Data2VecVisionForImageClassification(config)))
+        return HFLogits(randomize_position_bias(Data2VecVisionForImageClassification(config)))
     config = BeitConfig(**{"use_relative_position_bias": True, **CONFIG, **overrides})  # a bias per layer
-    return Logits(randomize_position_bias(BeitForImageClassification(config)))
+    return HFLogits(randomize_position_bias(BeitForImageClassification(config)))
 
 
 CASES = [

@@ -18,9 +18,10 @@ from transformers.models.convnext.modeling_convnext import ConvNextLayer  # noqa
 from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2Layer  # noqa: E402
 
 import sdepth_ext as sd  # noqa: E402
+from benchmarks.models import HFLogits  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, cached_maker, gated_add, image_input  # noqa: E402
 
 CONFIG = dict(hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, drop_path_rate=0.5, num_labels=5,
               image_size=32)
@@ -49,9 +50,9 @@ def small_convnext(v2: bool = False, **overrides):
                 if type(m).__name__ == "ConvNextV2GRN":
                     m.weight.uniform_(-1.0, 1.0)
                     m.bias.uniform_(-0.2, 0.2)
-        return Logits(model)
+        return HFLogits(model)
     config = ConvNextConfig(**{"layer_scale_init_value": 0.5, **CONFIG, **overrides})
-    return Logits(ConvNextForImageClassification(config))
+    return HFLogits(ConvNextForImageClassification(config))
 
 
 CASES = [

@@ -20,9 +20,10 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 )
 
 import sdepth_ext as sd  # noqa: E402
+from benchmarks.models import HFLogits  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, cached_maker, gated_add, image_input  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
               mlp_ratio=2, drop_path_rate=0.3, layerscale_value=0.5, num_labels=5,
@@ -45,8 +46,8 @@ def dinov2_reference(block, x, attention_mask=None, *, units, **kwargs):
 def small_dinov2(registers: bool = False, **overrides):
     if registers:
         config = Dinov2WithRegistersConfig(num_register_tokens=2, **{**CONFIG, **overrides})
-        return Logits(Dinov2WithRegistersForImageClassification(config))
-    return Logits(Dinov2ForImageClassification(Dinov2Config(**{**CONFIG, **overrides})))
+        return HFLogits(Dinov2WithRegistersForImageClassification(config))
+    return HFLogits(Dinov2ForImageClassification(Dinov2Config(**{**CONFIG, **overrides})))
 
 
 CASES = [

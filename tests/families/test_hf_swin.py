@@ -22,9 +22,10 @@ from transformers.models.swin.modeling_swin import SwinLayer  # noqa: E402
 from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer  # noqa: E402
 
 import sdepth_ext as sd  # noqa: E402
+from benchmarks.models import HFLogits  # noqa: E402
 from sdepth_ext.state import get_state  # noqa: E402
 
-from .common import NOT_TRACEABLE, FamilyCase, Logits, cached_maker, gated_add, image_input, own_residual  # noqa: E402
+from .common import NOT_TRACEABLE, FamilyCase, cached_maker, gated_add, image_input, own_residual  # noqa: E402
 
 CONFIG = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
               drop_path_rate=0.5, num_labels=5, attn_implementation="eager")
@@ -43,8 +44,8 @@ def swin_reference(block, x, *args, units, **kwargs):
 
 def small_swin(v2: bool = False, **overrides):
     if v2:
-        return Logits(Swinv2ForImageClassification(Swinv2Config(**{**CONFIG, **overrides})))
-    return Logits(SwinForImageClassification(SwinConfig(**{**CONFIG, **overrides})))
+        return HFLogits(Swinv2ForImageClassification(Swinv2Config(**{**CONFIG, **overrides})))
+    return HFLogits(SwinForImageClassification(SwinConfig(**{**CONFIG, **overrides})))
 
 
 CASES = [

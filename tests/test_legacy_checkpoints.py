@@ -39,7 +39,10 @@ def test_whole_model_pickle_loads_and_continues_its_stream(name):
     assert sd.survival_probs(model) == expected["survival"]
     assert sd.get_scheduler(model).state_dict() == expected["scheduler"]
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), expected["eval"])
+        # float32 defaults, not bit equality: the files were written on another CPU, and the convolution and
+        # matmul kernels chosen for this one's ISA may sum in another order (seen: 5e-8 on logits of 0.24, a
+        # few ulp). A model that loaded wrong weights or hooks is off by far more.
+        torch.testing.assert_close(model.eval()(x), expected["eval"])
     model.train()
     for plan in expected["plans"]:  # the next training steps draw the plans the saved model would have
         model(x).float().sum().backward()

@@ -269,10 +269,11 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     steps, pairs = {}, []
     for name, (model, *_) in variants.items():
         model.train()
+        other = twin(name)
         for optimize, suffix in STEP_PARTS:
             steps[name + suffix] = make_step(name + suffix, model, optimize)
-            if twin(name):
-                pairs.append((name + suffix, twin(name) + suffix))
+            if other:
+                pairs.append((name + suffix, other + suffix))
     times = time_interleaved(steps, device, warmup=warmup, repeat=repeat, calls=STEP_CALLS, pairs=pairs)
     rows, samples = [], {}
     for optimize, suffix in STEP_PARTS:
@@ -295,9 +296,10 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                 row["step_ideal"] = fixed + (1.0 - fixed) * row["block_ideal"]
                 row["over_step_ideal"] = row["ratio"] - row["step_ideal"]
                 row["blocks_ran"] = statistics.fmean(ran[name + suffix][-len(ts) * STEP_CALLS:])
-            if twin(name):
-                none_ts = times[twin(name) + suffix]
-                row["over_none"] = (trimmed_mean(ts) - trimmed_mean(none_ts)) / plain
+            other = twin(name)
+            if other:
+                none_ts = times[other + suffix]
+                row["over_none"] = _gap_to_plain(ts, none_ts, plain_ts)
                 row["over_none_ci95_low"], row["over_none_ci95_high"] = bootstrap_interval(
                     _gap_to_plain, ts, none_ts, plain_ts)
             rows.append(row)

@@ -252,11 +252,12 @@ def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | Non
     return json_path, csv_path
 
 
-def ratio_text(row: dict, key: str = "ratio") -> str:
-    """``0.787 [0.771, 0.803]``: a ResNet row's ratio ``key`` with its 95% interval (when it has one)."""
-    text = f"{row[key]:.3f}"
+def ratio_text(row: dict, key: str = "ratio", fmt: str = ".3f") -> str:
+    """``0.787 [0.771, 0.803]``: a row's ratio ``key`` with its 95% interval (when it has one), each number
+    formatted by ``fmt`` (``"+.3f"`` for a difference)."""
+    text = format(row[key], fmt)
     if f"{key}_ci95_low" in row:
-        text += f" [{row[f'{key}_ci95_low']:.3f}, {row[f'{key}_ci95_high']:.3f}]"
+        text += f" [{format(row[f'{key}_ci95_low'], fmt)}, {format(row[f'{key}_ci95_high'], fmt)}]"
     return text
 
 

@@ -144,27 +144,19 @@ def host_markdown(path: Path) -> str:
                         [[r["what"], r["variant"], r["shape"], f"{r['us']:.1f} us", f"{r['x_eager']:.2f}",
                           r["launch"] if r["variant"] == "sdepth" else "-"] for r in calls])
 
-    def value(r: dict, key: str) -> str:
-        return f"{r[key]:.3f}" if key in r else "-"
-
     def over(r: dict, key: str) -> str:
         return f"{r['ratio'] - r[key]:+.3f}" if key in r else "-"
 
-    def with_interval(r: dict, key: str, fmt: str) -> str:
-        if key not in r:
-            return "-"
-        text = format(r[key], fmt)
-        if f"{key}_ci95_low" in r:
-            text += f" [{format(r[f'{key}_ci95_low'], fmt)}, {format(r[f'{key}_ci95_high'], fmt)}]"
-        return text
+    def with_interval(r: dict, key: str, fmt: str = ".3f") -> str:
+        return ratio_text(r, key, fmt) if key in r else "-"
 
     step_table = _table(["host step", "variant", "mean step (trimmed)", "ratio to plain [95% CI]",
                          "blocks expected (ideal)", "ratio - ideal", "step ideal (fixed part counted)",
                          "ratio - step ideal", "zero - none [95% CI]", "blocks ran"],
-                        [[r["what"], r["variant"], f"{r['ms']:.1f} ms", with_interval(r, "ratio", ".3f"),
-                          value(r, "block_ideal"), over(r, "block_ideal"), value(r, "step_ideal"),
+                        [[r["what"], r["variant"], f"{r['ms']:.1f} ms", with_interval(r, "ratio"),
+                          _num(r, "block_ideal"), over(r, "block_ideal"), _num(r, "step_ideal"),
                           over(r, "step_ideal"), with_interval(r, "over_none", "+.3f"),
-                          value(r, "blocks_ran")] for r in steps])
+                          _num(r, "blocks_ran")] for r in steps])
     return f"Run: {_stamp(data['environment'])}\n\n{call_table}\n\n{step_table}"
 
 

@@ -175,8 +175,7 @@ def _host_rows(rows: list[dict]) -> list[dict]:
         if "step_ideal" in r:
             ideal += f"; step ideal x{r['step_ideal']:.3f} (the part no drop removes counted)"
         if "over_none" in r:
-            gap = (f"{r['over_none']:+.3f} [{r['over_none_ci95_low']:+.3f}, {r['over_none_ci95_high']:+.3f}]"
-                   " over none")
+            gap = f"{ratio_text(r, 'over_none', '+.3f')} over none"
             ratio += f"; {gap}"
             limit += f"; {gap}"
         brief = f"host step {r['what'].replace('cifar_', '')} {r['mode']} p{r['p_last']} {policy}"

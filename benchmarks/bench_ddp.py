@@ -51,27 +51,33 @@ def _make(variant: str, mode: str, depth: int):
     return DistributedDataParallel(model)
 
 
-def _worker(rank: int, port: int, out_path: str, config: tuple, cpu_malloc: str) -> None:
+def _time_steps(rank: int, config: tuple) -> dict[str, list[float]]:
+    """Each variant's step times on this rank, keyed ``mode/variant``."""
     depth, batch, size, steps, warmup = config
+    samples: dict[str, list[float]] = {}
+    for mode in ("batch", "row"):
+        models = {v: _make(v, mode, depth) for v in VARIANTS}
+        opts = {v: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for v, m in models.items()}
+        g = torch.Generator().manual_seed(rank)
+        for step in range(warmup + steps):
+            x = torch.randn(batch, 3, size, size, generator=g)
+            y = torch.randint(0, 10, (batch,), generator=g)
+            for v, model in models.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                opts[v].zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opts[v].step()
+                elapsed = time.perf_counter() - t0
+                if step >= warmup:
+                    samples.setdefault(f"{mode}/{v}", []).append(elapsed)
+    return samples
+
+
+def _worker(rank: int, port: int, out_path: str, config: tuple, cpu_malloc: str) -> None:
     with process_group(rank, port, "gloo", cpu_malloc):
-        samples: dict[str, list[float]] = {}
-        for mode in ("batch", "row"):
-            models = {v: _make(v, mode, depth) for v in VARIANTS}
-            opts = {v: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for v, m in models.items()}
-            g = torch.Generator().manual_seed(rank)
-            for step in range(warmup + steps):
-                x = torch.randn(batch, 3, size, size, generator=g)
-                y = torch.randint(0, 10, (batch,), generator=g)
-                for v, model in models.items():
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    opts[v].zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    opts[v].step()
-                    elapsed = time.perf_counter() - t0
-                    if step >= warmup:
-                        samples.setdefault(f"{mode}/{v}", []).append(elapsed)
-        save_measured(rank, out_path, samples=samples)
+        # the DDP models live in _time_steps only: see workers.process_group
+        save_measured(rank, out_path, samples=_time_steps(rank, config))
 
 
 def run(size: str = "default", timeout_s: float = 1800.0,

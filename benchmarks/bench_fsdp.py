@@ -77,35 +77,42 @@ def _step(model, opt, x, y) -> None:
     opt.step()
 
 
-def _worker(rank: int, port: int, out_path: str, config: tuple, backend: str, cpu_malloc: str) -> None:
+def _measure(rank: int, config: tuple, device: torch.device) -> tuple[dict, dict]:
+    """Each variant's step times on this rank, and the collectives of its counted steps."""
     depth, batch, size, steps, warmup, counted = config
+    models = {v: _make(v, depth, device) for v in VARIANTS}
+    opts = {v: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for v, m in models.items()}
+    g = torch.Generator().manual_seed(rank)
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    collectives: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for step in range(warmup + steps + counted):
+        x = torch.randn(batch, 3, size, size, generator=g).to(device)
+        y = torch.randint(0, 10, (batch,), generator=g).to(device)
+        for v, model in models.items():
+            dist.barrier()
+            if step >= warmup + steps:  # counted, not timed
+                with count_collectives() as c:
+                    _step(model, opts[v], x, y)
+                # elements moved: what the all-gathers produce and what the reduce-scatters reduce (their
+                # first argument is the output: the full tensor, the shard)
+                moved = sum(n * (WORLD if kind == "reduce_scatter" else 1) for kind, n in c.calls)
+                collectives[v].append({**c.counts, "elements": moved})
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            _step(model, opts[v], x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                samples[v].append(time.perf_counter() - t0)
+    return samples, collectives
+
+
+def _worker(rank: int, port: int, out_path: str, config: tuple, backend: str, cpu_malloc: str) -> None:
     with process_group(rank, port, backend, cpu_malloc) as device:
-        models = {v: _make(v, depth, device) for v in VARIANTS}
-        opts = {v: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for v, m in models.items()}
-        g = torch.Generator().manual_seed(rank)
-        samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        collectives: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-        for step in range(warmup + steps + counted):
-            x = torch.randn(batch, 3, size, size, generator=g).to(device)
-            y = torch.randint(0, 10, (batch,), generator=g).to(device)
-            for v, model in models.items():
-                dist.barrier()
-                if step >= warmup + steps:  # counted, not timed
-                    with count_collectives() as c:
-                        _step(model, opts[v], x, y)
-                    # elements moved: what the all-gathers produce and what the reduce-scatters reduce (their
-                    # first argument is the output: the full tensor, the shard)
-                    moved = sum(n * (WORLD if kind == "reduce_scatter" else 1) for kind, n in c.calls)
-                    collectives[v].append({**c.counts, "elements": moved})
-                    continue
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                _step(model, opts[v], x, y)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if step >= warmup:
-                    samples[v].append(time.perf_counter() - t0)
+        # the sharded models live in _measure only: see workers.process_group
+        samples, collectives = _measure(rank, config, device)
         save_measured(rank, out_path, samples=samples, collectives=collectives)
 
 

@@ -33,7 +33,9 @@ def _device(backend: str, rank: int) -> torch.device:
 def process_group(rank: int, port: int, backend: str, cpu_malloc: str) -> Iterator[torch.device]:
     """In a worker: apply ``--cpu-malloc`` (a spawned process starts with the system allocator), share the
     CPU cores among the ranks, join the group on ``port`` and yield this rank's device; leave the group on
-    exit."""
+    exit. Nothing may hold the group then (keep DDP and FSDP models in a function called in the block), so
+    that ``destroy_process_group`` frees it and joins gloo's worker threads: a group outliving it let torch
+    2.14's gloo abort the exiting process now and then (docs/training.md, the DDP script)."""
     configure_cpu_malloc(cpu_malloc)
     torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
     device = _device(backend, rank)

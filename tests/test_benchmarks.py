@@ -511,9 +511,7 @@ def test_fsdp_smoke_counts_the_collectives_of_the_units_that_ran(tmp_path):
     """bench_fsdp's collectives are exact: with nothing dropped (and in row and subset mode, where every unit
     runs on some rank) the converted model communicates as the plain one; in batch mode less."""
     root = Path(__file__).resolve().parents[1]
-    # Without TRITON_INTERPRET (the CPU units run the torch epilogue): with it, torch 2.14's gloo sometimes
-    # aborts a rank at interpreter exit, after its work is done (1 of 6 runs here, 0 of 10 without; the
-    # exit race test_docs.test_distributed_script_runs_under_torchrun describes).
+    # Without TRITON_INTERPRET, as a user runs bench_fsdp on a CPU (the units run the torch epilogue)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "benchmarks.bench_fsdp", "--smoke", "--out-dir", str(tmp_path)]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600, env=env)

@@ -62,11 +62,11 @@ def test_distributed_script_runs_under_torchrun(tmp_path, kind):
     # the package as this test imports it: installed, or built in place (make test-oldest), wherever the cwd
     package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)
     pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    # As a user runs it on a CPU: without TRITON_INTERPRET (the units there run the torch epilogue). With it
-    # set, torch 2.14's gloo sometimes aborted rank 0 at interpreter exit, after the script had finished and
-    # destroyed its group (4 of 12 runs, the plain unconverted model too; 0 of 12 without it): a gloo worker
-    # destroying DDP's last allreduce work took the GIL during finalization (gdb: ~AsyncAllreduceWork ->
-    # ~ThreadLocalState -> SafePyObject decref -> PyThread_exit_thread -> std::terminate). Not ours to fix.
+    # As a user runs it on a CPU: without TRITON_INTERPRET (the units there run the torch epilogue). The DDP
+    # script drops its DDP wrapper before destroy_process_group: a group still held at exit let a gloo worker
+    # destroy DDP's last allreduce work during interpreter finalization (gdb: ~AsyncAllreduceWork ->
+    # ~ThreadLocalState -> SafePyObject decref -> PyThread_exit_thread -> std::terminate), 12 of 55 runs on
+    # torch 2.14, the plain unconverted model too, with or without TRITON_INTERPRET; 0 of 70 with the del.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     result = subprocess.run(

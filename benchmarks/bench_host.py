@@ -32,7 +32,11 @@ launch shows in the step time. Two measurements:
   caches, the others warm ones, as in training, where one model steps again and again). The ``"zero"``
   and ``"none"`` twins of a ``p_last`` draw the same plans (same seed, same number of steps) and run back
   to back in every round, so their difference (``over_none``, with a bootstrap 95% interval over rounds) is
-  what the zero gradients cost, with the machine's drift paired out. On a CPU the model runs the torch
+  what the zero gradients cost, with the machine's drift paired out. With them in the same rounds, the
+  hand-written comparator of "zero" (``+ zeros by hand``): the "none" model with the zeros written after
+  its backward (:func:`zero_grads_by_hand`; no autograd node): its ``over_none`` is what materializing the
+  zeros costs by itself, the floor under the policy's (on a CPU that includes filling them, real memory
+  work that a GPU does on the device). On a CPU the model runs the torch
   epilogue (the default there). SGD with momentum runs ``foreach=True`` (its default on a GPU). Each
   variant is also timed without the optimizer's step (``fwd+bwd``): under the "zero" policy the optimizer
   updates the dropped units' parameters too (weight decay and momentum, as in the plain model), which
@@ -86,6 +90,9 @@ STEP_VARIANTS = ((1.0, "batch", "zero"),
 # (what the forward and backward cost, where the dropped-gradient policies differ in mechanism only).
 STEP_PARTS = ((True, ""), (False, " fwd+bwd"))
 FIXED = "plain, residual branches skipped"
+# The hand-written comparator of the "zero" policy: each batch-mode "none" variant again, with the zeros
+# written after its backward by :func:`zero_grads_by_hand`.
+BY_HAND = " + zeros by hand"
 
 
 def _interpreting() -> bool:
@@ -224,6 +231,25 @@ def branches_skipped(model: nn.Module) -> nn.Module:
     return model
 
 
+def branch_parameters(model: nn.Module) -> list[tuple[nn.Parameter, ...]]:
+    """Each basic block's residual-branch parameters (conv1, bn1, conv2, bn2), block by block."""
+    return [tuple(p for name in ("conv1", "bn1", "conv2", "bn2") for p in getattr(block, name).parameters())
+            for block in model.modules() if isinstance(block, BasicBlock)]
+
+
+def zero_grads_by_hand(branches: list[tuple[nn.Parameter, ...]]) -> None:
+    """After a ``"none"`` backward, what ``"zero"`` leaves, written by hand in the fewest Python steps: a
+    zero ``.grad`` for every parameter of the blocks that did not run (their first parameter got no
+    gradient), from uninitialised allocations and one ``_foreach_zero_``. No autograd node, no edges: the
+    cost of the zero gradients themselves, the floor under any policy that materializes them from Python."""
+    fresh = [p for params in branches if params[0].grad is None for p in params]
+    zeros = [torch.empty_like(p) for p in fresh]
+    if zeros:
+        torch._foreach_zero_(zeros)
+    for p, zero in zip(fresh, zeros):
+        p.grad = zero
+
+
 def _gap_to_plain(ours: list[float], twin: list[float], plain: list[float]) -> float:
     return (trimmed_mean(ours) - trimmed_mean(twin)) / trimmed_mean(plain)
 
@@ -242,19 +268,24 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     variants = {"plain": (copy.deepcopy(base), None, "-", None),
                 FIXED: (branches_skipped(copy.deepcopy(base)), None, "-", None)}
     for p_last, mode, policy in STEP_VARIANTS:
-        model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0)
-        sd.set_dropped_grads(model, policy)
-        variants[f"sdepth {mode} p{p_last} {policy}"] = (model, p_last, mode, policy)
+        by_hand = [""] + ([BY_HAND] if (mode, policy) == ("batch", "none") else [])
+        for hand in by_hand:  # the same seed: every variant of a p_last draws the same plans
+            model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0)
+            sd.set_dropped_grads(model, policy)
+            variants[f"sdepth {mode} p{p_last} {policy}{hand}"] = (model, p_last, mode, policy + hand)
     ran: dict[str, list[float]] = {}
 
     def make_step(name, model, optimize):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
         state = get_state(model) if name.startswith("sdepth") else None
+        branches = branch_parameters(model) if name.endswith(BY_HAND) else None
         ran[name] = []
 
         def step():
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
+            if branches is not None:
+                zero_grads_by_hand(branches)
             if optimize:
                 optimizer.step()
             if state is not None:
@@ -262,19 +293,20 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                 ran[name].append(sum(c / state.host_plan.batch_size for c in counts) / len(counts))
         return step
 
-    def twin(name: str) -> str | None:  # the "none" twin of a batch-mode "zero" variant
-        other = name.replace(" zero", " none")
+    def twin(name: str) -> str | None:  # the "none" variant a batch-mode "zero" or its comparator goes with
+        other = name.removesuffix(BY_HAND).replace(" zero", " none")
         return other if other != name and other in variants else None
 
-    steps, pairs = {}, []
+    steps, groups = {}, {}
     for name, (model, *_) in variants.items():
         model.train()
-        other = twin(name)
         for optimize, suffix in STEP_PARTS:
             steps[name + suffix] = make_step(name + suffix, model, optimize)
-            if other:
-                pairs.append((name + suffix, other + suffix))
-    times = time_interleaved(steps, device, warmup=warmup, repeat=repeat, calls=STEP_CALLS, pairs=pairs)
+            other = twin(name)
+            if other:  # a "none" variant, its "zero" twin and its comparator: back to back in every round
+                groups.setdefault(other + suffix, [other + suffix]).append(name + suffix)
+    times = time_interleaved(steps, device, warmup=warmup, repeat=repeat, calls=STEP_CALLS,
+                             groups=list(groups.values()))
     rows, samples = [], {}
     for optimize, suffix in STEP_PARTS:
         plain_ts = times["plain" + suffix]

@@ -47,7 +47,7 @@ default ``dropped_grads="zero"`` (the stamp's ``zero_grad_set_to_none``).
 
 ``sdepth`` over its comparator (``over_hand``, paired step by step; ``hand_gap`` = the difference of their
 ratios) is sdepth_ext's own overhead; the comparator against the FLOP ideal is the device's. The two run back
-to back in every round (``time_interleaved``'s ``pairs``), so a drift of the machine's load over seconds
+to back in every round (``time_interleaved``'s ``groups``), so a drift of the machine's load over seconds
 hits both steps of a pair alike.
 
 Printed: mean step time (10%-trimmed: :func:`~benchmarks.common.trimmed_mean`), the ratio of mean step times
@@ -281,7 +281,7 @@ def bench_model(config: dict, device: torch.device, warmup: int, repeat: int, qu
             for _ in range(COMPILED_WARMUP):
                 steps[name]()
     pairs = [(name, v.hand) for name, v in variants.items() if v.hand is not None]
-    samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat, pairs=pairs)
+    samples = time_interleaved(steps, device, warmup=warmup, repeat=repeat, groups=pairs)
     times = unit_times(base, x, device, warmup=1, repeat=max(3, repeat))
     whole = [t[batch] for t in times]
     means = {name: trimmed_mean(samples[name]) for name in variants}

@@ -139,29 +139,31 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
                      repeat: int = 20, calls: int = 1,
-                     pairs: Sequence[tuple[str, str]] = ()) -> dict[str, list[float]]:
+                     groups: Sequence[Sequence[str]] = ()) -> dict[str, list[float]]:
     """Time several variants round-robin, so drifts in clock or load hit all of them alike.
 
     Each round runs the variants in a new (seeded) random order, so no variant always runs first or always
     right after the same other one (whose leftover cache or allocator state would then bias only it).
-    ``pairs``: variants compared sample by sample (a step and its comparator on the same plan) run back to
-    back in every round, in a random order of the two, so that the load of a shared machine, which drifts
-    over seconds, hits both samples of a pair alike. ``calls``: back-to-back calls per sample
-    (:func:`time_fn`).
+    ``groups``: variants compared sample by sample (a step and its comparators on the same plans), two or
+    more each, run back to back in every round, in a random order within the group, so that the load of a
+    shared machine, which drifts over seconds, hits a group's samples alike. ``calls``: back-to-back calls
+    per sample (:func:`time_fn`).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
-    paired = {name for pair in pairs for name in pair}
-    if len(paired) != 2 * len(pairs) or not paired <= set(fns):
-        raise ValueError(f"pairs: expected disjoint pairs of the variants' names, got {list(pairs)}")
-    groups = [list(pair) for pair in pairs] + [[name] for name in fns if name not in paired]
+    grouped = [name for group in groups for name in group]
+    if (len(set(grouped)) != len(grouped) or not set(grouped) <= set(fns)
+            or any(len(group) < 2 for group in groups)):
+        raise ValueError("groups: expected disjoint groups of two or more of the variants' names, "
+                         f"got {[list(group) for group in groups]}")
+    order_groups = [list(group) for group in groups] + [[name] for name in fns if name not in grouped]
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = random.Random(0)
     for _ in range(repeat):
-        order.shuffle(groups)
-        for group in groups:
+        order.shuffle(order_groups)
+        for group in order_groups:
             order.shuffle(group)
             for name in group:
                 samples[name].extend(time_fn(fns[name], device, warmup=0, repeat=1, calls=calls))

@@ -152,7 +152,7 @@ def host_markdown(path: Path) -> str:
 
     step_table = _table(["host step", "variant", "mean step (trimmed)", "ratio to plain [95% CI]",
                          "blocks expected (ideal)", "ratio - ideal", "step ideal (fixed part counted)",
-                         "ratio - step ideal", "zero - none [95% CI]", "blocks ran"],
+                         "ratio - step ideal", "minus none [95% CI]", "blocks ran"],
                         [[r["what"], r["variant"], f"{r['ms']:.1f} ms", with_interval(r, "ratio"),
                           _num(r, "block_ideal"), over(r, "block_ideal"), _num(r, "step_ideal"),
                           over(r, "step_ideal"), with_interval(r, "over_none", "+.3f"),

@@ -121,7 +121,10 @@ def test_smoke_run_writes_stamped_results_and_plots(smoke_run):
     host_calls = [r for r in summary["rows"] if r["what"].startswith("epilogue host")]
     assert all("of eager" in r["ratio"] for r in host_calls)
     host_steps = [r for r in summary["rows"] if r["what"].startswith("host step")]
-    assert len(host_steps) == len(bench_host.STEP_VARIANTS) * len(bench_host.STEP_PARTS)
+    # every converted variant, and the hand-written comparator of each batch-mode "none" one
+    comparators = sum((mode, policy) == ("batch", "none") for _, mode, policy in bench_host.STEP_VARIANTS)
+    assert len(host_steps) == (len(bench_host.STEP_VARIANTS) + comparators) * len(bench_host.STEP_PARTS)
+    assert sum("zeros by hand" in r["what"] for r in host_steps) == comparators * len(bench_host.STEP_PARTS)
     assert all("of plain" in r["ratio"] and "blocks expected" in r["ideal/limit"] for r in host_steps)
     # One headline row per model and mode at rate 0.5 (the smoke run has no ResNet p_last 0.2), with the
     # ratio and its interval, sdepth over its by-hand comparator, the FLOP ideal, and for the models with
@@ -776,24 +779,26 @@ def test_footprint_rows_and_tables_carry_the_memory_ideal(tmp_path):
     assert "batch: saved x original (over FLOP ideal)" in old_view
 
 
-def test_time_interleaved_runs_pairs_back_to_back():
-    """Paired variants (a step and its comparator) run adjacent in every round, in both orders over the
-    rounds; the others still in a random order; pairs that overlap or name no variant are refused."""
+def test_time_interleaved_runs_groups_back_to_back():
+    """Grouped variants (a step and its comparators) run adjacent in every round, in every order over the
+    rounds; the others still in a random order; groups that overlap, name no variant or hold one variant
+    are refused."""
     from benchmarks.common import time_interleaved
 
     calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abcdef"}
-    samples = time_interleaved(fns, torch.device("cpu"), warmup=0, repeat=12, pairs=[("a", "b"), ("c", "d")])
-    assert all(len(samples[name]) == 12 for name in fns)
-    rounds = [calls[i:i + 6] for i in range(0, len(calls), 6)]
-    for first, second in (("a", "b"), ("c", "d")):
-        positions = [(r.index(first), r.index(second)) for r in rounds]
-        assert all(abs(i - j) == 1 for i, j in positions)
-        assert {i < j for i, j in positions} == {True, False}
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcdefg"}
+    groups = [("a", "b", "c"), ("d", "e")]
+    samples = time_interleaved(fns, torch.device("cpu"), warmup=0, repeat=30, groups=groups)
+    assert all(len(samples[name]) == 30 for name in fns)
+    rounds = [calls[i:i + 7] for i in range(0, len(calls), 7)]
+    for group in groups:
+        spans = [sorted(r.index(name) for name in group) for r in rounds]
+        assert all(s[-1] - s[0] == len(group) - 1 for s in spans)  # adjacent
+        assert len({tuple(name for name in r if name in group) for r in rounds}) > len(group) - 1
     assert len({tuple(r) for r in rounds}) > 1
-    for bad in ([("a", "b"), ("b", "c")], [("a", "z")]):
-        with pytest.raises(ValueError, match="pairs"):
-            time_interleaved(fns, torch.device("cpu"), warmup=0, repeat=1, pairs=bad)
+    for bad in ([("a", "b"), ("b", "c")], [("a", "z")], [("a",)]):
+        with pytest.raises(ValueError, match="groups"):
+            time_interleaved(fns, torch.device("cpu"), warmup=0, repeat=1, groups=bad)
 
 
 def test_compiled_table_shows_the_compiled_rows_with_their_reference(tmp_path):
@@ -844,14 +849,42 @@ def test_branches_skipped_is_the_model_with_every_unit_removed():
     assert names and not any(".conv" in n or ".bn" in n for n in names)  # only stem, projections, head
 
 
+def test_zero_grads_by_hand_leaves_what_the_zero_policy_leaves():
+    """bench_host's comparator is the "zero" policy written by hand: after a "none" backward on the same
+    plan, every parameter's gradient equals what "zero" leaves (exact zeros for the dropped units'), and no
+    gradient is left missing."""
+    import sdepth_ext as sd
+
+    torch.manual_seed(0)
+    base = sd.cifar_resnet(20)
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    zero, none = (sd.set_dropped_grads(sd.convert(copy.deepcopy(base), p_last=0.5, seed=0), policy)
+                  for policy in ("zero", "none"))
+    dropped_steps = 0
+    for _ in range(4):  # p_last 0.5 over 9 blocks: some step drops a block (checked below)
+        for model in (zero, none):
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        missing = sum(p.grad is None for p in none.parameters())
+        dropped_steps += missing > 0
+        bench_host.zero_grads_by_hand(bench_host.branch_parameters(none))
+        for (name, p), q in zip(zero.named_parameters(), none.parameters()):
+            assert q.grad is not None and q.grad.stride() == p.grad.stride(), name
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    assert dropped_steps > 0
+    assert len(bench_host.branch_parameters(none)) == 9  # every basic block of cifar_resnet(20)
+
+
 def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):
     results, _, _ = smoke_run
     steps = [r for r in results["host"] if r["part"] == "step"]
     by_name = {(r["what"], r["variant"]): r for r in steps}
     paired = [r for r in steps if "over_none" in r]
-    assert len(paired) == 2 * len(bench_host.STEP_PARTS)  # batch mode at p_last 0.5 and 0.2
+    # batch mode at p_last 0.5 and 0.2: "zero" and the comparator, each over "none"
+    assert len(paired) == 2 * 2 * len(bench_host.STEP_PARTS)
+    assert sum(r["variant"].endswith(bench_host.BY_HAND) for r in paired) == 2 * len(bench_host.STEP_PARTS)
     for r in paired:
-        twin = by_name[(r["what"], r["variant"].replace(" zero", " none"))]
+        twin = by_name[(r["what"], r["variant"].removesuffix(bench_host.BY_HAND).replace(" zero", " none"))]
         assert r["blocks_ran"] == twin["blocks_ran"]  # the same plans, step for step
         assert r["over_none"] == pytest.approx(r["ratio"] - twin["ratio"])
         assert r["over_none_ci95_low"] <= r["over_none_ci95_high"]

@@ -1,10 +1,11 @@
-"""Builds sdepth_ext._C, the C++ gate scheduler, with torch.utils.cpp_extension (ninja, pybind11).
+"""Builds sdepth_ext._C, the C++ gate scheduler and zero-gradient writer, with torch.utils.cpp_extension
+(ninja, pybind11).
 
 Environment switches:
   SDEPTH_SKIP_BUILD=1   pure-Python install: no compiled scheduler (the package falls back and warns)
   DEBUG=1               -O0 -g instead of -O3
   MAX_JOBS=N            parallel compile jobs (read by torch.utils.cpp_extension)
-The scheduler is plain C++ (it needs no .cu file), so a CppExtension is enough on every machine; the
+Both are plain C++ (no .cu file), so a CppExtension is enough on every machine; the
 Triton kernels are compiled just in time at first use and are not part of this build.
 """
 

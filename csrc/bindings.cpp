@@ -1,4 +1,4 @@
-// pybind11 bindings of the gate scheduler (module sdepth_ext._C).
+// pybind11 bindings of the gate scheduler and the zero-gradient writer (module sdepth_ext._C).
 //
 // sample() returns plain Python lists for the per-unit bookkeeping (Python reads them every unit, so they
 // must not be tensors) and one int64 tensor with all row indices and slot maps of the step, allocated in
@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "grads.h"
 #include "scheduler.h"
 
 namespace {
@@ -68,7 +69,10 @@ py::tuple draw_at(const sdepth::GateSampler& sampler, uint64_t step, int64_t bat
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sdepth_ext compiled scheduler: host-side counter-based Bernoulli gates, survivor compaction";
+  m.doc() = "sdepth_ext compiled scheduler: host-side counter-based Bernoulli gates, survivor compaction; "
+            "and the dropped units' zero gradients in one call";
+  m.def("set_missing_zero_grads", &sdepth::set_missing_zero_grads, py::arg("params"),
+        "`.grad` = zeros (one fused fill) where a tensor requiring grad has none; returns how many.");
   py::class_<sdepth::GateSampler>(m, "GateSampler")
       .def(py::init([](const std::vector<double>& survival, const std::string& mode, uint64_t seed,
                        uint64_t step) {

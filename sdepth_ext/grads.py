@@ -23,6 +23,11 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+try:
+    from . import _C  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - the pure-Python install (SDEPTH_SKIP_BUILD=1): the Python loop
+    _C = None
+
 __all__ = ["DROPPED_GRADS", "DEFAULT_DROPPED_GRADS", "ZeroGradTouch", "StepZeroGrads", "PendingZeroGrads",
            "zero_grads", "is_plain_tensor", "ParameterSlots"]
 
@@ -94,8 +99,20 @@ def _zeros_where_missing(params) -> list:
     return [next(zeros) if w else None for w in wanted]
 
 
+# csrc/grads.cpp: the same in one C++ call (None: not built, or a build from before it existed).
+_COMPILED_SET_MISSING_ZERO_GRADS = getattr(_C, "set_missing_zero_grads", None)
+
+
 def _set_missing_zero_grads(params) -> None:
-    """``.grad`` = zeros where a parameter has none and requires one: what autograd would leave there."""
+    """``.grad`` = zeros where a parameter has none and requires one: what autograd would leave there.
+
+    Plain tensors go to one C++ call (``sdepth_ext._C``, csrc/grads.cpp) when it is built: the same
+    allocations, fill and ``.grad`` sets without a Python round trip per parameter (``bench_host``'s
+    host-bound step times the policy). Under Dynamo, and without the build, the Python loop."""
+    if (_COMPILED_SET_MISSING_ZERO_GRADS is not None and not torch.compiler.is_compiling()
+            and all(type(p) in _PLAIN_TENSORS for p in params)):
+        _COMPILED_SET_MISSING_ZERO_GRADS(params)
+        return
     fresh = [p for p in params if p.grad is None and p.requires_grad]
     for p, zero in zip(fresh, zero_grads(fresh)):
         p.grad = zero

@@ -250,6 +250,44 @@ def test_a_plain_backward_writes_the_zeros_without_one_accumulate_grad_per_param
     assert all(p.grad is g and not g.any() for p, g in zip(dropped, grads))
 
 
+def _writer_cases():
+    """Parameters of every kind the writer meets: fresh ones (channels_last, bfloat16, float64), one whose
+    gradient exists (random values) and a frozen one."""
+    torch.manual_seed(0)
+    conv = nn.Parameter(torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last))
+    half = nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
+    double = nn.Parameter(torch.randn(3, 7, dtype=torch.float64))
+    accumulated = nn.Parameter(torch.randn(6))
+    accumulated.grad = torch.randn(6)
+    frozen = nn.Parameter(torch.randn(4), requires_grad=False)
+    return [conv, half, double, accumulated, frozen]
+
+
+@pytest.mark.parametrize("writer", ["compiled", "python"])
+def test_the_zero_writer_fills_what_is_missing_and_nothing_else(monkeypatch, writer):
+    """sdepth_ext._C's writer (csrc/grads.cpp) and the Python loop it replaces (the fallback without the
+    build): zeros shaped, strided and typed like each parameter without a gradient; an existing gradient is
+    the same tensor with the same values; a frozen parameter gets none."""
+    import sdepth_ext.grads as grads
+
+    if writer == "compiled" and grads._COMPILED_SET_MISSING_ZERO_GRADS is None:
+        pytest.skip("sdepth_ext._C is not built")
+    if writer == "python":
+        monkeypatch.setattr(grads, "_COMPILED_SET_MISSING_ZERO_GRADS", None)
+    params = _writer_cases()
+    existing, values = params[3].grad, params[3].grad.clone()
+    poison = [torch.full_like(p, float("nan")) for p in params for _ in range(4)]
+    del poison  # freed memory of the right sizes, full of NaN: an allocation left unfilled shows
+    grads._set_missing_zero_grads(params)
+    for p in params[:3]:
+        assert p.grad.dtype == p.dtype and p.grad.shape == p.shape and p.grad.stride() == p.stride()
+        assert torch.equal(p.grad, torch.zeros_like(p))
+    assert params[3].grad is existing and torch.equal(existing, values)
+    assert params[4].grad is None
+    grads._set_missing_zero_grads(params)  # a second call: every gradient exists now, nothing changes
+    assert params[3].grad is existing
+
+
 def test_autograd_grad_gets_the_zeros_and_leaves_dot_grad_alone():
     x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
     zero, none = _learned(x, y)

@@ -6,6 +6,10 @@ unit that ran its zero gradient. In a plain backward the node writes the zeros t
 torch.distributed) gets them through autograd."""
 
 import copy
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -286,6 +290,52 @@ def test_the_zero_writer_fills_what_is_missing_and_nothing_else(monkeypatch, wri
     assert params[4].grad is None
     grads._set_missing_zero_grads(params)  # a second call: every gradient exists now, nothing changes
     assert params[3].grad is existing
+
+
+# Three "zero"-policy steps of a converted cifar_resnet(20); saves every parameter's gradient after each.
+_THREE_STEPS = """
+import sys
+import torch, torch.nn.functional as F
+import sdepth_ext as sd
+torch.manual_seed(0)
+model = sd.convert(sd.cifar_resnet(20), p_last=0.5, mode="batch", seed=3)
+x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+grads = []
+for _ in range(3):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+torch.save(grads, sys.argv[1])
+"""
+
+
+def test_without_the_compiled_extension_the_package_falls_back_with_the_same_gradients(tmp_path):
+    """A pure-Python install (SDEPTH_SKIP_BUILD=1, or a build that does not load): ``from . import _C``
+    fails, the scheduler falls back to NumPy and the zero writer to its Python loop, and three training
+    steps leave the same gradients as with the extension (the same plans: the samplers are one function)."""
+    import sdepth_ext.grads as grads
+
+    if grads._COMPILED_SET_MISSING_ZERO_GRADS is None:
+        pytest.skip("sdepth_ext._C is not built: nothing to compare the fallback with")
+    package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)  # installed or built in place
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    without = ('import sys; sys.modules["sdepth_ext._C"] = None\n'  # what a missing build is to the import
+               'import sdepth_ext as sd, sdepth_ext.grads as g\n'
+               'assert not sd.has_compiled_scheduler() and g._COMPILED_SET_MISSING_ZERO_GRADS is None\n')
+    for name, prelude in (("with", ""), ("without", without)):
+        subprocess.run([sys.executable, "-c", prelude + _THREE_STEPS, str(tmp_path / f"{name}.pt")], env=env,
+                       check=True, capture_output=True, timeout=300)
+    compiled, fallback = (torch.load(tmp_path / f"{name}.pt") for name in ("with", "without"))
+    zeros = 0
+    assert len(compiled) == len(fallback) == 3
+    for step_compiled, step_fallback in zip(compiled, fallback):
+        assert len(step_compiled) == len(step_fallback)
+        for a, b in zip(step_compiled, step_fallback):
+            assert a is not None and b is not None  # "zero": every parameter has a gradient
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            zeros += not a.any()
+    assert zeros > 0  # some unit was dropped: the writers were compared
 
 
 def test_autograd_grad_gets_the_zeros_and_leaves_dot_grad_alone():

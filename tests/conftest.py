@@ -7,6 +7,7 @@ collection time, ahead of every test module.
 
 import contextlib
 import os
+import pathlib
 
 import pytest
 import torch
@@ -106,6 +107,21 @@ def restore_rng_state():
     torch.set_rng_state(cpu_state)
     if cuda_states is not None:
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+def package_root() -> str:
+    """The folder holding the sdepth_ext this session imports: installed, or built in place (make
+    test-oldest), wherever the cwd."""
+    import sdepth_ext as sd
+
+    return str(pathlib.Path(sd.__file__).resolve().parent.parent)
+
+
+def child_env(**variables: str) -> dict[str, str]:
+    """``os.environ`` for a child Python that must import the same sdepth_ext: :func:`package_root` first on
+    ``PYTHONPATH``, and ``variables`` set."""
+    pythonpath = os.pathsep.join(filter(None, [package_root(), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **variables, "PYTHONPATH": pythonpath}
 
 
 def seed_where(predicate, survival, mode, batch_size, limit=10_000):

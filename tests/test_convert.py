@@ -10,8 +10,6 @@ import copy
 import functools
 import io
 import json
-import os
-import pathlib
 import subprocess
 import sys
 import warnings
@@ -28,7 +26,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 import sdepth_ext as sd
 from sdepth_ext.plan import Plan
 from sdepth_ext.state import get_state, is_gated
-from tests.conftest import drops_some_keeps_some, seed_where
+from tests.conftest import child_env, drops_some_keeps_some, seed_where
 from tests.families.test_tv_resnet import custom_model
 
 
@@ -735,9 +733,7 @@ def test_a_pickled_model_trains_where_cuda_is_hidden(tmp_path):
     model.cpu()
     torch.save(model, tmp_path / "model.pt")
     torch.save(x, tmp_path / "x.pt")
-    package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = child_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", _UNPICKLE_WITHOUT_CUDA, str(tmp_path / "model.pt"),
                              str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

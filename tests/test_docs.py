@@ -7,7 +7,6 @@ of inductor compilation on a CPU and is left to tests/test_compile.py. The FSDP2
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import re
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import sdepth_ext as sd
+from tests.conftest import child_env
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
@@ -59,16 +59,13 @@ def test_distributed_script_runs_under_torchrun(tmp_path, kind):
     script = next(s for s in snippets("training.md") if "init_process_group" in s and marker in s)
     path = tmp_path / f"{kind}_script.py"
     path.write_text(script)
-    # the package as this test imports it: installed, or built in place (make test-oldest), wherever the cwd
-    package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)
-    pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     # As a user runs it on a CPU: without TRITON_INTERPRET (the units there run the torch epilogue). The DDP
     # script drops its DDP wrapper before destroy_process_group: a group still held at exit let a gloo worker
     # destroy DDP's last allreduce work during interpreter finalization (gdb: ~AsyncAllreduceWork ->
     # ~ThreadLocalState -> SafePyObject decref -> PyThread_exit_thread -> std::terminate), 12 of 55 runs on
     # torch 2.14, the plain unconverted model too, with or without TRITON_INTERPRET; 0 of 70 with the del.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    env = child_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

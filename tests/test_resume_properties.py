@@ -27,7 +27,6 @@ import copy
 import datetime
 import io
 import os
-import pathlib
 import pickle
 import queue
 import socket
@@ -45,7 +44,7 @@ import sdepth_ext as sd
 from sdepth_ext.grads import DROPPED_GRADS
 from sdepth_ext.scheduler import MODES
 from sdepth_ext.state import SCALINGS, get_state
-from tests.conftest import property_examples
+from tests.conftest import child_env, package_root, property_examples
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (requirements.txt)")
 from hypothesis import given  # noqa: E402 - after the skip above
@@ -487,12 +486,10 @@ def test_a_saved_model_continues_exactly_in_a_fresh_process(tmp_path):
             if case["lesioned"]:
                 lesions.enter_context(sd.lesion(case["model"], case["lesioned"]))
         torch.save(cases, tmp_path / "cases.pt")
-    package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = child_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     command = [sys.executable, __file__, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
-                            cwd=package_root)
+                            cwd=package_root())
     assert result.returncode == 0, result.stderr[-3000:]
     child = torch.load(tmp_path / "out.pt", weights_only=False)
     assert len(child) == len(cases)

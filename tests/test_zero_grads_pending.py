@@ -6,8 +6,6 @@ unit that ran its zero gradient. In a plain backward the node writes the zeros t
 torch.distributed) gets them through autograd."""
 
 import copy
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from conftest import seed_where
+from conftest import child_env, seed_where
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
@@ -317,9 +315,7 @@ def test_without_the_compiled_extension_the_package_falls_back_with_the_same_gra
 
     if grads._COMPILED_SET_MISSING_ZERO_GRADS is None:
         pytest.skip("sdepth_ext._C is not built: nothing to compare the fallback with")
-    package_root = str(pathlib.Path(sd.__file__).resolve().parent.parent)  # installed or built in place
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     without = ('import sys; sys.modules["sdepth_ext._C"] = None\n'  # what a missing build is to the import
                'import sdepth_ext as sd, sdepth_ext.grads as g\n'
                'assert not sd.has_compiled_scheduler() and g._COMPILED_SET_MISSING_ZERO_GRADS is None\n')

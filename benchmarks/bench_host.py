@@ -300,9 +300,9 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     steps, groups = {}, {}
     for name, (model, *_) in variants.items():
         model.train()
+        other = twin(name)
         for optimize, suffix in STEP_PARTS:
             steps[name + suffix] = make_step(name + suffix, model, optimize)
-            other = twin(name)
             if other:  # a "none" variant, its "zero" twin and its comparator: back to back in every round
                 groups.setdefault(other + suffix, [other + suffix]).append(name + suffix)
     times = time_interleaved(steps, device, warmup=warmup, repeat=repeat, calls=STEP_CALLS,

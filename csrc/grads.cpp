@@ -3,6 +3,15 @@
 // the host-bound step that benchmarks/bench_host.py times ("zero" against "none").
 #include "grads.h"
 
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/graph_task.h>
+
+#include <memory>
+#include <type_traits>
+#include <utility>
+
 namespace sdepth {
 
 int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params) {
@@ -25,6 +34,68 @@ int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params) {
     params[owners[k]].mutable_grad() = std::move(zeros[k]);
   }
   return static_cast<int64_t>(zeros.size());
+}
+
+namespace {
+
+using torch::autograd::AccumulateGrad;
+using torch::autograd::Edge;
+using torch::autograd::Node;
+using torch::autograd::variable_list;
+
+// Whether anything but the engine would see `fn` run: a hook on the node, or on its tensor.
+bool hooked(Node& fn) {
+  return !fn.pre_hooks().empty() || !fn.post_hooks().empty() || !fn.tensor_pre_hooks().empty() ||
+         !fn.retains_grad_hooks().empty() || fn.tensor_post_acc_grad_hooks() != nullptr;
+}
+
+// Why: the engine runs every node of the graph in a backward of the whole graph, and an AccumulateGrad
+// that gets no gradient does nothing, yet costs a ready-queue push and pop and a restore of the thread's
+// autograd state, per dropped parameter and step (bench_host's "zero" against "none" times it). Post hooks
+// run after the node's backward and before the engine follows its edges, so an edge cleared here is not
+// followed. The cleared nodes are kept until the hook's node goes: nothing is freed earlier than before.
+struct SkipIdleAccumulators : torch::autograd::FunctionPostHook {
+  explicit SkipIdleAccumulators(Node* owner) : owner(owner) {}
+
+  variable_list operator()(const variable_list& outputs, const variable_list& /*inputs*/) override {
+    const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+    // autograd.grad / backward(inputs=...) (a non-empty exec_info) and a retained graph may use the edges.
+    if (exec_info == nullptr || !exec_info->empty() || torch::autograd::get_current_graph_task_keep_graph()) {
+      return outputs;
+    }
+    auto& edges = owner->next_edges();
+    for (size_t i = 0; i < edges.size() && i < outputs.size(); ++i) {
+      auto& fn = edges[i].function;
+      // use_count 1: no other edge of any live graph leads there (a parameter used elsewhere keeps its
+      // edge, and its gradient arrives on it as usual), and nobody holds it to hook it (DDP's reducer; a
+      // Python object made for it, as `next_functions` makes, holds it too)
+      if (!fn || outputs[i].defined() || fn.use_count() != 1 ||
+          dynamic_cast<AccumulateGrad*>(fn.get()) == nullptr || hooked(*fn)) {
+        continue;
+      }
+      skipped.push_back(std::move(fn));
+      edges[i] = Edge();
+    }
+    return outputs;
+  }
+
+  // Compiled autograd collects each hook's arguments; this one registers nothing there (under compiled
+  // autograd the node returns every gradient, so there is nothing to skip). Both signatures: the base's is
+  // const in newer torch, not in older; one of the two overrides it.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const {}
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) {}
+
+  Node* owner;  // the node this hook belongs to (it owns the hook, so it outlives every call)
+  std::vector<std::remove_reference_t<decltype(std::declval<Edge&>().function)>> skipped;
+};
+
+}  // namespace
+
+bool skip_idle_accumulators(const at::Tensor& out) {
+  const auto& node = out.grad_fn();
+  if (!node) return false;
+  node->add_post_hook(std::make_unique<SkipIdleAccumulators>(node.get()));
+  return true;
 }
 
 }  // namespace sdepth

@@ -1,4 +1,5 @@
-// The "zero" dropped-gradient policy's gradients, written in one call (sdepth_ext/grads.py).
+// The "zero" dropped-gradient policy's gradients, written in one call, and the engine work they leave behind
+// skipped (sdepth_ext/grads.py).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,5 +14,11 @@ namespace sdepth {
 // filled by one `_foreach_zero_` (one fused launch per few hundred tensors on a GPU). Returns how many it
 // wrote. The caller holds plain tensors only (no subclasses such as DTensor).
 int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params);
+
+// Lets the autograd engine skip the parameters' AccumulateGrad nodes that `out`'s node (grads.StepZeroGrads)
+// hands no gradient, in a backward of the whole graph that frees it: each would run with nothing to
+// accumulate. Only where nothing can tell: the node is referenced by that edge alone and carries no hook
+// (a tensor hook, a post-accumulate-grad hook, a node hook). Returns whether `out` has a node to do it on.
+bool skip_idle_accumulators(const at::Tensor& out);
 
 }  // namespace sdepth

@@ -101,6 +101,9 @@ def _zeros_where_missing(params) -> list:
 
 # csrc/grads.cpp: the same in one C++ call (None: not built, or a build from before it existed).
 _COMPILED_SET_MISSING_ZERO_GRADS = getattr(_C, "set_missing_zero_grads", None)
+# csrc/grads.cpp: lets the engine skip the AccumulateGrad nodes StepZeroGrads hands no gradient (None: not
+# built; the engine then runs them, a no-op each).
+_COMPILED_SKIP_IDLE_ACCUMULATORS = getattr(_C, "skip_idle_accumulators", None)
 
 
 def _set_missing_zero_grads(params) -> None:
@@ -145,6 +148,10 @@ class StepZeroGrads(torch.autograd.Function):
     zeros to ``.grad`` itself, where ``.grad`` is None, and returns no gradient for the parameters: the
     ``.grad`` autograd would have left, without the engine accumulating one gradient tensor per parameter
     (most of what the "zero" policy cost over "none" on the host; ``benchmarks/bench_host.py`` times both).
+    The engine would still run each parameter's AccumulateGrad node with nothing to accumulate; where that
+    node is reachable only from here, has no hook and the graph is not retained, the node's edge to it is
+    cleared during the backward so the engine skips it (``sdepth_ext._C.skip_idle_accumulators``,
+    csrc/grads.cpp, attached in :meth:`PendingZeroGrads.attach`).
 
     The zeros go through autograd instead, as :class:`ZeroGradTouch` gives them, where something watches
     them arrive: ``autograd.grad`` and ``backward(inputs=...)``, a parameter with a hook of its own
@@ -204,7 +211,10 @@ class PendingZeroGrads:
         params, self.params = self.params, []
         if every_param or sharded or _distributed():
             return ZeroGradTouch.apply(x, every_param, *params)
-        return StepZeroGrads.apply(x, _WHOLE_GRAPH_PROBE, *params)
+        out = StepZeroGrads.apply(x, _WHOLE_GRAPH_PROBE, *params)
+        if _COMPILED_SKIP_IDLE_ACCUMULATORS is not None:
+            _COMPILED_SKIP_IDLE_ACCUMULATORS(out)
+        return out
 
     def start_root_forward(self) -> None:
         self.params = []  # left by a forward that raised: nothing can backpropagate through it

@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import sdepth_ext as sd
+from sdepth_ext.grads import PendingZeroGrads
 from sdepth_ext.state import get_state
 
 NUM_BLOCKS, BATCH = 6, 4
@@ -250,6 +251,72 @@ def test_a_plain_backward_writes_the_zeros_without_one_accumulate_grad_per_param
     grads = [p.grad for p in dropped]
     loss.backward()
     assert all(p.grad is g and not g.any() for p, g in zip(dropped, grads))
+
+
+def _step_zero_grads_node(loss: torch.Tensor):
+    """The StepZeroGrads node of ``loss``'s graph."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        if type(fn).__name__ == "StepZeroGradsBackward":
+            return fn
+        seen.add(fn)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    raise AssertionError("no StepZeroGrads node in the graph")
+
+
+def _parameter_edges(node) -> list:
+    """Where the node's parameter edges lead (after its input's and the probe's): an AccumulateGrad node, or
+    None where the engine was let skip it."""
+    return [fn for fn, _ in node.next_functions[2:]]
+
+
+_skips = pytest.mark.skipif(sd.grads._COMPILED_SKIP_IDLE_ACCUMULATORS is None,
+                            reason="sdepth_ext._C is not built: the engine runs every accumulator")
+
+
+@_skips
+@pytest.mark.parametrize("retain_graph", [False, True])
+def test_a_plain_backward_lets_the_engine_skip_the_accumulators_it_hands_nothing(retain_graph):
+    """After the node wrote the zeros to .grad, the dropped parameters' AccumulateGrad nodes would run with
+    no gradient: their edges are cleared and the engine skips them, with the same gradients. A retained graph
+    keeps them, and autograd.grad through it still gives a dropped parameter its zeros. (An AccumulateGrad
+    node that Python has looked at is held by its Python object for a while, and so is not skipped: the
+    test looks at the edges only after the backward.)"""
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    dropped, _ = _dropped_and_kept(zero)
+    loss = F.cross_entropy(zero(x), y)
+    node = _step_zero_grads_node(loss)  # (a Python object of an AccumulateGrad node holds it: none made)
+    loss.backward(retain_graph=retain_graph)
+    F.cross_entropy(none(x), y).backward()
+    _check_grads(zero, none, NUM_BLOCKS)
+    if not retain_graph:
+        assert _parameter_edges(node) == [None] * len(dropped)
+        return
+    assert len(_parameter_edges(node)) == len(dropped) and None not in _parameter_edges(node)
+    again = torch.autograd.grad(loss, dropped[0])[0]
+    assert again.shape == dropped[0].shape and not again.any()
+
+
+@_skips
+def test_an_accumulator_reached_otherwise_or_hooked_is_not_skipped():
+    """Only an AccumulateGrad that nothing else can see is skipped: one that another edge of the graph leads
+    to (a parameter also used elsewhere) gets its gradient there; one with a hook of its own runs."""
+    alone, shared, hooked = (nn.Parameter(torch.randn(5)) for _ in range(3))
+    pending = PendingZeroGrads()
+    pending.params = [alone, shared, hooked]
+    out = pending.attach(torch.randn(5, requires_grad=True), every_param=False, sharded=False)
+    arrived = []  # the hook is registered through a node object that is not kept
+    hooked.view_as(hooked).grad_fn.next_functions[0][0].register_prehook(lambda grads: arrived.append(grads))
+    (out.sum() + (3 * shared).sum()).backward()
+    assert torch.equal(alone.grad, torch.zeros(5)) and torch.equal(hooked.grad, torch.zeros(5))
+    assert torch.equal(shared.grad, torch.full((5,), 3.0))
+    assert arrived == [(None,)]
+    skipped = [fn is None for fn in _parameter_edges(out.grad_fn)]
+    assert skipped == [True, False, False]
 
 
 def _writer_cases():

@@ -275,10 +275,10 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
             variants[f"sdepth {mode} p{p_last} {policy}{hand}"] = (model, p_last, mode, policy + hand)
     ran: dict[str, list[float]] = {}
 
-    def make_step(name, model, optimize):
+    def make_step(name, model, optimize, by_hand):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
         state = get_state(model) if name.startswith("sdepth") else None
-        branches = branch_parameters(model) if name.endswith(BY_HAND) else None
+        branches = branch_parameters(model) if by_hand else None
         ran[name] = []
 
         def step():
@@ -302,11 +302,19 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
         model.train()
         other = twin(name)
         for optimize, suffix in STEP_PARTS:
-            steps[name + suffix] = make_step(name + suffix, model, optimize)
+            steps[name + suffix] = make_step(name + suffix, model, optimize, name.endswith(BY_HAND))
             if other:  # a "none" variant, its "zero" twin and its comparator: back to back in every round
                 groups.setdefault(other + suffix, [other + suffix]).append(name + suffix)
     times = time_interleaved(steps, device, warmup=warmup, repeat=repeat, calls=STEP_CALLS,
                              groups=list(groups.values()))
+    # After the timed rounds, one more step of each: the parameters it leaves without a gradient (0 for
+    # "zero" and its hand-written comparator, the dropped units' for "none"), the check that each variant
+    # did what its name says.
+    missing = {}
+    for name, (model, *_) in variants.items():
+        for _, suffix in STEP_PARTS:
+            steps[name + suffix]()
+            missing[name + suffix] = sum(p.grad is None for p in model.parameters())
     rows, samples = [], {}
     for optimize, suffix in STEP_PARTS:
         plain_ts = times["plain" + suffix]
@@ -319,7 +327,8 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                    "what": f"cifar_resnet{STEP_DEPTH} b{STEP_BATCH}@{STEP_SIZE}{suffix}",
                    "variant": name, "mode": mode, "p_last": p_last, "dropped_grads": policy,
                    "optimizer": "SGD foreach" if optimize else "none", "steps_per_sample": STEP_CALLS,
-                   "ms": trimmed_mean(ts) * 1e3, "ratio": trimmed_mean(ts) / plain}
+                   "ms": trimmed_mean(ts) * 1e3, "ratio": trimmed_mean(ts) / plain,
+                   "grads_missing": missing[name + suffix]}
             if name != "plain":
                 row["ratio_ci95_low"], row["ratio_ci95_high"] = ratio_interval(ts, plain_ts)
             if p_last is not None:

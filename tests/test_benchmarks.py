@@ -886,6 +886,9 @@ def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):
     for r in paired:
         twin = by_name[(r["what"], r["variant"].removesuffix(bench_host.BY_HAND).replace(" zero", " none"))]
         assert r["blocks_ran"] == twin["blocks_ran"]  # the same plans, step for step
+        # each variant did what its name says, in each step part: "none" left the dropped units' parameters
+        # without a gradient, "zero" and the comparator gave every parameter one
+        assert r["grads_missing"] == 0 and twin["grads_missing"] > 0
         assert r["over_none"] == pytest.approx(r["ratio"] - twin["ratio"])
         assert r["over_none_ci95_low"] <= r["over_none_ci95_high"]
     for r in steps:

@@ -376,8 +376,9 @@ torch.save(grads, sys.argv[1])
 
 def test_without_the_compiled_extension_the_package_falls_back_with_the_same_gradients(tmp_path):
     """A pure-Python install (SDEPTH_SKIP_BUILD=1, or a build that does not load): ``from . import _C``
-    fails, the scheduler falls back to NumPy and the zero writer to its Python loop, and three training
-    steps leave the same gradients as with the extension (the same plans: the samplers are one function)."""
+    fails, the scheduler falls back to NumPy, the zero writer to its Python loop (and the engine runs the idle
+    accumulators), and three training steps leave the same gradients as with the extension (the same plans:
+    the samplers are one function)."""
     import sdepth_ext.grads as grads
 
     if grads._COMPILED_SET_MISSING_ZERO_GRADS is None:
@@ -385,7 +386,8 @@ def test_without_the_compiled_extension_the_package_falls_back_with_the_same_gra
     env = child_env()
     without = ('import sys; sys.modules["sdepth_ext._C"] = None\n'  # what a missing build is to the import
                'import sdepth_ext as sd, sdepth_ext.grads as g\n'
-               'assert not sd.has_compiled_scheduler() and g._COMPILED_SET_MISSING_ZERO_GRADS is None\n')
+               'assert not sd.has_compiled_scheduler() and g._COMPILED_SET_MISSING_ZERO_GRADS is None\n'
+               'assert g._COMPILED_SKIP_IDLE_ACCUMULATORS is None\n')
     for name, prelude in (("with", ""), ("without", without)):
         subprocess.run([sys.executable, "-c", prelude + _THREE_STEPS, str(tmp_path / f"{name}.pt")], env=env,
                        check=True, capture_output=True, timeout=300)

@@ -1,6 +1,7 @@
 // Why in C++: a dropped unit's parameters get their zero gradients once per step each; from Python every
 // tensor costs an interpreter round trip for the allocation and a checked `.grad` setter, which showed in
-// the host-bound step that benchmarks/bench_host.py times ("zero" against "none").
+// the host-bound step that benchmarks/bench_host.py times ("zero" against "none"). And Python has no way to
+// change a graph node's edges, which skipping the idle AccumulateGrad nodes needs (SkipIdleAccumulators).
 #include "grads.h"
 
 #include <torch/csrc/autograd/function.h>
@@ -86,6 +87,7 @@ struct SkipIdleAccumulators : torch::autograd::FunctionPostHook {
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) {}
 
   Node* owner;  // the node this hook belongs to (it owns the hook, so it outlives every call)
+  // the nodes whose edges were cleared (Edge::function: shared_ptr in older torch, intrusive_ptr in newer)
   std::vector<std::remove_reference_t<decltype(std::declval<Edge&>().function)>> skipped;
 };
 

@@ -307,6 +307,8 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                 groups.setdefault(other + suffix, [other + suffix]).append(name + suffix)
     times = time_interleaved(steps, device, warmup=warmup, repeat=repeat, calls=STEP_CALLS,
                              groups=list(groups.values()))
+    # the fraction of blocks that ran, over the timed steps only (warmup steps before, the check below after)
+    blocks_ran = {name: statistics.fmean(r[-len(times[name]) * STEP_CALLS:]) for name, r in ran.items() if r}
     # After the timed rounds, one more step of each: the parameters it leaves without a gradient (0 for
     # "zero" and its hand-written comparator, the dropped units' for "none"), the check that each variant
     # did what its name says.
@@ -336,7 +338,7 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                 row["over_ideal"] = row["ratio"] - row["block_ideal"]
                 row["step_ideal"] = fixed + (1.0 - fixed) * row["block_ideal"]
                 row["over_step_ideal"] = row["ratio"] - row["step_ideal"]
-                row["blocks_ran"] = statistics.fmean(ran[name + suffix][-len(ts) * STEP_CALLS:])
+                row["blocks_ran"] = blocks_ran[name + suffix]
             other = twin(name)
             if other:
                 none_ts = times[other + suffix]

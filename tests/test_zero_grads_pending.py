@@ -50,17 +50,22 @@ def _drops_several(plan):
 SEED = seed_where(_drops_several, sd.uniform(NUM_BLOCKS, 0.5), "batch", BATCH)
 
 
-def _graph_nodes(loss: torch.Tensor, *names: str) -> int:
-    """How many nodes of ``loss``'s backward graph have one of these type names."""
-    seen, stack, count = set(), [loss.grad_fn], 0
+def _walk(loss: torch.Tensor):
+    """The nodes of ``loss``'s backward graph, each once; a node's inputs are looked at only after it is
+    yielded (a Python object made for an AccumulateGrad node holds it, see the skip tests)."""
+    seen, stack = set(), [loss.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        count += type(fn).__name__ in names
+        yield fn
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return count
+
+
+def _graph_nodes(loss: torch.Tensor, *names: str) -> int:
+    """How many nodes of ``loss``'s backward graph have one of these type names."""
+    return sum(type(fn).__name__ in names for fn in _walk(loss))
 
 
 def _touch_nodes(loss: torch.Tensor) -> int:
@@ -254,17 +259,10 @@ def test_a_plain_backward_writes_the_zeros_without_one_accumulate_grad_per_param
 
 
 def _step_zero_grads_node(loss: torch.Tensor):
-    """The StepZeroGrads node of ``loss``'s graph."""
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        if type(fn).__name__ == "StepZeroGradsBackward":
-            return fn
-        seen.add(fn)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    raise AssertionError("no StepZeroGrads node in the graph")
+    """The StepZeroGrads node of ``loss``'s graph (its inputs not looked at)."""
+    found = next((fn for fn in _walk(loss) if type(fn).__name__ == "StepZeroGradsBackward"), None)
+    assert found is not None, "no StepZeroGrads node in the graph"
+    return found
 
 
 def _parameter_edges(node) -> list:

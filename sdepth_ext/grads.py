@@ -67,8 +67,7 @@ class ZeroGradTouch(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # differentiable: ``grad`` passes through, the zeros are constants
         params = ctx.params
         if ctx.every_param:
             return (grad, None, *zero_grads(params))
@@ -167,8 +166,7 @@ class StepZeroGrads(torch.autograd.Function):
         return out.detach()  # see ZeroGradTouch
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # differentiable (as ZeroGradTouch's)
         params = ctx.params
         if _compiled_autograd():
             return (grad, torch.zeros_like(_WHOLE_GRAPH_PROBE), *zero_grads(params))

@@ -317,6 +317,33 @@ def test_an_accumulator_reached_otherwise_or_hooked_is_not_skipped():
     assert skipped == [True, False, False]
 
 
+@pytest.mark.parametrize("node", ["StepZeroGrads", "ZeroGradTouch"])
+def test_a_gradient_penalty_differentiates_through_the_dropped_units(tmp_path, node):
+    """Double backward (``create_graph=True``: a gradient penalty, as in WGAN-GP or R1): the node's backward
+    is differentiable (its input's gradient passes through; the zeros are constants), so the penalty's
+    gradients equal those of the "none" model, which has no node, and dropped parameters get zeros."""
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    images = []
+    for model in (zero, none):
+        image = x.clone().requires_grad_()
+        if node == "ZeroGradTouch" and model is zero:  # what a process group selects (see the test above)
+            torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                                                 world_size=1)
+        try:
+            loss = F.cross_entropy(model(image), y)
+            assert _graph_nodes(loss, node + "Backward") == (model is zero)
+            (grad,) = torch.autograd.grad(loss, image, create_graph=True)
+            (loss + grad.pow(2).sum()).backward()
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        images.append(image)
+    _check_grads(zero, none, NUM_BLOCKS)
+    assert images[0].grad.any()
+    torch.testing.assert_close(images[0].grad, images[1].grad, rtol=0, atol=0)
+
+
 def _writer_cases():
     """Parameters of every kind the writer meets: fresh ones (channels_last, bfloat16, float64), one whose
     gradient exists (random values) and a frozen one."""

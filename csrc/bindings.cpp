@@ -73,6 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             "and the dropped units' zero gradients in one call";
   m.def("set_missing_zero_grads", &sdepth::set_missing_zero_grads, py::arg("params"),
         "`.grad` = zeros (one fused fill) where a tensor requiring grad has none; returns how many.");
+  m.def("queue_missing_zero_grads", &sdepth::queue_missing_zero_grads, py::arg("params"),
+        "From a node's backward: set_missing_zero_grads(params) when the backward ends; nothing (False) if a "
+        "parameter has a hook of its own.");
   m.def("skip_idle_accumulators", &sdepth::skip_idle_accumulators, py::arg("out"),
         "In a backward of the whole graph, skip the AccumulateGrad nodes that out's node hands no gradient "
         "and nothing else can see; returns whether out has a node.");

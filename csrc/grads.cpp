@@ -4,10 +4,12 @@
 // change a graph node's edges, which skipping the idle AccumulateGrad nodes needs (SkipIdleAccumulators).
 #include "grads.h"
 
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <memory>
 #include <type_traits>
@@ -35,6 +37,21 @@ int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params) {
     params[owners[k]].mutable_grad() = std::move(zeros[k]);
   }
   return static_cast<int64_t>(zeros.size());
+}
+
+// Why at the end of the backward rather than in the node's: the zeros then are not allocated while the
+// backward's activations and gradients still are (they added to its peak memory), and a parameter that also
+// gets a real gradient elsewhere in the graph keeps that tensor as is, with no zero to add it to. Nothing
+// sees `.grad` of these parameters in between: a parameter with a hook of its own is left to autograd.
+bool queue_missing_zero_grads(const std::vector<at::Tensor>& params) {
+  for (const at::Tensor& p : params) {
+    // no autograd metadata (a frozen parameter, never hooked): nothing to see; the hooks' own accessors
+    // assert that there is some
+    const auto* meta = torch::autograd::impl::get_autograd_meta(p);
+    if (meta != nullptr && (!meta->hooks_.empty() || meta->post_acc_grad_hooks_ != nullptr)) return false;
+  }
+  torch::autograd::Engine::get_default_engine().queue_callback([params]() { set_missing_zero_grads(params); });
+  return true;
 }
 
 namespace {

@@ -15,6 +15,12 @@ namespace sdepth {
 // wrote. The caller holds plain tensors only (no subclasses such as DTensor).
 int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params);
 
+// Called from a node's backward: `set_missing_zero_grads(params)` when the running backward ends (a final
+// callback of the autograd engine), unless a parameter carries a hook of its own (a tensor hook, a
+// post-accumulate-grad hook): then nothing is queued and it returns false (the caller hands the zeros to
+// autograd, which runs those hooks). Plain tensors only, as above.
+bool queue_missing_zero_grads(const std::vector<at::Tensor>& params);
+
 // Lets the autograd engine skip the parameters' AccumulateGrad nodes that `out`'s node (grads.StepZeroGrads)
 // hands no gradient, in a backward of the whole graph that frees it: each would run with nothing to
 // accumulate. Only where nothing can tell: the node is referenced by that edge alone and carries no hook

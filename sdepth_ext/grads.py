@@ -100,6 +100,8 @@ def _zeros_where_missing(params) -> list:
 
 # csrc/grads.cpp: the same in one C++ call (None: not built, or a build from before it existed).
 _COMPILED_SET_MISSING_ZERO_GRADS = getattr(_C, "set_missing_zero_grads", None)
+# csrc/grads.cpp: the same when the running backward ends, unless a parameter is hooked (None: not built).
+_COMPILED_QUEUE_MISSING_ZERO_GRADS = getattr(_C, "queue_missing_zero_grads", None)
 # csrc/grads.cpp: lets the engine skip the AccumulateGrad nodes StepZeroGrads hands no gradient (None: not
 # built; the engine then runs them, a no-op each).
 _COMPILED_SKIP_IDLE_ACCUMULATORS = getattr(_C, "skip_idle_accumulators", None)
@@ -140,12 +142,27 @@ def _watched(p: torch.Tensor) -> bool:
     return bool(p._backward_hooks) or p._post_accumulate_grad_hooks is not None
 
 
+def _write_missing_zero_grads_unless_watched(params) -> bool:
+    """From :class:`StepZeroGrads`'s backward: :func:`_set_missing_zero_grads`, unless a hook on a parameter
+    waits for its gradient to arrive through autograd (then nothing, and False).
+
+    The C++ build writes them when the backward ends (csrc/grads.cpp says why) and looks for the hooks in
+    C++ (one call, not two attribute reads per parameter); the fallback writes them at once."""
+    if _COMPILED_QUEUE_MISSING_ZERO_GRADS is not None and all(type(p) in _PLAIN_TENSORS for p in params):
+        return _COMPILED_QUEUE_MISSING_ZERO_GRADS(params)
+    if any(_watched(p) for p in params):
+        return False
+    _set_missing_zero_grads(params)
+    return True
+
+
 class StepZeroGrads(torch.autograd.Function):
     """The step's one zero-gradient node (:class:`PendingZeroGrads`) where nothing watches gradients arrive.
 
     In a ``backward()`` of the whole graph (a probe leaf tells: :data:`_WHOLE_GRAPH_PROBE`) it writes the
-    zeros to ``.grad`` itself, where ``.grad`` is None, and returns no gradient for the parameters: the
-    ``.grad`` autograd would have left, without the engine accumulating one gradient tensor per parameter
+    zeros to ``.grad`` itself, where ``.grad`` is None when that backward ends (the C++ build; the fallback
+    at once), and returns no gradient for the parameters: the ``.grad`` autograd would have left, without
+    the engine accumulating one gradient tensor per parameter
     (most of what the "zero" policy cost over "none" on the host; ``benchmarks/bench_host.py`` times both).
     The engine would still run each parameter's AccumulateGrad node with nothing to accumulate; where that
     node is reachable only from here, has no hook and the graph is not retained, the node's edge to it is
@@ -172,9 +189,8 @@ class StepZeroGrads(torch.autograd.Function):
             return (grad, torch.zeros_like(_WHOLE_GRAPH_PROBE), *zero_grads(params))
         if not torch._C._will_engine_execute_node(_WHOLE_GRAPH_PROBE_NODE):
             return (grad, None, *zero_grads(params))  # autograd.grad / backward(inputs=...): the asked ones
-        if any(_watched(p) for p in params):
+        if not _write_missing_zero_grads_unless_watched(params):
             return (grad, None, *_zeros_where_missing(params))
-        _set_missing_zero_grads(params)
         return (grad, None) + (None,) * len(params)
 
 

@@ -317,6 +317,24 @@ def test_an_accumulator_reached_otherwise_or_hooked_is_not_skipped():
     assert skipped == [True, False, False]
 
 
+@pytest.mark.skipif(sd.grads._COMPILED_QUEUE_MISSING_ZERO_GRADS is None,
+                    reason="sdepth_ext._C is not built: the fallback writes the zeros at the node")
+def test_a_plain_backward_writes_the_zeros_when_it_ends():
+    """The zeros are allocated after the rest of the backward (not while its activations and gradients
+    are): during it, a dropped parameter has no .grad yet; a hook on the input, whose gradient comes last,
+    sees none; after backward() returns, every one has its zeros."""
+    x, y = torch.randn(BATCH, 3, 8, 8), torch.randint(0, 10, (BATCH,))
+    zero, none = _learned(x, y)
+    dropped, _ = _dropped_and_kept(zero)
+    image = x.clone().requires_grad_()
+    seen = []
+    image.register_hook(lambda g: seen.append([p.grad is None for p in dropped]))
+    F.cross_entropy(zero(image), y).backward()
+    F.cross_entropy(none(x), y).backward()
+    assert seen == [[True] * len(dropped)]
+    _check_grads(zero, none, NUM_BLOCKS)
+
+
 @pytest.mark.parametrize("node", ["StepZeroGrads", "ZeroGradTouch"])
 def test_a_gradient_penalty_differentiates_through_the_dropped_units(tmp_path, node):
     """Double backward (``create_graph=True``: a gradient penalty, as in WGAN-GP or R1): the node's backward

@@ -43,6 +43,11 @@ def is_plain_tensor(t: torch.Tensor) -> bool:
     return type(t) in _PLAIN_TENSORS
 
 
+def _all_plain(params) -> bool:
+    """:func:`is_plain_tensor` of every parameter (its test inlined: no call per parameter and step)."""
+    return all(type(p) in _PLAIN_TENSORS for p in params)
+
+
 class ZeroGradTouch(torch.autograd.Function):
     """``out`` unchanged in forward; in backward, exact zero gradients for ``params`` (a dropped unit's).
 
@@ -82,7 +87,7 @@ def zero_grads(params: list) -> list[torch.Tensor]:
     and the parameter's own layout (channels_last) with no case apart. A tensor subclass (FSDP2's sharded
     DTensor) gets ``zeros_like`` of itself: a zero gradient of its local shard, with no communication.
     """
-    if all(type(p) in _PLAIN_TENSORS for p in params):
+    if _all_plain(params):
         zeros = [torch.empty_like(p) for p in params]
         if zeros:
             torch._foreach_zero_(zeros)
@@ -114,7 +119,7 @@ def _set_missing_zero_grads(params) -> None:
     allocations, fill and ``.grad`` sets without a Python round trip per parameter (``bench_host``'s
     host-bound step times the policy). Under Dynamo, and without the build, the Python loop."""
     if (_COMPILED_SET_MISSING_ZERO_GRADS is not None and not torch.compiler.is_compiling()
-            and all(type(p) in _PLAIN_TENSORS for p in params)):
+            and _all_plain(params)):
         _COMPILED_SET_MISSING_ZERO_GRADS(params)
         return
     fresh = [p for p in params if p.grad is None and p.requires_grad]
@@ -148,7 +153,7 @@ def _write_missing_zero_grads_unless_watched(params) -> bool:
 
     The C++ build writes them when the backward ends (csrc/grads.cpp says why) and looks for the hooks in
     C++ (one call, not two attribute reads per parameter); the fallback writes them at once."""
-    if _COMPILED_QUEUE_MISSING_ZERO_GRADS is not None and all(type(p) in _PLAIN_TENSORS for p in params):
+    if _COMPILED_QUEUE_MISSING_ZERO_GRADS is not None and _all_plain(params):
         return _COMPILED_QUEUE_MISSING_ZERO_GRADS(params)
     if any(_watched(p) for p in params):
         return False

@@ -42,12 +42,6 @@ __all__ = ["ACTIVATIONS", "GatedResidualAddFunction", "TorchEpilogue", "epilogue
            "gated_residual_add", "gated_residual_add_reference", "gated_residual_relu", "gather_rows",
            "gated_residual_relu_reference", "gpu_path_on_cpu", "is_compiling", "keeps_output"]
 
-_DOUBLE_BACKWARD = (
-    "sd.gated_residual_add / sd.gated_residual_relu (backend='triton'): the fused backward is not "
-    "differentiable, so create_graph=True (double backward, e.g. a gradient penalty) is not supported "
-    "through it; use backend='torch', whose ops autograd differentiates to any order")
-
-
 # --------------------------------------------------------------------------------------------------
 # PyTorch reference and the torch path
 # --------------------------------------------------------------------------------------------------
@@ -94,9 +88,9 @@ class GatedResidualAddFunction(torch.autograd.Function):
     map of ``rows`` (:func:`sdepth_ext.kernels.epilogue.inverse_map`) or None to build it. No input
     validation (:func:`gated_residual_add` does it). Saves the output (ReLU; on the Triton path in row mode
     the ReLU mask's bits instead) and the row map, nothing else.
-    The Triton backward is not differentiable: with ``create_graph=True`` it raises at once, naming the
-    alternative (the error ``once_differentiable`` gives names neither the op nor the way out, and its wrapper
-    costs microseconds per call); the torch ops' backward is differentiated as usual.
+    The Triton backward is not differentiable; with ``create_graph=True`` (a gradient penalty through a
+    converted model, whose units pick the backend themselves) the backward runs as torch ops instead
+    (:func:`_differentiable_backward`), which autograd differentiates again.
     """
 
     @staticmethod
@@ -124,22 +118,49 @@ class GatedResidualAddFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         scale, relu, num_rows, kernels, out_strides = ctx.args
-        # autograd runs backward in grad mode only for create_graph=True
-        if torch.is_grad_enabled() and kernels is not TorchEpilogue:
-            raise RuntimeError(_DOUBLE_BACKWARD)
         saved = ctx.saved_tensors
+        # autograd runs backward in grad mode only for create_graph=True
+        twice = torch.is_grad_enabled() and kernels is not TorchEpilogue
         if out_strides is not None:
             mask, slot = saved
-            grad_shortcut, grad_residual = kernels.gated_residual_add_backward(
-                grad, None, scale, slot, num_rows, relu=True, mask=mask, out_strides=out_strides)
-            return grad_shortcut, grad_residual, None, None, None, None, None
+            if twice:
+                out = _relu_mask_from_bits(kernels, mask, slot, num_rows, grad, out_strides)
+                grads = _differentiable_backward(grad, out, scale, slot, num_rows, relu=True)
+            else:
+                grads = kernels.gated_residual_add_backward(grad, None, scale, slot, num_rows, relu=True,
+                                                            mask=mask, out_strides=out_strides)
+            return *grads, None, None, None, None, None
         if relu:
             out, slot = saved
         else:
             out, slot = None, (saved[0] if saved else None)
-        grad_shortcut, grad_residual = kernels.gated_residual_add_backward(
-            grad, out, scale, slot, num_rows, relu=relu)
-        return grad_shortcut, grad_residual, None, None, None, None, None
+        backward = _differentiable_backward if twice else kernels.gated_residual_add_backward
+        return *backward(grad, out, scale, slot, num_rows, relu=relu), None, None, None, None, None
+
+
+def _relu_mask_from_bits(kernels, mask: torch.Tensor, slot: torch.Tensor, num_rows: int, grad: torch.Tensor,
+                         out_strides: tuple) -> torch.Tensor:
+    """The forward's ReLU mask, kept as bits (row mode), as a tensor laid out like the forward's output: 1
+    where the ReLU passed its input, 0 elsewhere. The backward kernel writes it from a gradient of ones, so
+    the bits are read exactly as the first-order backward reads them."""
+    ones = torch.empty_strided(grad.shape, out_strides, dtype=grad.dtype, device=grad.device).fill_(1)
+    with torch.no_grad():
+        passed, _ = kernels.gated_residual_add_backward(ones, None, 1.0, slot, num_rows, relu=True, mask=mask,
+                                                        out_strides=out_strides)
+    return passed
+
+
+def _differentiable_backward(grad: torch.Tensor, out: Optional[torch.Tensor], scale: float,
+                             slot: Optional[torch.Tensor], num_rows: Optional[int], *, relu: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path's backward as the torch path's ops (:class:`TorchEpilogue`), for ``create_graph=True``:
+    the torch path's values, which autograd differentiates again (the ReLU's mask and the row map are
+    constants). ``out``: the forward's output, or any tensor positive exactly where it is (the mask);
+    ``slot``: the forward's row map (``slot[rows[k]] = k``, -1 elsewhere), from which the rows come back
+    without a device sync: a stable argsort puts the N - K absent samples (-1) first, then the rows in
+    order."""
+    rows = None if slot is None else slot.argsort(stable=True)[slot.shape[0] - num_rows:]
+    return TorchEpilogue.gated_residual_add_backward(grad, out, scale, rows, num_rows, relu=relu)
 
 
 def keeps_output(grad_fn) -> bool:

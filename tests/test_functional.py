@@ -415,25 +415,58 @@ def test_fp64_computes_in_fp64():
     assert_close(out, torch.relu(shortcut + 0.1 * residual), 1e-14, 1e-14)
 
 
-@needs_triton_cpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_double_backward_raises_naming_the_op_and_the_way_out(activation):
+@pytest.mark.parametrize("rows", [None, [0, 2]])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradgradcheck(impl, rows, activation):
+    """Second order (create_graph=True: a gradient penalty through a converted model): the Triton path's
+    backward runs as the torch path's ops then, its ReLU mask read from the saved output, or in row mode
+    from the forward's packed bits. gradgradcheck differentiates the backward with respect to the incoming
+    gradient too, the path a gradient penalty takes."""
+    g = torch.Generator().manual_seed(8)
+    rows = None if rows is None else torch.tensor(rows)
+    shortcut = torch.randn(3, 2, 5, 7, generator=g, dtype=torch.float64).requires_grad_()
+    k = 3 if rows is None else 2
+    residual = torch.randn(k, 2, 5, 7, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda s, r: gated_residual_add(s, r, 0.37, rows, activation, backend=impl), (shortcut, residual))
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("rows", [None, [1, 2]])
+def test_second_order_gradients_of_the_triton_path_are_the_torch_paths(rows):
+    """A gradient penalty's gradients: the same through either backend, bit for bit (the same ops), in a
+    channels_last layout whose packed mask follows the output's memory order. The loss is not linear in the
+    output, so the incoming gradient depends on the inputs and the penalty's gradient goes through the
+    ReLU's mask (through a linear loss it would be zero whatever the mask)."""
+    g = torch.Generator().manual_seed(3)
+    rows = None if rows is None else torch.tensor(rows)
+    k = 3 if rows is None else 2
+    shortcut, residual = (torch.randn(n, 4, 5, 6, generator=g).to(memory_format=torch.channels_last)
+                          for n in (3, k))
+    weight = torch.randn(3, 4, 5, 6, generator=g)
+    got = {}
+    for impl in ("triton", "torch"):
+        sc, res = shortcut.clone().requires_grad_(), residual.clone().requires_grad_()
+        out = gated_residual_relu(sc, res, 0.37, rows, backend=impl)
+        loss = ((out + 1).pow(2) * weight).sum()  # its gradient is not 0 where the ReLU gives 0
+        grad_sc, grad_res = torch.autograd.grad(loss, (sc, res), create_graph=True)
+        penalty = grad_sc.pow(2).sum() + grad_res.pow(2).sum() + loss
+        got[impl] = (grad_sc, grad_res, *torch.autograd.grad(penalty, (sc, res)))
+    for a, b in zip(got["triton"], got["torch"]):
+        assert a.any() and not a.all()  # some elements masked, some not
+        assert_close(a, b, 0.0, 0.0)
+
+
+@needs_triton_cpu
+def test_the_compiled_op_is_first_order_only():
+    """torch.compile's op (a registered backward with no autograd formula) raises on differentiation."""
     x, y = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    out = gated_residual_add(x, y, 0.5, None, activation, backend="triton")
-    with pytest.raises(RuntimeError, match="gated_residual_relu.*create_graph=True.*backend='torch'"):
-        torch.autograd.grad(out, x, v, create_graph=True)
-    out = gated_residual_add(x, y, 0.5, None, activation, backend="triton")  # first order still works
-    (gx,) = torch.autograd.grad(out, x, v)
-    assert gx.shape == x.shape
     out = torch.ops.sdepth_ext.gated_residual_add(x, y, 0.5, None, None, True)
     (gx,) = torch.autograd.grad(out, x, v, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         gx.sum().backward()
-    # backend="torch" is the documented alternative: second order works there
-    out = gated_residual_add(x, y, 0.5, None, activation, backend="torch")
-    (gx,) = torch.autograd.grad(out, x, v, create_graph=True)
-    torch.autograd.grad(gx.sum(), v)
 
 
 @needs_triton_cpu

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -296,3 +297,28 @@ def test_gpu_path_equals_the_torch_path(family, mode):
         assert (g is None) == (t is None)  # batch mode: a dropped unit's branch gets none on both paths
         if g is not None:
             torch.testing.assert_close(g, t, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_a_gradient_penalty_through_a_converted_model_on_the_gpu_path(mode):
+    """Double backward (``create_graph=True``, a gradient penalty on the input) through the units' Triton
+    epilogues, dropped units (batch mode) and split rows (row mode: the ReLU masks kept as bits) included:
+    the gradients of the torch path (the CPU's) on the same plan. float64, whose Triton kernels keep about 48
+    of the 53 mantissa bits of the scale product, hence a tolerance of 1e-12, not 0."""
+    torch.manual_seed(0)
+    model = sd.convert(sd.cifar_resnet(8), p_last=0.5, rule="uniform", mode=mode, seed=3).train().double()
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for net, gpu_path in ((model, True), (twin, False)):
+        image = x.clone().requires_grad_()
+        with F.gpu_path_on_cpu() if gpu_path else contextlib.nullcontext():
+            loss = net(image).logsumexp(1).sum()
+            (grad,) = torch.autograd.grad(loss, image, create_graph=True)
+            (loss + grad.pow(2).sum()).backward()
+        grads.append([image.grad, *(p.grad for p in net.parameters())])
+    counts = get_state(model).host_plan.counts
+    assert 0 in counts if mode == "batch" else any(0 < c < 4 for c in counts)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -31,18 +31,20 @@ launch shows in the step time. Two measurements:
   ``STEP_CALLS`` back-to-back steps of one model (after the other variants ran: the first step finds cold
   caches, the others warm ones, as in training, where one model steps again and again). The ``"zero"``
   and ``"none"`` twins of a ``p_last`` draw the same plans (same seed, same number of steps) and run back
-  to back in every round, so their difference (``over_none``, with a bootstrap 95% interval over rounds) is
-  what the zero gradients cost, with the machine's drift paired out. With them in the same rounds, the
-  hand-written comparator of "zero" (``+ zeros by hand``): the "none" model with the zeros written after
-  its backward (:func:`zero_grads_by_hand`; no autograd node): its ``over_none`` is what materializing the
-  zeros costs by itself, the floor under the policy's (on a CPU that includes filling them, real memory
-  work that a GPU does on the device). On a CPU the model runs the torch
-  epilogue (the default there). SGD with momentum runs ``foreach=True`` (its default on a GPU). Each
-  variant is also timed without the optimizer's step (``fwd+bwd``): under the "zero" policy the optimizer
-  updates the dropped units' parameters too (weight decay and momentum, as in the plain model), which
-  "none" skips; on a CPU each updated tensor costs its own C++ op calls (``foreach`` falls back to a loop
-  over tensors), where a GPU's multi-tensor kernels update all of them in a few launches. The fwd+bwd rows
-  isolate what the policies' mechanisms cost.
+  to back in every round, so their difference (``over_none``, with a bootstrap 95% interval) is
+  what the zero gradients cost, with the machine's drift paired out. The step part runs in
+  ``STEP_PROCESSES`` fresh processes, one after another, whose samples are pooled; its intervals resample
+  the processes, then the rounds within each, and ``over_none_by_process`` holds each process's gap alone.
+  With them in the same rounds, the hand-written comparator of "zero" (``+ zeros by hand``): the "none" model
+  with the zeros written after its backward (:func:`zero_grads_by_hand`; no autograd node): its ``over_none``
+  is what materializing the zeros costs by itself, the floor under the policy's (on a CPU that includes
+  filling them, real memory work that a GPU does on the device). On a CPU the model runs the torch epilogue
+  (the default there). SGD with momentum runs ``foreach=True`` (its default on a GPU). Each variant is also
+  timed without the optimizer's step (``fwd+bwd``): under the "zero" policy the optimizer updates the dropped
+  units' parameters too (weight decay and momentum, as in the plain model), which "none" skips; on a CPU each
+  updated tensor costs its own C++ op calls (``foreach`` falls back to a loop over tensors), where a GPU's
+  multi-tensor kernels update all of them in a few launches. The fwd+bwd rows isolate what the policies'
+  mechanisms cost.
 
     python -m benchmarks.bench_host            # ~2 minutes on a 2-core CPU
     python -m benchmarks.bench_host --smoke    # seconds; checks that it runs (its numbers mean nothing)
@@ -52,8 +54,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import multiprocessing
 import os
 import statistics
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,7 @@ from torchvision.models.resnet import BasicBlock
 from .common import (
     best_device,
     bootstrap_interval,
+    configure_cpu_malloc,
     environment,
     format_table,
     median,
@@ -75,12 +80,19 @@ from .common import (
     use_triton_interpreter_without_cuda,
     write_results,
 )
+from .cpu_malloc import cpu_allocator
 
 SHAPE = (4, 16, 8, 8)  # 4096 elements: a few microseconds of eager CPU kernels, nothing on a GPU
 SCALE = 0.5
 ROWS = (0, 2)  # two of four samples survive
 STEP_DEPTH, STEP_BATCH, STEP_SIZE = 56, 2, 8
 STEP_CALLS = 5  # back-to-back steps of one model per sample (module docstring)
+# The step part runs in this many fresh processes, one after another, each with its share of the rounds;
+# their samples are pooled. One process's step times keep a bias of their own for its whole life (where
+# its memory landed, the allocator's history): in five single-process runs of this part on the 2-core CPU
+# VM, "zero" - "none" (fwd+bwd, p_last 0.5) ranged over +0.011 to +0.027, each with a 95% interval over its
+# rounds of about +-0.007. Pooling processes averages that bias, and the intervals resample processes too.
+STEP_PROCESSES = 3
 # (p_last, mode, dropped_grads): every block through the converted code, then both policies in batch mode
 # (their gap is what a dropped unit's zero gradients cost the host) and row mode, at two drop rates.
 STEP_VARIANTS = ((1.0, "batch", "zero"),
@@ -254,13 +266,13 @@ def _gap_to_plain(ours: list[float], twin: list[float], plain: list[float]) -> f
     return (trimmed_mean(ours) - trimmed_mean(twin)) / trimmed_mean(plain)
 
 
-def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
+def _time_steps(device: torch.device, warmup: int, repeat: int) -> dict:
+    """The step part's measurements in this process: every variant's step times (``repeat`` rounds), the
+    fraction of blocks that ran, the parameters one more step leaves without a gradient, and each
+    variant's ``(p_last, mode, policy, block_ideal)``."""
     import sdepth_ext as sd
     from sdepth_ext.state import get_state
 
-    # 80 rounds on the shared 2-core CPU VM (the zero-none interval narrows to about +-0.006); 40 on a GPU
-    # machine, whose dedicated host is steadier and whose whole session (suite and make bench) has minutes.
-    warmup, repeat = (1, 3) if smoke else (3, 40 if device.type == "cuda" else 80)
     torch.manual_seed(0)
     base = sd.cifar_resnet(STEP_DEPTH).to(device)
     x = torch.randn(STEP_BATCH, 3, STEP_SIZE, STEP_SIZE, device=device)
@@ -293,14 +305,10 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                 ran[name].append(sum(c / state.host_plan.batch_size for c in counts) / len(counts))
         return step
 
-    def twin(name: str) -> str | None:  # the "none" variant a batch-mode "zero" or its comparator goes with
-        other = name.removesuffix(BY_HAND).replace(" zero", " none")
-        return other if other != name and other in variants else None
-
     steps, groups = {}, {}
     for name, (model, *_) in variants.items():
         model.train()
-        other = twin(name)
+        other = _twin(name, variants)
         for optimize, suffix in STEP_PARTS:
             steps[name + suffix] = make_step(name + suffix, model, optimize, name.endswith(BY_HAND))
             if other:  # a "none" variant, its "zero" twin and its comparator: back to back in every round
@@ -317,34 +325,87 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
         for _, suffix in STEP_PARTS:
             steps[name + suffix]()
             missing[name + suffix] = sum(p.grad is None for p in model.parameters())
-    rows, samples = [], {}
+    meta = {name: (p_last, mode, policy,
+                   None if p_last is None else statistics.fmean(sd.survival_probs(model)))
+            for name, (model, p_last, mode, policy) in variants.items()}
+    return {"times": times, "blocks_ran": blocks_ran, "missing": missing, "variants": meta}
+
+
+def _twin(name: str, variants) -> str | None:
+    """The "none" variant a batch-mode "zero" or its comparator goes with (None for the others)."""
+    other = name.removesuffix(BY_HAND).replace(" zero", " none")
+    return other if other != name and other in variants else None
+
+
+def _step_process(device: str, warmup: int, repeat: int, keep_freed_memory: bool, out_path: str) -> None:
+    """A spawned process's part of the step measurements (:func:`_time_steps`), saved to ``out_path``."""
+    configure_cpu_malloc("keep" if keep_freed_memory else "default")  # a spawned process starts without it
+    torch.save(_time_steps(torch.device(device), warmup, repeat), out_path)
+
+
+def _in_fresh_process(device: torch.device, warmup: int, repeat: int, timeout_s: float = 900) -> dict:
+    """:func:`_time_steps` in a spawned process (one at a time: two would share the cores); what it saved."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "steps.pt")
+        process = multiprocessing.get_context("spawn").Process(
+            target=_step_process, args=(str(device), warmup, repeat, cpu_allocator() is not None, out_path))
+        process.start()
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise TimeoutError(f"bench_host: a step process did not finish within {timeout_s} s")
+        if process.exitcode != 0:
+            raise RuntimeError(f"bench_host: a step process failed (exit code {process.exitcode}); its "
+                               "traceback is above")
+        return torch.load(out_path, weights_only=True)
+
+
+def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
+    # 80 rounds on the shared 2-core CPU VM, 40 on a GPU machine, whose dedicated host is steadier and whose
+    # whole session (suite and make bench) has minutes; shared among the processes (STEP_PROCESSES).
+    warmup, repeat = (1, 2) if smoke else (3, 40 if device.type == "cuda" else 80)
+    processes = 2 if smoke else STEP_PROCESSES
+    measured = [_in_fresh_process(device, warmup, -(-repeat // processes)) for _ in range(processes)]
+    times = {name: [t for m in measured for t in m["times"][name]] for name in measured[0]["times"]}
+    runs = [k for k, m in enumerate(measured) for _ in m["times"]["plain"]]  # the process of each round
+    blocks_ran = {name: statistics.fmean(m["blocks_ran"][name] for m in measured)
+                  for name in measured[0]["blocks_ran"]}
+    # the same in every process (the same plans): the largest, should one differ
+    missing = {name: max(m["missing"][name] for m in measured) for name in measured[0]["missing"]}
+    variants = measured[0]["variants"]
+    rows, samples = [], {"step/process": runs}
     for optimize, suffix in STEP_PARTS:
         plain_ts = times["plain" + suffix]
         plain = trimmed_mean(plain_ts)
         fixed = trimmed_mean(times[FIXED + suffix]) / plain
-        for name, (model, p_last, mode, policy) in variants.items():
+        for name, (p_last, mode, policy, block_ideal) in variants.items():
             ts = times[name + suffix]
             samples[f"step/{name}{suffix}"] = ts
             row = {"bench": "host", "part": "step",
                    "what": f"cifar_resnet{STEP_DEPTH} b{STEP_BATCH}@{STEP_SIZE}{suffix}",
                    "variant": name, "mode": mode, "p_last": p_last, "dropped_grads": policy,
                    "optimizer": "SGD foreach" if optimize else "none", "steps_per_sample": STEP_CALLS,
-                   "ms": trimmed_mean(ts) * 1e3, "ratio": trimmed_mean(ts) / plain,
+                   "processes": processes, "ms": trimmed_mean(ts) * 1e3, "ratio": trimmed_mean(ts) / plain,
                    "grads_missing": missing[name + suffix]}
             if name != "plain":
-                row["ratio_ci95_low"], row["ratio_ci95_high"] = ratio_interval(ts, plain_ts)
+                row["ratio_ci95_low"], row["ratio_ci95_high"] = ratio_interval(ts, plain_ts, runs=runs)
             if p_last is not None:
-                row["block_ideal"] = statistics.fmean(sd.survival_probs(model))
+                row["block_ideal"] = block_ideal
                 row["over_ideal"] = row["ratio"] - row["block_ideal"]
                 row["step_ideal"] = fixed + (1.0 - fixed) * row["block_ideal"]
                 row["over_step_ideal"] = row["ratio"] - row["step_ideal"]
                 row["blocks_ran"] = blocks_ran[name + suffix]
-            other = twin(name)
+            other = _twin(name, variants)
             if other:
                 none_ts = times[other + suffix]
                 row["over_none"] = _gap_to_plain(ts, none_ts, plain_ts)
                 row["over_none_ci95_low"], row["over_none_ci95_high"] = bootstrap_interval(
-                    _gap_to_plain, ts, none_ts, plain_ts)
+                    _gap_to_plain, ts, none_ts, plain_ts, runs=runs)
+                row["over_none_by_process"] = [
+                    _gap_to_plain(*([t for t, k in zip(series, runs) if k == run] for series in
+                                    (ts, none_ts, plain_ts)))
+                    for run in range(processes)]
             rows.append(row)
     return rows, samples
 

@@ -203,17 +203,23 @@ def trimmed_mean(xs: Sequence[float], fraction: float = 0.1) -> float:
 
 
 def bootstrap_interval(statistic: Callable[..., float], *samples: Sequence[float], rounds: int = 2000,
-                       level: float = 0.95) -> tuple[float, float]:
+                       level: float = 0.95, runs: Sequence[int] | None = None) -> tuple[float, float]:
     """Bootstrap interval of ``statistic(*samples)``, resampling the rounds.
 
     Sample i of every list ran in the same round (:func:`time_interleaved`), so rounds are resampled
-    together: a load drift that slowed one round slows every side of it. Seeded: same samples, same interval.
+    together: a load drift that slowed one round slows every side of it. ``runs``: the process each round
+    ran in, when the rounds come from several (one label per round): the processes are resampled first,
+    then the rounds within each (a cluster bootstrap), so the interval also covers how much one process's
+    timings differ from the next one's. Seeded: same samples, same interval.
     """
     n = min(len(s) for s in samples)
+    labels = [0] * n if runs is None else list(runs[:n])
+    groups = [[i for i in range(n) if labels[i] == label] for label in dict.fromkeys(labels)]
     rng = random.Random(0)
     values = []
     for _ in range(rounds):
-        idx = [rng.randrange(n) for _ in range(n)]
+        chosen = groups if len(groups) == 1 else [groups[rng.randrange(len(groups))] for _ in groups]
+        idx = [group[rng.randrange(len(group))] for group in chosen for _ in group]
         values.append(statistic(*([s[i] for i in idx] for s in samples)))
     values.sort()
     tail = (1.0 - level) / 2
@@ -221,10 +227,10 @@ def bootstrap_interval(statistic: Callable[..., float], *samples: Sequence[float
 
 
 def ratio_interval(samples: Sequence[float], reference: Sequence[float], rounds: int = 2000,
-                   level: float = 0.95) -> tuple[float, float]:
+                   level: float = 0.95, runs: Sequence[int] | None = None) -> tuple[float, float]:
     """The :func:`bootstrap_interval` of ``trimmed_mean(samples) / trimmed_mean(reference)``."""
     return bootstrap_interval(lambda s, r: trimmed_mean(s) / trimmed_mean(r), samples, reference,
-                              rounds=rounds, level=level)
+                              rounds=rounds, level=level, runs=runs)
 
 
 def write_results(name: str, rows: list[dict], env: dict, *, samples: dict | None = None,

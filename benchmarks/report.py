@@ -150,12 +150,17 @@ def host_markdown(path: Path) -> str:
     def with_interval(r: dict, key: str, fmt: str = ".3f") -> str:
         return ratio_text(r, key, fmt) if key in r else "-"
 
+    def by_process(r: dict) -> str:  # the step part's processes, each alone (bench_host.STEP_PROCESSES)
+        gaps = r.get("over_none_by_process")
+        return " / ".join(f"{gap:+.3f}" for gap in gaps) if gaps else "-"
+
     step_table = _table(["host step", "variant", "mean step (trimmed)", "ratio to plain [95% CI]",
                          "blocks expected (ideal)", "ratio - ideal", "step ideal (fixed part counted)",
-                         "ratio - step ideal", "minus none [95% CI]", "blocks ran"],
+                         "ratio - step ideal", "minus none [95% CI]", "minus none, each process",
+                         "blocks ran"],
                         [[r["what"], r["variant"], f"{r['ms']:.1f} ms", with_interval(r, "ratio"),
                           _num(r, "block_ideal"), over(r, "block_ideal"), _num(r, "step_ideal"),
-                          over(r, "step_ideal"), with_interval(r, "over_none", "+.3f"),
+                          over(r, "step_ideal"), with_interval(r, "over_none", "+.3f"), by_process(r),
                           _num(r, "blocks_ran")] for r in steps])
     return f"Run: {_stamp(data['environment'])}\n\n{call_table}\n\n{step_table}"
 

@@ -261,6 +261,23 @@ def test_ratio_interval_pairs_rounds_and_contains_the_ratio():
     assert ratio_interval(noisy, plain) == (low, high)  # seeded
 
 
+def test_ratio_interval_over_several_processes_resamples_the_processes():
+    """Rounds from two processes whose ratios differ (0.7 in one, 0.9 in the other, steady within each):
+    resampling rounds alone mixes the two in about equal parts every time, a narrow interval around 0.8;
+    resampling the processes first (``runs``) also draws both rounds' sets from one process, and the
+    interval reaches either process's ratio. One process (all labels equal) is the plain resampling."""
+    from benchmarks.common import ratio_interval
+
+    plain = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0] * 2
+    ours = [0.7 * t for t in plain[:6]] + [0.9 * t for t in plain[6:]]
+    runs = [0] * 6 + [1] * 6
+    low, high = ratio_interval(ours, plain)
+    assert 0.72 < low < 0.8 < high < 0.88
+    low, high = ratio_interval(ours, plain, runs=runs)
+    assert low == pytest.approx(0.7) and high == pytest.approx(0.9)
+    assert ratio_interval(ours, plain, runs=[3] * 12) == ratio_interval(ours, plain)
+
+
 def _tiny_swin():
     from torchvision.models.swin_transformer import SwinTransformer
 
@@ -875,6 +892,15 @@ def test_zero_grads_by_hand_leaves_what_the_zero_policy_leaves():
     assert len(bench_host.branch_parameters(none)) == 9  # every basic block of cifar_resnet(20)
 
 
+def test_a_failed_host_step_process_fails_the_benchmark():
+    """The step part's processes are spawned: one that dies (here on a device this machine lacks) raises in
+    the parent, naming the benchmark, instead of leaving rows out."""
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(RuntimeError, match="bench_host: a step process failed"):
+        bench_host._in_fresh_process(torch.device("cuda", 7), warmup=0, repeat=1)
+
+
 def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):
     results, _, _ = smoke_run
     steps = [r for r in results["host"] if r["part"] == "step"]
@@ -891,6 +917,9 @@ def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):
         assert r["grads_missing"] == 0 and twin["grads_missing"] > 0
         assert r["over_none"] == pytest.approx(r["ratio"] - twin["ratio"])
         assert r["over_none_ci95_low"] <= r["over_none_ci95_high"]
+        # the step part ran in fresh processes (two in a smoke run), each with its own "zero" - "none"
+        assert r["processes"] == 2 and len(r["over_none_by_process"]) == 2
+        assert all(math.isfinite(gap) for gap in r["over_none_by_process"])
     for r in steps:
         if r["p_last"] is not None:
             assert r["block_ideal"] <= r["step_ideal"] <= 1.0

@@ -394,17 +394,23 @@ def test_dropped_rows_never_see_the_residual(impl):
 # --------------------------------------------------------------------------------------------------
 # gradcheck (float64), opcheck, torch.compile
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck],
+                         ids=["gradcheck", "gradgradcheck"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("rows", [None, [0, 2]])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_gradcheck(impl, rows, activation):
+def test_gradcheck(impl, rows, activation, check):
+    """First and second order. Second (create_graph=True: a gradient penalty through a converted model):
+    the Triton path's backward runs as the torch path's ops then, its ReLU mask read from the saved
+    output, or in row mode from the forward's packed bits; gradgradcheck differentiates the backward with
+    respect to the incoming gradient too, the path a gradient penalty takes."""
     g = torch.Generator().manual_seed(8)
     rows = None if rows is None else torch.tensor(rows)
     shortcut = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
     k = 3 if rows is None else 2
     residual = torch.randn(k, 2, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda s, r: gated_residual_add(s, r, 0.37, rows, activation, backend=impl), (shortcut, residual))
+    assert check(lambda s, r: gated_residual_add(s, r, 0.37, rows, activation, backend=impl),
+                 (shortcut, residual))
 
 
 @needs_triton_cpu
@@ -413,23 +419,6 @@ def test_fp64_computes_in_fp64():
     shortcut, residual = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
     out = gated_residual_relu(shortcut, residual, 0.1, backend="triton")  # 0.1 is not an fp32 number
     assert_close(out, torch.relu(shortcut + 0.1 * residual), 1e-14, 1e-14)
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("rows", [None, [0, 2]])
-@pytest.mark.parametrize("impl", IMPLS)
-def test_gradgradcheck(impl, rows, activation):
-    """Second order (create_graph=True: a gradient penalty through a converted model): the Triton path's
-    backward runs as the torch path's ops then, its ReLU mask read from the saved output, or in row mode
-    from the forward's packed bits. gradgradcheck differentiates the backward with respect to the incoming
-    gradient too, the path a gradient penalty takes."""
-    g = torch.Generator().manual_seed(8)
-    rows = None if rows is None else torch.tensor(rows)
-    shortcut = torch.randn(3, 2, 5, 7, generator=g, dtype=torch.float64).requires_grad_()
-    k = 3 if rows is None else 2
-    residual = torch.randn(k, 2, 5, 7, generator=g, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradgradcheck(
-        lambda s, r: gated_residual_add(s, r, 0.37, rows, activation, backend=impl), (shortcut, residual))
 
 
 @needs_triton_cpu

@@ -9,6 +9,7 @@ each global batch: the order in which row mode's gates interleave ranks.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -91,6 +92,9 @@ def _rank_main(rank, port, out_dir, work, world_size):
     try:
         torch.save(work(rank, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # FSDP2 models left by ``work`` sit in reference cycles and hold the group until collected; a group
+        # alive past destroy_process_group let gloo abort the exiting rank now and then (benchmarks/workers)
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -74,7 +74,7 @@ def _time_steps(rank: int, config: tuple) -> dict[str, list[float]]:
     return samples
 
 
-def _worker(rank: int, port: int, out_path: str, config: tuple, cpu_malloc: str) -> None:
+def _worker(rank: int, out_path: str, port: int, config: tuple, cpu_malloc: str) -> None:
     with process_group(rank, port, "gloo", cpu_malloc):
         # the DDP models live in _time_steps only: see workers.process_group
         save_measured(rank, out_path, samples=_time_steps(rank, config))

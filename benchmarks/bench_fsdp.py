@@ -109,7 +109,7 @@ def _measure(rank: int, config: tuple, device: torch.device) -> tuple[dict, dict
     return samples, collectives
 
 
-def _worker(rank: int, port: int, out_path: str, config: tuple, backend: str, cpu_malloc: str) -> None:
+def _worker(rank: int, out_path: str, port: int, config: tuple, backend: str, cpu_malloc: str) -> None:
     with process_group(rank, port, backend, cpu_malloc) as device:
         # the sharded models live in _measure only: see workers.process_group
         samples, collectives = _measure(rank, config, device)

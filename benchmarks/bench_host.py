@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import multiprocessing
 import os
 import statistics
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +79,7 @@ from .common import (
     write_results,
 )
 from .cpu_malloc import cpu_allocator
+from .workers import run_spawned
 
 SHAPE = (4, 16, 8, 8)  # 4096 elements: a few microseconds of eager CPU kernels, nothing on a GPU
 SCALE = 0.5
@@ -266,10 +265,11 @@ def _gap_to_plain(ours: list[float], twin: list[float], plain: list[float]) -> f
     return (trimmed_mean(ours) - trimmed_mean(twin)) / trimmed_mean(plain)
 
 
-def _time_steps(device: torch.device, warmup: int, repeat: int) -> dict:
+def _time_steps(device: torch.device, warmup: int, repeat: int, seed: int = 0) -> dict:
     """The step part's measurements in this process: every variant's step times (``repeat`` rounds), the
     fraction of blocks that ran, the parameters one more step leaves without a gradient, and each
-    variant's ``(p_last, mode, policy, block_ideal)``."""
+    variant's ``(p_last, mode, policy, block_ideal)``. Every converted variant draws its plans from
+    ``seed`` (the model, its weights and the batch do not depend on it)."""
     import sdepth_ext as sd
     from sdepth_ext.state import get_state
 
@@ -282,7 +282,7 @@ def _time_steps(device: torch.device, warmup: int, repeat: int) -> dict:
     for p_last, mode, policy in STEP_VARIANTS:
         by_hand = [""] + ([BY_HAND] if (mode, policy) == ("batch", "none") else [])
         for hand in by_hand:  # the same seed: every variant of a p_last draws the same plans
-            model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=0)
+            model = sd.convert(copy.deepcopy(base), p_last=p_last, mode=mode, seed=seed)
             sd.set_dropped_grads(model, policy)
             variants[f"sdepth {mode} p{p_last} {policy}{hand}"] = (model, p_last, mode, policy + hand)
     ran: dict[str, list[float]] = {}
@@ -337,28 +337,18 @@ def _twin(name: str, variants) -> str | None:
     return other if other != name and other in variants else None
 
 
-def _step_process(device: str, warmup: int, repeat: int, keep_freed_memory: bool, out_path: str) -> None:
+def _step_process(index: int, out_path: str, device: str, warmup: int, repeat: int, seed: int,
+                  keep_freed_memory: bool) -> None:
     """A spawned process's part of the step measurements (:func:`_time_steps`), saved to ``out_path``."""
     configure_cpu_malloc("keep" if keep_freed_memory else "default")  # a spawned process starts without it
-    torch.save(_time_steps(torch.device(device), warmup, repeat), out_path)
+    torch.save(_time_steps(torch.device(device), warmup, repeat, seed), out_path)
 
 
-def _in_fresh_process(device: torch.device, warmup: int, repeat: int, timeout_s: float = 900) -> dict:
+def _in_fresh_process(device: torch.device, warmup: int, repeat: int, seed: int = 0,
+                      timeout_s: float = 900) -> dict:
     """:func:`_time_steps` in a spawned process (one at a time: two would share the cores); what it saved."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "steps.pt")
-        process = multiprocessing.get_context("spawn").Process(
-            target=_step_process, args=(str(device), warmup, repeat, cpu_allocator() is not None, out_path))
-        process.start()
-        process.join(timeout_s)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            raise TimeoutError(f"bench_host: a step process did not finish within {timeout_s} s")
-        if process.exitcode != 0:
-            raise RuntimeError(f"bench_host: a step process failed (exit code {process.exitcode}); its "
-                               "traceback is above")
-        return torch.load(out_path, weights_only=True)
+    return run_spawned(_step_process, (str(device), warmup, repeat, seed, cpu_allocator() is not None),
+                       "bench_host: a step process", timeout_s)
 
 
 def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:

@@ -1,6 +1,7 @@
-"""The worker processes of the distributed benchmarks (bench_ddp, bench_fsdp): :data:`WORLD` ranks on this
-machine, spawned by :func:`run_workers`, joined in a process group by :func:`process_group`; rank 0 saves
-what they measured (:func:`save_measured`), which the parent reads back.
+"""Benchmark work in spawned processes: :func:`run_spawned` runs a worker in fresh processes and reads back
+what it saved (bench_host's step part, one process at a time). The distributed benchmarks (bench_ddp,
+bench_fsdp) run :data:`WORLD` ranks on this machine through :func:`run_workers`, joined in a process group
+by :func:`process_group`; rank 0 saves what they measured (:func:`save_measured`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 
 from .common import configure_cpu_malloc, environment
 
-__all__ = ["WORLD", "group_environment", "process_group", "run_workers", "save_measured"]
+__all__ = ["WORLD", "group_environment", "process_group", "run_spawned", "run_workers", "save_measured"]
 
 WORLD = 2
 
@@ -68,23 +69,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(worker: Callable, args: tuple, what: str, timeout_s: float) -> dict:
-    """Run ``worker(rank, port, out_path, *args)`` in :data:`WORLD` spawned processes and return what rank 0
-    saved to ``out_path`` (:func:`save_measured`); ``what`` names the benchmark if they time out."""
+def run_spawned(worker: Callable, args: tuple, what: str, timeout_s: float, nprocs: int = 1):
+    """Run ``worker(index, out_path, *args)`` in ``nprocs`` spawned processes (``index`` 0 to ``nprocs - 1``)
+    and return what they saved to ``out_path`` (one file, in a temporary folder: :func:`torch.save` of
+    tensors, numbers, strings and containers of them).
+
+    ``what`` names the work in the errors: ``TimeoutError`` past ``timeout_s`` seconds (the processes still
+    alive are killed), ``RuntimeError`` when a process raised (its traceback in the message) or died.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "samples.pt")
-        context = mp.start_processes(worker, args=(_free_port(), out_path, *args), nprocs=WORLD, join=False,
+        out_path = os.path.join(tmp, "measured.pt")
+        context = mp.start_processes(worker, args=(out_path, *args), nprocs=nprocs, join=False,
                                      start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
-            while not context.join(timeout=5):
+            while not context.join(timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{what} workers did not finish within {timeout_s} s")
+                    raise TimeoutError(f"{what} did not finish within {timeout_s} s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            raise RuntimeError(f"{what} failed: {err}") from err
         finally:
             for p in context.processes:
                 if p.is_alive():
                     p.kill()
-        return torch.load(out_path)
+                    p.join()  # reaped: no zombie left behind
+        return torch.load(out_path, weights_only=True)
+
+
+def run_workers(worker: Callable, args: tuple, what: str, timeout_s: float) -> dict:
+    """Run ``worker(rank, out_path, port, *args)`` in :data:`WORLD` spawned processes (:func:`run_spawned`;
+    ``port``: a free one for :func:`process_group`) and return what rank 0 saved to ``out_path``
+    (:func:`save_measured`); ``what`` names the benchmark in the errors."""
+    return run_spawned(worker, (_free_port(), *args), f"{what} workers", timeout_s, nprocs=WORLD)
 
 
 def group_environment(backend: str) -> dict:

@@ -18,12 +18,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import bench_host, common, report
+from benchmarks import bench_host, common, report, workers
 from benchmarks import run as bench_run
 
 STAMP = common.CSV_STAMP  # on every CSV row; cpu_allocator included
@@ -899,6 +900,44 @@ def test_a_failed_host_step_process_fails_the_benchmark():
         pytest.skip("this machine has a cuda:7")
     with pytest.raises(RuntimeError, match="bench_host: a step process failed"):
         bench_host._in_fresh_process(torch.device("cuda", 7), warmup=0, repeat=1)
+
+
+def _saving_worker(index: int, out_path: str, value: int) -> None:
+    if index == 1:
+        torch.save({"value": value, "index": index}, out_path)
+
+
+def _raising_worker(index: int, out_path: str) -> None:
+    raise ValueError("worker broke on purpose")
+
+
+def _hanging_worker(index: int, out_path: str, pid_dir: str) -> None:
+    Path(pid_dir, f"{index}.pid").write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_run_spawned_returns_what_a_worker_saved():
+    saved = workers.run_spawned(_saving_worker, (7,), "probe", timeout_s=120, nprocs=2)
+    assert saved == {"value": 7, "index": 1}
+
+
+def test_run_spawned_names_the_work_when_a_worker_raises():
+    with pytest.raises(RuntimeError, match=r"probe failed(.|\n)*worker broke on purpose"):
+        workers.run_spawned(_raising_worker, (), "probe", timeout_s=120)
+
+
+def test_run_spawned_kills_the_workers_past_its_deadline(tmp_path):
+    """Fault injection: workers that never finish. The call raises at its deadline, and no worker is left
+    running (killed and reaped)."""
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="probe did not finish within 15 s"):
+        workers.run_spawned(_hanging_worker, (str(tmp_path),), "probe", timeout_s=15, nprocs=2)
+    assert time.monotonic() - started < 15 + 10
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2  # both had started (a spawned process imports torch in a few seconds)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):

@@ -35,6 +35,9 @@ launch shows in the step time. Two measurements:
   what the zero gradients cost, with the machine's drift paired out. The step part runs in
   ``STEP_PROCESSES`` fresh processes, one after another, whose samples are pooled; its intervals resample
   the processes, then the rounds within each, and ``over_none_by_process`` holds each process's gap alone.
+  Each process draws its plans from a seed of its own (``plan_seeds``), so the pooled steps run a fraction
+  of blocks nearer the expected one than one repeated plan sequence would (``blocks_ran``, and each
+  process's in ``blocks_ran_by_process``).
   With them in the same rounds, the hand-written comparator of "zero" (``+ zeros by hand``): the "none" model
   with the zeros written after its backward (:func:`zero_grads_by_hand`; no autograd node): its ``over_none``
   is what materializing the zeros costs by itself, the floor under the policy's (on a CPU that includes
@@ -356,12 +359,18 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
     # whole session (suite and make bench) has minutes; shared among the processes (STEP_PROCESSES).
     warmup, repeat = (1, 2) if smoke else (3, 40 if device.type == "cuda" else 80)
     processes = 2 if smoke else STEP_PROCESSES
-    measured = [_in_fresh_process(device, warmup, -(-repeat // processes)) for _ in range(processes)]
+    # Process k draws its plans from seed k: one plan sequence repeated in every process would carry its own
+    # luck into every sample (the committed run of 9a73b2b, one seed: 0.749 of the blocks ran at p_last 0.5
+    # against 0.741 expected).
+    seeds = list(range(processes))
+    measured = [_in_fresh_process(device, warmup, -(-repeat // processes), seed=seed) for seed in seeds]
     times = {name: [t for m in measured for t in m["times"][name]] for name in measured[0]["times"]}
     runs = [k for k, m in enumerate(measured) for _ in m["times"]["plain"]]  # the process of each round
-    blocks_ran = {name: statistics.fmean(m["blocks_ran"][name] for m in measured)
-                  for name in measured[0]["blocks_ran"]}
-    # the same in every process (the same plans): the largest, should one differ
+    blocks_ran_by_process = {name: [m["blocks_ran"][name] for m in measured]
+                             for name in measured[0]["blocks_ran"]}
+    # each process ran as many steps: the pooled fraction is the processes' mean
+    blocks_ran = {name: statistics.fmean(fractions) for name, fractions in blocks_ran_by_process.items()}
+    # each process's plans differ: the largest count (a "zero" variant must leave none in every process)
     missing = {name: max(m["missing"][name] for m in measured) for name in measured[0]["missing"]}
     variants = measured[0]["variants"]
     rows, samples = [], {"step/process": runs}
@@ -386,6 +395,8 @@ def bench_step(device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
                 row["step_ideal"] = fixed + (1.0 - fixed) * row["block_ideal"]
                 row["over_step_ideal"] = row["ratio"] - row["step_ideal"]
                 row["blocks_ran"] = blocks_ran[name + suffix]
+                row["blocks_ran_by_process"] = blocks_ran_by_process[name + suffix]
+                row["plan_seeds"] = seeds
             other = _twin(name, variants)
             if other:
                 none_ts = times[other + suffix]

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -951,6 +952,7 @@ def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):
     for r in paired:
         twin = by_name[(r["what"], r["variant"].removesuffix(bench_host.BY_HAND).replace(" zero", " none"))]
         assert r["blocks_ran"] == twin["blocks_ran"]  # the same plans, step for step
+        assert r["blocks_ran_by_process"] == twin["blocks_ran_by_process"]  # in each process
         # each variant did what its name says, in each step part: "none" left the dropped units' parameters
         # without a gradient, "zero" and the comparator gave every parameter one
         assert r["grads_missing"] == 0 and twin["grads_missing"] > 0
@@ -959,6 +961,13 @@ def test_host_step_pairs_the_policies_on_the_same_plans(smoke_run):
         # the step part ran in fresh processes (two in a smoke run), each with its own "zero" - "none"
         assert r["processes"] == 2 and len(r["over_none_by_process"]) == 2
         assert all(math.isfinite(gap) for gap in r["over_none_by_process"])
+    # each process drew plans of its own (a seed each, deterministic): some converted variant ran another
+    # fraction of its blocks in one process than in the other; the pooled fraction is their mean
+    dropping = [r for r in steps if r["p_last"] is not None and r["p_last"] < 1.0]
+    assert all(r["plan_seeds"] == list(range(r["processes"])) for r in dropping)
+    assert any(len(set(r["blocks_ran_by_process"])) > 1 for r in dropping)
+    for r in dropping:
+        assert r["blocks_ran"] == pytest.approx(statistics.fmean(r["blocks_ran_by_process"]))
     for r in steps:
         if r["p_last"] is not None:
             assert r["block_ideal"] <= r["step_ideal"] <= 1.0

@@ -4,6 +4,8 @@
 // change a graph node's edges, which skipping the idle AccumulateGrad nodes needs (SkipIdleAccumulators).
 #include "grads.h"
 
+#include <ATen/Parallel.h>
+
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -11,6 +13,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -19,18 +22,30 @@ namespace sdepth {
 
 int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params) {
   std::vector<at::Tensor> zeros;
+  std::vector<at::Tensor> to_fill;  // the zeros that _foreach_zero_ fills
   std::vector<size_t> owners;
   zeros.reserve(params.size());
   owners.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.requires_grad() && !p.grad().defined()) {
-      zeros.push_back(at::empty_like(p));  // preserves p's strides (dense, non-overlapping parameters)
+      at::Tensor zero = at::empty_like(p);  // preserves p's strides (dense, non-overlapping parameters)
+      // A CPU tensor that ATen would fill on one thread anyway (up to GRAIN_SIZE elements), and whose memory
+      // is one dense block, is cleared with memset: all-zero bytes are zero in every dtype a gradient has.
+      // On a CPU _foreach_zero_ is a loop of zero_ calls, each through the dispatcher and a TensorIterator:
+      // about 1 us per tensor above the memory it clears (54 tensors of cifar_resnet56 in 61 us against 13
+      // us for one zero_ of all their bytes), paid per dropped parameter and step.
+      if (zero.is_cpu() && zero.numel() <= at::internal::GRAIN_SIZE && zero.is_non_overlapping_and_dense()) {
+        std::memset(zero.data_ptr(), 0, zero.numel() * zero.element_size());
+      } else {
+        to_fill.push_back(zero);
+      }
+      zeros.push_back(std::move(zero));
       owners.push_back(i);
     }
   }
   if (zeros.empty()) return 0;
-  at::_foreach_zero_(zeros);
+  if (!to_fill.empty()) at::_foreach_zero_(to_fill);
   for (size_t k = 0; k < zeros.size(); ++k) {
     // what `p.grad = zero` does in Python after its checks (same dtype, device and size by construction);
     // the vector's tensors share their TensorImpl, and so their gradient, with the Python parameters

@@ -363,16 +363,19 @@ def test_a_gradient_penalty_differentiates_through_the_dropped_units(tmp_path, n
 
 
 def _writer_cases():
-    """Parameters of every kind the writer meets: fresh ones (channels_last, bfloat16, float64), one whose
-    gradient exists (random values) and a frozen one."""
+    """Parameters of every kind the writer meets: fresh ones (channels_last, bfloat16, float64, float16, and
+    one above ATen's GRAIN_SIZE of 32768 elements, which csrc/grads.cpp leaves to _foreach_zero_ rather than
+    memset), one whose gradient exists (random values) and a frozen one."""
     torch.manual_seed(0)
     conv = nn.Parameter(torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last))
     half = nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
     double = nn.Parameter(torch.randn(3, 7, dtype=torch.float64))
+    float16 = nn.Parameter(torch.randn(2, 9, dtype=torch.float16))
+    large = nn.Parameter(torch.randn(64, 64, 3, 3).to(memory_format=torch.channels_last))
     accumulated = nn.Parameter(torch.randn(6))
     accumulated.grad = torch.randn(6)
     frozen = nn.Parameter(torch.randn(4), requires_grad=False)
-    return [conv, half, double, accumulated, frozen]
+    return [conv, half, double, float16, large, accumulated, frozen]
 
 
 @pytest.mark.parametrize("writer", ["compiled", "python"])
@@ -386,18 +389,18 @@ def test_the_zero_writer_fills_what_is_missing_and_nothing_else(monkeypatch, wri
         pytest.skip("sdepth_ext._C is not built")
     if writer == "python":
         monkeypatch.setattr(grads, "_COMPILED_SET_MISSING_ZERO_GRADS", None)
-    params = _writer_cases()
-    existing, values = params[3].grad, params[3].grad.clone()
+    *fresh, accumulated, frozen = params = _writer_cases()
+    existing, values = accumulated.grad, accumulated.grad.clone()
     poison = [torch.full_like(p, float("nan")) for p in params for _ in range(4)]
     del poison  # freed memory of the right sizes, full of NaN: an allocation left unfilled shows
     grads._set_missing_zero_grads(params)
-    for p in params[:3]:
+    for p in fresh:
         assert p.grad.dtype == p.dtype and p.grad.shape == p.shape and p.grad.stride() == p.stride()
         assert torch.equal(p.grad, torch.zeros_like(p))
-    assert params[3].grad is existing and torch.equal(existing, values)
-    assert params[4].grad is None
+    assert accumulated.grad is existing and torch.equal(existing, values)
+    assert frozen.grad is None
     grads._set_missing_zero_grads(params)  # a second call: every gradient exists now, nothing changes
-    assert params[3].grad is existing
+    assert accumulated.grad is existing
 
 
 # Three "zero"-policy steps of a converted cifar_resnet(20); saves every parameter's gradient after each.

@@ -279,6 +279,92 @@ def footprint_row_markdown(path: Path) -> str:
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 
+def _span(values: list[float]) -> str:
+    """``0.74-0.89``: the range of ``values`` to 2 decimals (one number when they round alike)."""
+    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+    return low if low == high else f"{low}-{high}"
+
+
+MASK_MULTIPLY = ("torchvision stochastic_depth", "timm-style DropPath")  # bench_models' ResNet peers
+
+
+def models_findings_markdown(path: Path) -> str:
+    """The README's findings of a ``make bench`` run, from bench_models' rows: what skipping saves against
+    the reference and the FLOP ideal, what the models' own mask-multiply costs, sdepth_ext's overhead over
+    the same plans skipped by hand (each interval that excludes 1 named), and what row mode gains.
+    Generated, so that no figure of the prose outlives the run it came from."""
+    rows = json.loads(path.read_text())["rows"]
+    headline = [r for r in rows if "over_hand" in r and r["variant"].startswith("sdepth")]
+    batch = [r for r in headline if r["mode"] == "batch"]
+    row = [r for r in headline if r["mode"] == "row"]
+    masks = [r["ratio"] for r in rows if r["variant"].startswith(MASK_MULTIPLY)]
+    contiguous = [r["ratio"] for r in rows if r["variant"].startswith("contiguous sub-batches")]
+    outside = [r for r in headline if "over_hand_ci95_low" in r
+               and not r["over_hand_ci95_low"] <= 1.0 <= r["over_hand_ci95_high"]]
+    intervals = f"every interval contains 1 ({len(headline)} rows)"
+    if outside:
+        named = "; ".join(f"{r['model']} {r['mode']} mode {ratio_text(r, 'over_hand')}" for r in outside)
+        intervals = f"{len(headline) - len(outside)} of {len(headline)} intervals contain 1 (not: {named})"
+    skipping = (f"- **Skipping saves time; masking does not.** In batch mode a step at these drop rates "
+                f"takes {_span([r['ratio'] for r in batch])} of the reference (the plain ResNet; the other "
+                "models with their own mask-multiply stochastic depth), close to the FLOP ideal of the "
+                f"plans drawn ({_span([r['drawn_ideal_ratio'] for r in batch])}).")
+    if masks:
+        skipping += (f" The mask-multiply stochastic depth that ResNet code uses today costs {_span(masks)} "
+                     "of the plain model (`docs/benchmarks.md`).")
+    overhead = ("- **sdepth_ext's own overhead.** Against the same plans skipped by hand in eager code (each "
+                "step and its comparator run back to back, on the same plan), steps take "
+                f"{_span([r['over_hand'] for r in headline])}; {intervals}. Repeated runs on a shared "
+                "machine move a ratio by a few points.")
+    row_mode = (f"- **Row mode gains less on a CPU** ({_span([r['ratio'] for r in row])}): a CPU does not "
+                "run a convolution on K of N samples in K/N of the time")
+    row_mode += (f', as the "contiguous sub-batches" comparator shows (gather and scatter for free: '
+                 f"{_span(contiguous)}, `docs/benchmarks.md`)." if contiguous else ".")
+    return "\n".join([skipping, overhead, row_mode])
+
+
+def host_findings_markdown(path: Path) -> str:
+    """The README's host-cost finding, from bench_host's rows: the epilogue call against eager (its launch
+    stubbed without a GPU), and the host-bound forward+backward with nothing dropped and at p_last 0.5 under
+    both dropped-gradient policies, against the block-count ideal."""
+    rows = json.loads(path.read_text())["rows"]
+    calls = {(r["what"], r["variant"]): r for r in rows if r["part"] == "call"}
+    steps = {r["variant"]: r for r in rows if r["part"] == "step" and r["what"].endswith("fwd+bwd")}
+    stubbed = calls[("fwd+bwd", "sdepth")]["launch"] == "stubbed"
+    text = "- **Host cost** (for GPUs, where launches dominate small steps): "
+    text += "with Triton's launch stubbed, " if stubbed else ""
+    text += (f"a forward+backward call costs {calls[('fwd+bwd', 'sdepth')]['x_eager']:.2f}x eager PyTorch's "
+             f"`relu(a + s*b)`, {calls[('rows fwd+bwd', 'sdepth')]['x_eager']:.2f}x with rows")
+    full, zero, none = (steps.get(f"sdepth batch {v}") for v in ("p1.0 zero", "p0.5 zero", "p0.5 none"))
+    if full and zero and none:
+        text += (f"; a host-bound forward+backward with nothing dropped costs {full['ratio']:.3f}x the plain "
+                 f"model's, and at p_last 0.5 {ratio_text(zero)} with exact zero gradients for the dropped "
+                 f"units (the default; {zero['over_none']:+.3f} over none), {none['ratio']:.3f} without, "
+                 f"against {zero['block_ideal']:.3f} of the blocks expected to run")
+    return text + " (`docs/benchmarks.md`)." + (" GPU launch cost: not measured." if stubbed else "")
+
+
+def prune_findings_markdown(path: Path) -> str:
+    """The README's pruning finding, from bench_prune's rows: the most pruned model against the full one and
+    against the same depth built by hand."""
+    rows = json.loads(path.read_text())["rows"]
+    full, most = min(rows, key=lambda r: r["removed_blocks"]), max(rows, key=lambda r: r["removed_blocks"])
+    return (f"- **Pruned models cost what their depth costs:** `sd.prune` of {most['removed_blocks']} blocks "
+            f"of {most['model']} (depth {full['depth']} to {most['depth']}) runs in "
+            f"{most['latency_ratio']:.3f} of the full model's latency (FLOPs {most['flop_ratio']:.3f}), "
+            f"x{most['over_hand']:.3f} of the same depth built by hand.")
+
+
+def findings_markdown(path: Path) -> str:
+    """The ``(findings)`` view of a result file: the README's prose about it, generated from it."""
+    stem = path.stem.removesuffix("_full")
+    render = {"models": models_findings_markdown, "host": host_findings_markdown,
+              "prune": prune_findings_markdown}.get(stem)
+    if render is None:
+        raise ValueError(f"{path}: no findings view for {stem} results (models, host, prune)")
+    return render(path)
+
+
 def _models_path(results_dir: Path, suffix: str) -> Path:
     """``models{suffix}.json``; a results folder from before bench_models has ``resnet{suffix}.json``."""
     path = results_dir / f"models{suffix}.json"
@@ -301,7 +387,7 @@ RENDERERS = {"summary": summary_markdown, "models": models_markdown, "resnet": m
              "host": host_markdown, "prune": prune_markdown, "break_even": break_even_markdown,
              "ddp": ddp_markdown, "footprint": footprint_markdown, "models_compiled": compiled_markdown}
 VIEWS = {"(headline)": headline_markdown, "(training)": training_markdown,
-         "(row mode)": footprint_row_markdown}
+         "(row mode)": footprint_row_markdown, "(findings)": findings_markdown}
 
 
 # A machine named in a page's prose or heading: "<!-- machine from <path> -->NAME<!-- /machine -->", where

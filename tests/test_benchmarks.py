@@ -841,6 +841,66 @@ def test_compiled_table_shows_the_compiled_rows_with_their_reference(tmp_path):
     assert "| plain |" not in table and "| sdepth batch p0.5 |" not in table
 
 
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
+    return path
+
+
+def test_the_models_findings_are_computed_from_the_rows_and_name_each_interval_that_excludes_one(tmp_path):
+    """The README's prose about a run is rendered from its file (no figure outlives its run): ranges over
+    the headline rows, the peers' rows, and sdepth_ext's overhead with every interval that excludes 1
+    named (or "every interval contains 1" when none does)."""
+    def row(model, mode, ratio, over, low, high, ideal):
+        return {"model": model, "variant": f"sdepth {mode} p0.5", "mode": mode, "ratio": ratio,
+                "over_hand": over, "over_hand_ci95_low": low, "over_hand_ci95_high": high,
+                "drawn_ideal_ratio": ideal}
+    rows = [row("a", "batch", 0.80, 1.00, 0.98, 1.02, 0.74), row("a", "row", 0.90, 1.04, 1.01, 1.07, 0.75),
+            row("b", "batch", 0.70, 0.99, 0.97, 1.01, 0.66),
+            {"model": "a", "variant": "sdepth batch p0.2", "mode": "batch", "ratio": 0.5},  # no comparator
+            {"model": "a", "variant": "timm-style DropPath p0.5", "ratio": 1.05},
+            {"model": "a", "variant": "contiguous sub-batches row p0.5", "ratio": 0.88}]
+    _write_rows(tmp_path / "models.json", rows)
+    text = report.render_cited("models.json (findings)", tmp_path)
+    assert "takes 0.70-0.80 of the reference" in text and "plans drawn (0.66-0.74)" in text
+    assert "costs 1.05 of the plain model" in text
+    assert "steps take 0.99-1.04; 2 of 3 intervals contain 1 (not: a row mode 1.040 [1.010, 1.070])" in text
+    assert "Row mode gains less on a CPU** (0.90)" in text and "gather and scatter for free: 0.88" in text
+    rows[1]["over_hand_ci95_low"] = 0.99
+    _write_rows(tmp_path / "models.json", rows)
+    assert "steps take 0.99-1.04; every interval contains 1 (3 rows)" in report.render_cited(
+        "models.json (findings)", tmp_path)
+
+
+def test_the_host_and_prune_findings_are_computed_from_the_rows(tmp_path):
+    def call(what, variant, x_eager):
+        return {"part": "call", "what": what, "variant": variant, "x_eager": x_eager, "launch": "stubbed"}
+
+    def step(variant, ratio, **extra):
+        return {"part": "step", "what": "cifar_resnet56 b2@8 fwd+bwd", "variant": variant, "ratio": ratio,
+                **extra}
+    _write_rows(tmp_path / "host.json", [
+        call("fwd+bwd", "sdepth", 0.934), call("rows fwd+bwd", "sdepth", 1.016),
+        step("sdepth batch p1.0 zero", 1.0312),
+        step("sdepth batch p0.5 zero", 0.79, ratio_ci95_low=0.77, ratio_ci95_high=0.81, over_none=0.0214,
+             block_ideal=0.7407),
+        step("sdepth batch p0.5 none", 0.7686),
+        {"part": "step", "what": "cifar_resnet56 b2@8", "variant": "sdepth batch p0.5 zero", "ratio": 0.9}])
+    text = report.render_cited("host.json (findings)", tmp_path)
+    assert "a forward+backward call costs 0.93x eager" in text and "1.02x with rows" in text
+    assert "nothing dropped costs 1.031x" in text and "0.790 [0.770, 0.810] with exact zero" in text
+    assert "(the default; +0.021 over none), 0.769 without, against 0.741 of the blocks" in text
+    assert "with Triton's launch stubbed" in text and "GPU launch cost: not measured." in text
+    _write_rows(tmp_path / "prune.json", [
+        {"model": "m", "removed_blocks": n, "depth": 20 - 2 * n, "latency_ratio": 1 - n / 10,
+         "flop_ratio": 1 - n / 9, "over_hand": 1 + n / 100} for n in (0, 3, 1)])
+    assert "`sd.prune` of 3 blocks of m (depth 20 to 14) runs in 0.700 of the full model's latency (FLOPs " \
+           "0.667), x1.030 of the same depth built by hand." in report.render_cited("prune.json (findings)",
+                                                                                      tmp_path)
+    _write_rows(tmp_path / "ddp.json", [])
+    with pytest.raises(ValueError, match="no findings view for ddp"):
+        report.render_cited("ddp.json (findings)", tmp_path)
+
+
 def test_compiled_models_on_a_cpu_are_the_small_ones():
     from benchmarks.models import compiled_configs
 

@@ -848,7 +848,7 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 
 def test_the_models_findings_are_computed_from_the_rows_and_name_each_interval_that_excludes_one(tmp_path):
     """The README's prose about a run is rendered from its file (no figure outlives its run): ranges over
-    the headline rows, the peers' rows, and sdepth_ext's overhead with every interval that excludes 1
+    the headline rows, the peers' rows, and sdepth_ext's overhead per mode with every interval that excludes 1
     named (or "every interval contains 1" when none does)."""
     def row(model, mode, ratio, over, low, high, ideal):
         return {"model": model, "variant": f"sdepth {mode} p0.5", "mode": mode, "ratio": ratio,
@@ -863,11 +863,13 @@ def test_the_models_findings_are_computed_from_the_rows_and_name_each_interval_t
     text = report.render_cited("models.json (findings)", tmp_path)
     assert "takes 0.70-0.80 of the reference" in text and "plans drawn (0.66-0.74)" in text
     assert "costs 1.05 of the plain model" in text
-    assert "steps take 0.99-1.04; 2 of 3 intervals contain 1 (not: a row mode 1.040 [1.010, 1.070])" in text
+    assert "batch mode takes 0.99-1.00: every interval contains 1 (2 rows)" in text
+    assert "Row mode takes 1.04 of contiguous sub-batches" in text
+    assert "ours included: 0 of 1 intervals contain 1 (not: a 1.040 [1.010, 1.070])" in text
     assert "Row mode gains less on a CPU** (0.90)" in text and "gather and scatter for free: 0.88" in text
     rows[1]["over_hand_ci95_low"] = 0.99
     _write_rows(tmp_path / "models.json", rows)
-    assert "steps take 0.99-1.04; every interval contains 1 (3 rows)" in report.render_cited(
+    assert "ours included: every interval contains 1 (1 row)" in report.render_cited(
         "models.json (findings)", tmp_path)
 
 

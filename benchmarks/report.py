@@ -280,13 +280,17 @@ def footprint_row_markdown(path: Path) -> str:
 
 
 def _span(values: list[float]) -> str:
-    """``0.74-0.89``: the range of ``values`` to 2 decimals (one number when they round alike)."""
+    """``0.74-0.89``: the range of ``values`` to 2 decimals (one number when they round alike; "-": none)."""
+    if not values:
+        return "-"
     low, high = f"{min(values):.2f}", f"{max(values):.2f}"
     return low if low == high else f"{low}-{high}"
 
 
 def _intervals(rows: list[dict]) -> str:
     """Whether the rows' ``over_hand`` intervals contain 1, each one that does not named."""
+    if not rows:
+        return "no rows"
     outside = [r for r in rows if not r["over_hand_ci95_low"] <= 1.0 <= r["over_hand_ci95_high"]]
     if not outside:
         return f"every interval contains 1 ({len(rows)} row{'s' if len(rows) != 1 else ''})"

@@ -871,6 +871,9 @@ def test_the_models_findings_are_computed_from_the_rows_and_name_each_interval_t
     _write_rows(tmp_path / "models.json", rows)
     assert "ours included: every interval contains 1 (1 row)" in report.render_cited(
         "models.json (findings)", tmp_path)
+    _write_rows(tmp_path / "models.json", [r for r in rows if r.get("mode") != "row"])  # batch mode alone
+    text = report.render_cited("models.json (findings)", tmp_path)
+    assert "Row mode takes - of contiguous sub-batches" in text and "ours included: no rows" in text
 
 
 def test_the_host_and_prune_findings_are_computed_from_the_rows(tmp_path):

@@ -757,6 +757,12 @@ def test_full_networks_units_are_the_converted_models_plan_order(case):
     assert any(0 in p and x.shape[0] in p for p in plans)  # a plan that tells units apart
 
 
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    """A result file holding ``rows``, stamped with this machine, as ``benchmarks.report`` reads one."""
+    path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
+    return path
+
+
 def test_footprint_rows_and_tables_carry_the_memory_ideal(tmp_path):
     """bench_footprint's rows hold the memory ideal beside the FLOP ideal; the report's tables show both,
     and a file from before the memory ideal still renders, as it did (the pages cite such files)."""
@@ -777,8 +783,7 @@ def test_footprint_rows_and_tables_carry_the_memory_ideal(tmp_path):
     assert {"saved_ideal_x_full", "saved_over_ideal"} <= set(bench_footprint.TABLE_COLUMNS)
 
     def tables(rows: list[dict]) -> tuple[str, str]:
-        path = tmp_path / "footprint.json"
-        path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
+        path = _write_rows(tmp_path / "footprint.json", rows)
         return report.footprint_markdown(path), report.footprint_row_markdown(path)
 
     full_table, row_view = tables(rows)
@@ -831,19 +836,13 @@ def test_compiled_table_shows_the_compiled_rows_with_their_reference(tmp_path):
             row("compiled timm-style DropPath p0.5", 1.0, "compiled timm-style DropPath p0.5"),
             row("compiled sdepth batch p0.5", 0.98, "compiled timm-style DropPath p0.5"),
             row("compiled sdepth subset p0.5", 0.75, "compiled timm-style DropPath p0.5")]
-    path = tmp_path / "models_compiled.json"
     rows[1]["ideal_ratio"] = 0.7  # the eager batch row's FLOP ideal is the compiled rows' of the same rate
-    path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
+    path = _write_rows(tmp_path / "models_compiled.json", rows)
     table = report.render_cited(str(path.relative_to(tmp_path)), tmp_path)
     assert "| cifar_resnet20 b32@32 | compiled sdepth subset p0.5 | 8 ms | 0.750 [0.700, 0.800] | compiled " \
            "timm-style DropPath p0.5 | 0.700 | 14 |" in table
     assert "| compiled timm-style DropPath p0.5 | 10 ms | 1.000 [0.950, 1.050] |" in table
     assert "| plain |" not in table and "| sdepth batch p0.5 |" not in table
-
-
-def _write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text(json.dumps({"environment": common.environment(torch.device("cpu")), "rows": rows}))
-    return path
 
 
 def test_the_models_findings_are_computed_from_the_rows_and_name_each_interval_that_excludes_one(tmp_path):

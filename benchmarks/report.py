@@ -91,15 +91,19 @@ def compiled_markdown(path: Path) -> str:
     return f"Run: {_stamp(data['environment'])}\n\n{_table(header, rows)}"
 
 
+def _headline_rows(rows: list[dict]) -> list[dict]:
+    """bench_models' sdepth rows timed beside a hand-written comparator on the same plans (``over_hand``):
+    the README's headline table and its findings."""
+    return [r for r in rows if "over_hand" in r and r["variant"].startswith("sdepth")]
+
+
 def headline_markdown(path: Path) -> str:
     """The README's headline: per model and mode, the train step at the drop rate the hand-written comparators
     ran (ResNets: p_last 0.5; the others: 0.5 or timm's 0.4), against what the user would run otherwise and
     against the same plans skipped by hand, next to the FLOP ideal of the plans drawn."""
     data = json.loads(path.read_text())
     rows = []
-    for r in data["rows"]:
-        if "over_hand" not in r or not r["variant"].startswith("sdepth"):
-            continue
+    for r in _headline_rows(data["rows"]):
         rate = f"p_last {r['p_last']:g}" if r.get("p_last") is not None else f"{r['stochastic_depth_prob']:g}"
         reference = ("plain model (every block)" if r.get("reference", "plain") == "plain"
                      else "the model's own mask-multiply")
@@ -298,20 +302,18 @@ def _intervals(rows: list[dict]) -> str:
     return f"{len(rows) - len(outside)} of {len(rows)} intervals contain 1 (not: {named})"
 
 
-MASK_MULTIPLY = ("torchvision stochastic_depth", "timm-style DropPath")  # bench_models' ResNet peers
-
-
 def models_findings_markdown(path: Path) -> str:
     """The README's findings of a ``make bench`` run, from bench_models' rows: what skipping saves against
     the reference and the FLOP ideal, what the models' own mask-multiply costs, sdepth_ext's overhead over
     the same plans skipped by hand per mode (each interval that excludes 1 named), and what row mode gains.
     Generated, so that no figure of the prose outlives the run it came from."""
     rows = json.loads(path.read_text())["rows"]
-    headline = [r for r in rows if "over_hand_ci95_low" in r and r["variant"].startswith("sdepth")]
+    headline = _headline_rows(rows)
     batch = [r for r in headline if r["mode"] == "batch"]
     row = [r for r in headline if r["mode"] == "row"]
-    masks = [r["ratio"] for r in rows if r["variant"].startswith(MASK_MULTIPLY)]
-    contiguous = [r["ratio"] for r in rows if r["variant"].startswith("contiguous sub-batches")]
+    # bench_models.Variant.mode: the ResNets' mask-multiply peers, and row mode's comparator
+    masks = [r["ratio"] for r in rows if r.get("mode") in ("torchvision", "droppath")]
+    contiguous = [r["ratio"] for r in rows if r.get("mode") == "hand-row"]
     skipping = (f"- **Skipping saves time; masking does not.** In batch mode a step at these drop rates "
                 f"takes {_span([r['ratio'] for r in batch])} of the reference (the plain ResNet; the other "
                 "models with their own mask-multiply stochastic depth), close to the FLOP ideal of the "

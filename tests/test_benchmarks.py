@@ -856,8 +856,8 @@ def test_the_models_findings_are_computed_from_the_rows_and_name_each_interval_t
     rows = [row("a", "batch", 0.80, 1.00, 0.98, 1.02, 0.74), row("a", "row", 0.90, 1.04, 1.01, 1.07, 0.75),
             row("b", "batch", 0.70, 0.99, 0.97, 1.01, 0.66),
             {"model": "a", "variant": "sdepth batch p0.2", "mode": "batch", "ratio": 0.5},  # no comparator
-            {"model": "a", "variant": "timm-style DropPath p0.5", "ratio": 1.05},
-            {"model": "a", "variant": "contiguous sub-batches row p0.5", "ratio": 0.88}]
+            {"model": "a", "variant": "timm-style DropPath p0.5", "mode": "droppath", "ratio": 1.05},
+            {"model": "a", "variant": "contiguous sub-batches row p0.5", "mode": "hand-row", "ratio": 0.88}]
     _write_rows(tmp_path / "models.json", rows)
     text = report.render_cited("models.json (findings)", tmp_path)
     assert "takes 0.70-0.80 of the reference" in text and "plans drawn (0.66-0.74)" in text

@@ -21,6 +21,14 @@
 
 namespace sdepth {
 
+namespace {
+
+// Up to this size a CPU zero gradient is cleared on the calling thread; above it, where splitting the fill
+// over threads can save more than their fork and join cost, by ATen (docs/benchmarks.md, "The CPU zero fill").
+constexpr int64_t kMemsetMaxBytes = int64_t{1} << 20;
+
+}  // namespace
+
 int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params) {
   // A Python dispatch mode (a counting tool, fake tensors) sees every op, so under one every zero goes
   // through _foreach_zero_, as on a GPU.
@@ -34,16 +42,16 @@ int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params) {
     const at::Tensor& p = params[i];
     if (p.requires_grad() && !p.grad().defined()) {
       at::Tensor zero = at::empty_like(p);  // preserves p's strides (dense, non-overlapping parameters)
-      // A CPU tensor that ATen would fill on one thread anyway (up to GRAIN_SIZE elements), and whose memory
-      // is one dense block, is cleared with memset: all-zero bytes are zero in every dtype a gradient has.
-      // On a CPU _foreach_zero_ is a loop of zero_ calls, each through the dispatcher and a TensorIterator:
-      // about 1 us per tensor above the memory it clears (54 tensors of cifar_resnet56 in 61 us against 13
-      // us for one zero_ of all their bytes), paid per dropped parameter and step.
-      if (may_memset && zero.is_cpu() && zero.numel() <= at::internal::GRAIN_SIZE &&
-          zero.is_non_overlapping_and_dense()) {
-        std::memset(zero.data_ptr(), 0, zero.numel() * zero.element_size());
-      } else {
+      // A CPU tensor of at most kMemsetMaxBytes whose memory is one dense block is cleared with memset, on
+      // this thread: all-zero bytes are zero in every dtype a gradient has. On a CPU _foreach_zero_ is a loop
+      // of zero_ calls, each through the dispatcher and a TensorIterator (about 1 us per tensor above the
+      // memory it clears), and each forks and joins the thread pool for a tensor above GRAIN_SIZE (32768)
+      // elements, which at the end of a backward costs more than clearing the bytes on one thread.
+      const int64_t nbytes = zero.numel() * zero.element_size();
+      if (!may_memset || !zero.is_cpu() || !zero.is_non_overlapping_and_dense() || nbytes > kMemsetMaxBytes) {
         to_fill.push_back(zero);
+      } else if (nbytes > 0) {  // an empty tensor may have no memory at all
+        std::memset(zero.data_ptr(), 0, static_cast<size_t>(nbytes));
       }
       zeros.push_back(std::move(zero));
       owners.push_back(i);

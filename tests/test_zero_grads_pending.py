@@ -8,6 +8,7 @@ torch.distributed) gets them through autograd."""
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,32 +364,30 @@ def test_a_gradient_penalty_differentiates_through_the_dropped_units(tmp_path, n
 
 
 def _writer_cases():
-    """Parameters of every kind the writer meets: fresh ones (channels_last, bfloat16, float64, float16, and
-    one above ATen's GRAIN_SIZE of 32768 elements, which csrc/grads.cpp leaves to _foreach_zero_ rather than
-    memset), one whose gradient exists (random values) and a frozen one."""
+    """Parameters of every kind the writer meets: fresh ones (channels_last, bfloat16, float64, float16, an
+    empty one, two above ATen's GRAIN_SIZE of 32768 elements, and one above 1 MiB: csrc/grads.cpp clears
+    the others with memset and leaves that one to _foreach_zero_), one whose gradient exists (random values)
+    and a frozen one."""
     torch.manual_seed(0)
     conv = nn.Parameter(torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last))
     half = nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
     double = nn.Parameter(torch.randn(3, 7, dtype=torch.float64))
     float16 = nn.Parameter(torch.randn(2, 9, dtype=torch.float16))
+    empty = nn.Parameter(torch.randn(0, 3))
     large = nn.Parameter(torch.randn(64, 64, 3, 3).to(memory_format=torch.channels_last))
+    larger = [nn.Parameter(torch.randn(40_001)), nn.Parameter(torch.randn(3, 70_001, dtype=torch.float64))]
     accumulated = nn.Parameter(torch.randn(6))
     accumulated.grad = torch.randn(6)
     frozen = nn.Parameter(torch.randn(4), requires_grad=False)
-    return [conv, half, double, float16, large, accumulated, frozen]
+    return [conv, half, double, float16, large, empty, *larger, accumulated, frozen]
 
 
-@pytest.mark.parametrize("writer", ["compiled", "python"])
-def test_the_zero_writer_fills_what_is_missing_and_nothing_else(monkeypatch, writer):
-    """sdepth_ext._C's writer (csrc/grads.cpp) and the Python loop it replaces (the fallback without the
-    build): zeros shaped, strided and typed like each parameter without a gradient; an existing gradient is
-    the same tensor with the same values; a frozen parameter gets none."""
+def _write_and_check() -> None:
+    """The writer (``grads._set_missing_zero_grads``) on :func:`_writer_cases`, into freed memory full of NaN
+    where the allocator reuses it: zeros shaped, strided and typed like each parameter without a gradient; an
+    existing gradient is the same tensor with the same values; a frozen parameter gets none."""
     import sdepth_ext.grads as grads
 
-    if writer == "compiled" and grads._COMPILED_SET_MISSING_ZERO_GRADS is None:
-        pytest.skip("sdepth_ext._C is not built")
-    if writer == "python":
-        monkeypatch.setattr(grads, "_COMPILED_SET_MISSING_ZERO_GRADS", None)
     *fresh, accumulated, frozen = params = _writer_cases()
     existing, values = accumulated.grad, accumulated.grad.clone()
     poison = [torch.full_like(p, float("nan")) for p in params for _ in range(4)]
@@ -401,6 +400,45 @@ def test_the_zero_writer_fills_what_is_missing_and_nothing_else(monkeypatch, wri
     assert frozen.grad is None
     grads._set_missing_zero_grads(params)  # a second call: every gradient exists now, nothing changes
     assert accumulated.grad is existing
+
+
+@pytest.mark.parametrize("writer", ["compiled", "python"])
+def test_the_zero_writer_fills_what_is_missing_and_nothing_else(monkeypatch, writer):
+    """sdepth_ext._C's writer (csrc/grads.cpp) and the Python loop it replaces (the fallback without the
+    build)."""
+    import sdepth_ext.grads as grads
+
+    if writer == "compiled" and grads._COMPILED_SET_MISSING_ZERO_GRADS is None:
+        pytest.skip("sdepth_ext._C is not built")
+    if writer == "python":
+        monkeypatch.setattr(grads, "_COMPILED_SET_MISSING_ZERO_GRADS", None)
+    _write_and_check()
+
+
+# The compiled writer's check in a process whose malloc reuses freed memory of every size: glibc's default
+# hands large blocks (the cases above GRAIN_SIZE) back to the kernel, whose fresh pages are zero, so a part
+# the writer left unfilled would pass unseen.
+_WRITER_IN_REUSED_MEMORY = """
+import ctypes, ctypes.util, sys
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+assert libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD
+sys.path.insert(0, sys.argv[1])
+import test_zero_grads_pending
+test_zero_grads_pending._write_and_check()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt sets the allocator")
+def test_the_compiled_zero_writer_clears_reused_memory():
+    """The compiled writer's check where every zero gradient's memory held NaN before (above)."""
+    import sdepth_ext.grads as grads
+
+    if grads._COMPILED_SET_MISSING_ZERO_GRADS is None:
+        pytest.skip("sdepth_ext._C is not built")
+    tests_dir = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", _WRITER_IN_REUSED_MEMORY, tests_dir],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 # Three "zero"-policy steps of a converted cifar_resnet(20); saves every parameter's gradient after each.

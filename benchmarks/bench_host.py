@@ -39,9 +39,10 @@ launch shows in the step time. Two measurements:
   of blocks nearer the expected one than one repeated plan sequence would (``blocks_ran``, and each
   process's in ``blocks_ran_by_process``).
   With them in the same rounds, the hand-written comparator of "zero" (``+ zeros by hand``): the "none" model
-  with the zeros written after its backward (:func:`zero_grads_by_hand`; no autograd node): its ``over_none``
-  is what materializing the zeros costs by itself, the floor under the policy's (on a CPU that includes
-  filling them, real memory work that a GPU does on the device). On a CPU the model runs the torch epilogue
+  with the zeros written after its backward from Python (:func:`zero_grads_by_hand`; no autograd node): its
+  ``over_none`` is what materializing the zeros costs written by hand (on a CPU that includes filling them,
+  real memory work that a GPU does on the device; sdepth_ext's compiled writer clears small CPU tensors with
+  memset, below this fill, so "zero" can come out under it). On a CPU the model runs the torch epilogue
   (the default there). SGD with momentum runs ``foreach=True`` (its default on a GPU). Each variant is also
   timed without the optimizer's step (``fwd+bwd``): under the "zero" policy the optimizer updates the dropped
   units' parameters too (weight decay and momentum, as in the plain model), which "none" skips; on a CPU each
@@ -255,7 +256,7 @@ def zero_grads_by_hand(branches: list[tuple[nn.Parameter, ...]]) -> None:
     """After a ``"none"`` backward, what ``"zero"`` leaves, written by hand in the fewest Python steps: a
     zero ``.grad`` for every parameter of the blocks that did not run (their first parameter got no
     gradient), from uninitialised allocations and one ``_foreach_zero_``. No autograd node, no edges: the
-    cost of the zero gradients themselves, the floor under any policy that materializes them from Python."""
+    cost of the zero gradients themselves, as a policy that materializes them from Python pays it."""
     fresh = [p for params in branches if params[0].grad is None for p in params]
     zeros = [torch.empty_like(p) for p in fresh]
     if zeros:

@@ -13,8 +13,8 @@ namespace sdepth {
 // (same sizes, strides, dtype and device: a channels_last weight gets a channels_last gradient), filled by
 // one `_foreach_zero_` (one fused launch per few hundred tensors on a GPU), or on a CPU, where that is a loop
 // of zero_ calls, by memset on the calling thread for dense tensors up to 1 MiB (not under a Python dispatch
-// mode, which sees every op). Returns how many it wrote. The caller holds plain tensors only (no subclasses such as
-// DTensor).
+// mode, which sees every op). Returns how many it wrote. The caller holds plain tensors only (no subclasses
+// such as DTensor).
 int64_t set_missing_zero_grads(const std::vector<at::Tensor>& params);
 
 // Called from a node's backward: `set_missing_zero_grads(params)` when the running backward ends (a final

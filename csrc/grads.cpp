@@ -4,7 +4,6 @@
 // change a graph node's edges, which skipping the idle AccumulateGrad nodes needs (SkipIdleAccumulators).
 #include "grads.h"
 
-#include <ATen/Parallel.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <torch/csrc/autograd/engine.h>
